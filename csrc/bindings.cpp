@@ -1,0 +1,120 @@
+// torch binding: the ops torch.ops.lora_kernels.forward / backward, registered with TORCH_LIBRARY
+// so the dispatcher (and torch.compile) sees them. Each op turns tensors into GemmParams and
+// launches csrc/lora_gemm.cu on the current stream; no Python runs per call.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "lora_gemm.h"
+
+namespace {
+
+using lora_kernels::DType;
+using lora_kernels::GemmParams;
+using lora_kernels::Operand;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "lora_kernels: CUDA ops take float16, bfloat16 or float32, got ", t.scalar_type());
+  }
+}
+
+Operand plain(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+Operand transposed(const at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
+constexpr Operand kNone{nullptr, 0, 0};
+
+void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "lora_kernels: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "lora_kernels: ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "lora_kernels: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "lora_kernels: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
+}
+
+// out = alpha·P·Q (+ alpha2·P2·Q2) (+ bias); the inner sizes are passed explicitly.
+void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
+          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr) {
+  GemmParams p{out.size(0), out.size(1), K, K2, P, Q, P2, Q2, bias, out.data_ptr(), out.stride(0), out.stride(1),
+               alpha, alpha2};
+  const cudaError_t err = lora_kernels::launch_gemm(dtype_of(out), p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                           const at::Tensor& lora_B, double scale,
+                                           const std::optional<at::Tensor>& x_lora) {
+  check(x, "x", x, 2);
+  check(weight, "weight", x, 2);
+  check(lora_A, "lora_A", x, 2);
+  check(lora_B, "lora_B", x, 2);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == R,
+              "lora_kernels.forward: inconsistent shapes");
+  if (bias) {
+    check(*bias, "bias", x, 1);
+    TORCH_CHECK(bias->size(0) == N && bias->stride(0) == 1, "lora_kernels.forward: bias must be contiguous (N,)");
+  }
+  const at::Tensor& lora_in = x_lora ? *x_lora : x;
+  check(lora_in, "x_lora", x, 2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor xa = at::empty({M, R}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale));
+  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(lora_B), R, 1.0f,
+       bias ? bias->data_ptr() : nullptr);
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x_lora,
+                                                                    const at::Tensor& weight, const at::Tensor& lora_A,
+                                                                    const at::Tensor& lora_B, const at::Tensor& xa,
+                                                                    double scale, bool fuse_lora_dx) {
+  check(dy, "dy", dy, 2);
+  check(x_lora, "x_lora", dy, 2);
+  check(weight, "weight", dy, 2);
+  check(lora_A, "lora_A", dy, 2);
+  check(lora_B, "lora_B", dy, 2);
+  check(xa, "xa", dy, 2);
+  const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), R = lora_A.size(0);
+  TORCH_CHECK(weight.size(0) == N && x_lora.size(0) == M && x_lora.size(1) == K && lora_A.size(1) == K &&
+                  lora_B.size(0) == N && lora_B.size(1) == R && xa.size(0) == M && xa.size(1) == R,
+              "lora_kernels.backward: inconsistent shapes");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor g = at::empty({M, R}, dy.options());
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  at::Tensor d_lora_A = at::empty({R, K}, dy.options());
+  at::Tensor d_lora_B = at::empty({N, R}, dy.options());
+  gemm(g, plain(dy), plain(lora_B), N, 1.0f);                                      // g  = dY·B
+  if (fuse_lora_dx) {
+    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(lora_A), R, static_cast<float>(scale));
+  } else {
+    gemm(dx, plain(dy), plain(weight), N, 1.0f);                                   // dX = dY·W₀ (+ s·g·A)
+  }
+  gemm(d_lora_A, transposed(g), plain(x_lora), M, static_cast<float>(scale));     // dA = s·gᵀ·x
+  gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);                              // dB = dYᵀ·xa
+  return {dx, d_lora_A, d_lora_B, g};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lora_kernels, m) {
+  m.def("forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora)"
+        " -> (Tensor, Tensor)");
+  m.def("backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
+        " bool fuse_lora_dx) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
+
+// Importing lora_kernels._C loads this library and so registers the ops above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

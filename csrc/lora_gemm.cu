@@ -1,0 +1,125 @@
+// Tiled GEMM with a fused second (rank-r) product: the one kernel behind every CUDA op.
+//
+// Each 256-thread block owns a 64×64 tile of C and walks K in steps of 16, staging a 64×16 slab
+// of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per thread in
+// registers. The second product P2·Q2 (the LoRA term, K2 = r) runs through the same loop into a
+// second accumulator, and the epilogue writes alpha·acc + alpha2·acc2 + bias once.
+//
+// This is the portable SIMT version: correct for any strides, dtype and size (64-bit indexing),
+// but it does not use tensor cores. See README "CUDA backend" for what is still to come.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "lora_gemm.h"
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 16;
+constexpr int kThreads = 256;  // 16×16 threads, each owning a 4×4 block of the tile
+constexpr int kPerThread = 4;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Stage a kTileK × kTile slab of a K-major operand view into shared memory: slab[k][i] =
+// src(i0 + i, k0 + k) with zeros outside. Threads step along whichever index is contiguous in
+// memory so that global loads coalesce for both plain and transposed operands.
+template <typename T, int kTile>
+__device__ __forceinline__ void stage(float (&slab)[kTileK][kTile + 1], const T* src, int64_t stride_i,
+                                      int64_t stride_k, int64_t i0, int64_t k0, int64_t extent_i,
+                                      int64_t extent_k) {
+  const bool i_fastest = stride_i == 1;
+  for (int e = threadIdx.x; e < kTileK * kTile; e += kThreads) {
+    const int i = i_fastest ? e % kTile : e / kTileK;
+    const int k = i_fastest ? e / kTile : e % kTileK;
+    const int64_t gi = i0 + i, gk = k0 + k;
+    slab[k][i] = (gi < extent_i && gk < extent_k) ? to_float(src[gi * stride_i + gk * stride_k]) : 0.0f;
+  }
+}
+
+// acc += P[m0:m0+64, :K] · Q[:K, n0:n0+64] for this thread's 4×4 outputs.
+template <typename T>
+__device__ void tile_product(const Operand& P, const Operand& Q, int64_t M, int64_t N, int64_t K, int64_t m0,
+                             int64_t n0, float (&acc)[kPerThread][kPerThread],
+                             float (&p_slab)[kTileK][kTileM + 1], float (&q_slab)[kTileK][kTileN + 1]) {
+  const T* p = static_cast<const T*>(P.ptr);
+  const T* q = static_cast<const T*>(Q.ptr);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    stage<T, kTileM>(p_slab, p, P.stride_row, P.stride_col, m0, k0, M, K);
+    stage<T, kTileN>(q_slab, q, Q.stride_col, Q.stride_row, n0, k0, N, K);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      float a[kPerThread], b[kPerThread];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) a[i] = p_slab[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) b[j] = q_slab[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();  // the slabs are overwritten by the next step
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
+  __shared__ float p_slab[kTileK][kTileM + 1];
+  __shared__ float q_slab[kTileK][kTileN + 1];
+  // Row tiles on grid x (up to 2^31 - 1 blocks), column tiles on grid y.
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
+  float acc[kPerThread][kPerThread] = {};
+  float acc2[kPerThread][kPerThread] = {};
+  tile_product<T>(p.P, p.Q, p.M, p.N, p.K, m0, n0, acc, p_slab, q_slab);
+  if (p.K2 > 0) tile_product<T>(p.P2, p.Q2, p.M, p.N, p.K2, m0, n0, acc2, p_slab, q_slab);
+
+  const T* bias = static_cast<const T*>(p.bias);
+  T* c = static_cast<T*>(p.C);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t m = m0 + ty + 16 * i;
+    if (m >= p.M) continue;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t n = n0 + tx + 16 * j;
+      if (n >= p.N) continue;
+      float v = p.alpha * acc[i][j] + p.alpha2 * acc2[i][j];
+      if (bias != nullptr) v += to_float(bias[n]);
+      c[m * p.stride_cm + n * p.stride_cn] = from_float<T>(v);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
+  if (params.M == 0 || params.N == 0) return cudaSuccess;
+  const int64_t tiles_m = (params.M + kTileM - 1) / kTileM;
+  const int64_t tiles_n = (params.N + kTileN - 1) / kTileN;
+  if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
+  switch (dtype) {
+    case DType::kFloat32: gemm_kernel<float><<<grid, kThreads, 0, stream>>>(params); break;
+    case DType::kFloat16: gemm_kernel<__half><<<grid, kThreads, 0, stream>>>(params); break;
+    case DType::kBFloat16: gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace lora_kernels

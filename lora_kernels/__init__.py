@@ -1,0 +1,37 @@
+"""lora_kernels: fused LoRA forward and backward kernels behind a drop-in nn.Linear replacement.
+
+    y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ      (W₀ frozen; gradients for x, A, B, bias)
+"""
+from .function import LoRALinearFunction, lora_linear
+from .layers import (LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
+                     unmerge_lora)
+from .reference import lora_linear_reference, lora_scale
+
+__version__ = "0.1.0"
+
+
+def available_backends(device="cuda"):
+    """Backends that can run on ``device`` here, e.g. ``['reference', 'triton', 'cuda']``."""
+    import importlib
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return ["reference"]
+    probe = torch.empty(0, device=device)
+    names = ["reference"]
+    for name in ("triton", "cuda"):
+        try:
+            module = importlib.import_module(f"lora_kernels.{name}")
+        except ImportError:  # triton not installed
+            continue
+        if module.unavailable_reason(probe) is None:
+            names.append(name)
+    return names
+
+
+__all__ = [
+    "LoRALinear", "LoRALinearFunction", "available_backends", "inject_lora", "lora_linear", "lora_linear_reference",
+    "lora_scale", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "unmerge_lora",
+]

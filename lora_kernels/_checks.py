@@ -1,0 +1,62 @@
+"""Argument checks for the functional API: every bad input gets an error that names the argument."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name, t, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    _tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    _tensor("weight", weight, 2)
+    _tensor("lora_A", lora_A, 2)
+    _tensor("lora_B", lora_B, 2)
+    out_features, in_features = weight.shape
+    rank = lora_A.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight {tuple(weight.shape)} expects in_features={in_features}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    if rank == 0:
+        raise ValueError("lora_A has rank r=0; use F.linear(x, weight, bias) for a layer without an adapter")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must have shape (out_features={out_features}, r={rank}), got {tuple(lora_B.shape)}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        _tensor("bias", bias, 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have shape (out_features={out_features},), got {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise TypeError(f"scale must be a number, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return float(scale)

@@ -1,0 +1,39 @@
+"""CUDA backend: a thin wrapper over the ``torch.ops.lora_kernels.*`` ops built from csrc/."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    _LOAD_ERROR = None
+except ImportError as exc:  # a CPU-only install, or built with LORA_KERNELS_SKIP_CUDA_BUILD=1
+    _LOAD_ERROR = exc
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def extension_loaded() -> bool:
+    return _LOAD_ERROR is None
+
+
+def unavailable_reason(x: torch.Tensor):
+    """None if the CUDA ops can run on tensors like ``x``, else a sentence saying why not."""
+    if _LOAD_ERROR is not None:
+        return (f"the CUDA extension lora_kernels._C is not built ({_LOAD_ERROR}); install with a CUDA "
+                "build of torch and nvcc present: pip install --no-build-isolation .")
+    if x.device.type != "cuda":
+        return f"tensors are on {x.device}; the CUDA kernels need CUDA tensors"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"the CUDA kernels take float16, bfloat16 or float32, got {x.dtype}"
+    return None
+
+
+def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
+    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``."""
+    return torch.ops.lora_kernels.forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
+
+
+def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
+    """Backend contract: returns ``(dx, dA, dB, g)``."""
+    return torch.ops.lora_kernels.backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)

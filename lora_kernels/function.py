@@ -1,0 +1,73 @@
+"""The autograd Function and the functional entry point :func:`lora_linear`.
+
+Backends all implement the 2-D contract of :mod:`lora_kernels.reference` (``forward`` and
+``backward``); this file only flattens leading dimensions, draws the dropout mask, picks a backend
+and routes gradients. W₀ is frozen: its gradient is computed only if a caller explicitly asks for
+it with ``weight.requires_grad=True`` (plain ``dYᵀ·x``, never inside the fused kernels).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import check_lora_linear_args
+
+
+def _backend(name: str, x: torch.Tensor):
+    """Return the module implementing ``name`` for tensors like ``x``, or raise saying why not."""
+    if name == "reference" or (name == "auto" and x.device.type != "cuda"):
+        return reference
+    from . import cuda, triton  # imported lazily: triton is optional on CPU-only installs
+
+    if name == "auto":  # fastest available on CUDA; the CUDA extension is not yet faster (see README)
+        return triton if triton.unavailable_reason(x) is None else reference
+    module = triton if name == "triton" else cuda
+    reason = module.unavailable_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
+    return module
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+        ops = _backend(backend, x)
+        x2d = x.reshape(-1, x.shape[-1])
+        mask = None
+        if dropout_p > 0.0:  # materialised for now; the kept fraction is rescaled like nn.Dropout
+            mask = torch.empty_like(x2d).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        x_lora = x2d if mask is None else x2d * mask
+        y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask)
+        ctx.ops, ctx.scale, ctx.x_shape = ops, scale, x.shape
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, x_lora, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx, d_lora_A, d_lora_B, g = ctx.ops.backward(
+            dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, fuse_lora_dx=mask is None
+        )
+        if mask is not None:  # the LoRA branch saw dropout(x): its share of dX goes through the mask
+            dx = dx + (g @ lora_A).mul_(ctx.scale).mul_(mask)
+        d_weight = dy2d.t() @ x2d if ctx.needs_input_grad[1] else None
+        d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
+        return dx.reshape(ctx.x_shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="auto"):
+    """``x·weightᵀ + bias + scale·(dropout(x)·lora_Aᵀ)·lora_Bᵀ`` with a fused backward.
+
+    Args:
+        x: ``(..., in_features)``.
+        weight: ``(out_features, in_features)``, the frozen base W₀ (no gradient unless it requires one).
+        bias: ``(out_features,)`` or ``None``.
+        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout).
+        scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
+        dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
+        backend: ``"auto"`` (fastest available; the reference path on CPU), ``"reference"``,
+            ``"triton"`` or ``"cuda"``.
+    """
+    scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, float(dropout_p), backend)

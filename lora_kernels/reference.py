@@ -1,0 +1,55 @@
+"""The LoRA math, written once, in plain torch.
+
+    y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ        W₀ (out, in) frozen, A (r, in), B (out, r)
+
+Two things live here:
+
+* :func:`lora_linear_reference` — the differentiable definition. Tests run it in float64 under
+  autograd and compare every backend against it.
+* :func:`forward` / :func:`backward` — the same math split the way the fused kernels split it
+  (the ``reference`` backend). Every backend implements exactly these two signatures on 2-D
+  tensors, so :mod:`lora_kernels.function` can dispatch to any of them in one line.
+
+Names used throughout the package:
+    x_lora = dropout(x)  (x itself when there is no dropout)
+    xa     = s·x_lora·Aᵀ (M, r)   kept from forward for dB; the only M-sized extra that is saved
+    g      = dY·B        (M, r)   the rank-r projection of the output gradient
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, dropout_mask=None):
+    """Differentiable reference. ``dropout_mask`` is the already scaled keep-mask (0 or 1/(1-p))."""
+    x_lora = x if dropout_mask is None else x * dropout_mask
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
+    """2-D forward of the backend contract: returns ``(y, xa)``, both in x's dtype."""
+    xa = F.linear(x if x_lora is None else x_lora, lora_A) * scale
+    return F.linear(x, weight, bias) + F.linear(xa, lora_B), xa
+
+
+def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
+    """2-D backward of the backend contract for a frozen W₀: returns ``(dx, dA, dB, g)``.
+
+    ``dx = dY·W₀ + s·g·A`` when ``fuse_lora_dx``, else only ``dY·W₀`` (the caller then applies the
+    dropout mask to the LoRA term itself). ``dA = s·gᵀ·x_lora``, ``dB = dYᵀ·xa``.
+    """
+    g = dy @ lora_B
+    dx = dy @ weight
+    if fuse_lora_dx:
+        dx = dx + (g @ lora_A) * scale
+    d_lora_A = (g.t() @ x_lora) * scale
+    d_lora_B = dy.t() @ xa
+    return dx, d_lora_A, d_lora_B, g

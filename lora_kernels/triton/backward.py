@@ -1,0 +1,177 @@
+"""Fused LoRA backward for a frozen W₀: dX, dA, dB in two launches; dW₀ is never computed.
+
+    g  = dY·B                 (M, r)
+    dX = dY·W₀ + s·g·A        kernel 1: one (BLOCK_M, BLOCK_K) tile of dX per program
+    dA = s·gᵀ·x_lora          kernel 2: programs [0, tiles_k) own column tiles of dA,
+    dB = dYᵀ·xa               programs [tiles_k, tiles_k + tiles_n) own row tiles of dB
+
+Kernel 1 walks N: each dY tile it loads feeds both dY·W₀ and dY·B, and after the loop s·g·A is
+one more N-tile added to the same accumulator, so dX is written once. The first column of
+programs stores g for kernel 2. Kernel 2 reduces over M; to fill the GPU when the outputs are
+small (r×K, N×r) the M range is split across a second grid axis into fp32 partial sums that are
+added in a fixed order afterwards — deterministic, no atomics.
+
+Reads: dY twice (kernel 1, and the dB half of kernel 2), x once (dA half of kernel 2), W₀ once
+per row tile of dX (once in total when M ≤ BLOCK_M), xa and g once each.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETING, grouped_tile, kernel_flags, rank_block
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, g_ptr,
+    M, N, K, R, scale,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dxm, stride_dxk, stride_gm, stride_gr,
+    FUSE_LORA_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m, mask_k, mask_r = offs_m < M, offs_k < K, offs_r < R
+
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn   # (BM, BN)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk       # (BN, BK) of W₀
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br       # (BN, BR) of B
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_left = N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & (offs_n[None, :] < n_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_n[:, None] < n_left) & mask_r[None, :], other=0.0)
+        if UPCAST:
+            dy, w, b = dy.to(tl.float32), w.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(dy, b, acc_g, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+        b_ptrs += BLOCK_N * stride_bn
+
+    g = acc_g.to(g_ptr.dtype.element_ty)
+    g_mask = mask_m[:, None] & mask_r[None, :]
+    tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g, mask=g_mask & (pid_k == 0))
+    if FUSE_LORA_DX:
+        sg = (acc_g * scale).to(g_ptr.dtype.element_ty)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)                # (BR, BK) of A
+        if UPCAST:
+            sg, a = sg.to(tl.float32), a.to(tl.float32)
+        acc = tl.dot(sg, a, acc, input_precision=DOT_PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_rc, out_ptr, stride_oc, stride_od,
+                      m_start, m_end, C, D, pid_c,
+                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[c, d] = Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c, all d."""
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_c, mask_d = offs_c < C, offs_d < D
+    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    for m in range(m_start, m_end, BLOCK_M):
+        mask_m = offs_m < m_end
+        lhs_t = tl.load(lhs_ptr + offs_c[:, None] * stride_lc + offs_m[None, :] * stride_lm,
+                        mask=mask_c[:, None] & mask_m[None, :], other=0.0)               # (BC, BM)
+        rhs = tl.load(rhs_ptr + offs_m[:, None] * stride_rm + offs_d[None, :] * stride_rc,
+                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)                 # (BM, BD)
+        if UPCAST:
+            lhs_t, rhs = lhs_t.to(tl.float32), rhs.to(tl.float32)
+        acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
+        offs_m += BLOCK_M
+    out_ptrs = out_ptr + offs_c[:, None] * stride_oc + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _lora_dadb_kernel(
+    g_ptr, x_ptr, dy_ptr, xa_ptr, da_part_ptr, db_part_ptr,
+    M, N, K, R, rows_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_sm, stride_sr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    m_start = split.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    if pid < tiles_k:  # dAᵀ tile (BK, R) = x_loraᵀ·g, stored transposed into dA (R, K)
+        _reduce_over_rows(x_ptr, stride_xm, stride_xk, g_ptr, stride_gm, stride_gr,
+                          da_part_ptr + split.to(tl.int64) * R * K, 1, K,
+                          m_start, m_end, K, R, pid, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+    else:  # dB tile (BN, R) = dYᵀ·xa
+        _reduce_over_rows(dy_ptr, stride_dym, stride_dyn, xa_ptr, stride_sm, stride_sr,
+                          db_part_ptr + split.to(tl.int64) * N * R, R, 1,
+                          m_start, m_end, N, R, pid - tiles_k, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+def backward_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    if INTERPRETING:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    block_n = 32 if dtype == torch.float32 else 64
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=2 * block_n, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _num_splits(M: int, tiles: int, block_m: int) -> int:
+    """Split the M reduction so tiles × splits ≈ 2 waves of 132 SMs, each split ≥ 4 row blocks."""
+    if INTERPRETING:
+        return min(2, triton.cdiv(M, block_m))
+    return max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 4 * block_m)))
+
+
+def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
+    """Backend contract (see :mod:`lora_kernels.reference`): returns ``(dx, dA, dB, g)``."""
+    M, N = dy.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    g = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), g
+    flags = kernel_flags(dy.dtype)
+    cfg = backward_config(M, N, K, dy.dtype)
+    block_r = rank_block(R)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _lora_dx_kernel[grid](
+        dy, weight, lora_A, lora_B, dx, g, M, N, K, R, scale,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1), g.stride(0), g.stride(1),
+        FUSE_LORA_DX=fuse_lora_dx, BLOCK_R=block_r, **flags, **cfg,
+    )
+
+    block_m = 32 if INTERPRETING else 64
+    tiles = triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"])
+    splits = _num_splits(M, tiles, block_m)
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    da_part = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
+    db_part = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
+    _lora_dadb_kernel[(tiles, splits)](
+        g, x_lora, dy, xa, da_part, db_part, M, N, K, R, rows_per_split,
+        g.stride(0), g.stride(1), x_lora.stride(0), x_lora.stride(1), dy.stride(0), dy.stride(1),
+        xa.stride(0), xa.stride(1),
+        BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+    )
+    d_lora_A = da_part.sum(0).mul_(scale).to(lora_A.dtype)
+    d_lora_B = db_part.sum(0).to(lora_B.dtype)
+    return dx, d_lora_A, d_lora_B, g

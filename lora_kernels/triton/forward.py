@@ -1,0 +1,123 @@
+"""Fused LoRA forward in one pass:  y = x·W₀ᵀ + bias + (s·x·Aᵀ)·Bᵀ.
+
+Each program owns one (BLOCK_M, BLOCK_N) tile of y. Its K loop reads a tile of x once and feeds
+two tensor-core products from it: x·W₀ᵀ into the output accumulator and x·Aᵀ into a small
+(BLOCK_M, r) accumulator. After the loop the rank-r product is one more K-tile, ``[xa | Bᵀ]``,
+added into the same accumulator, so y is written once and never read back. The programs of the
+first column of tiles also store xa = s·x·Aᵀ (M, r), the only thing backward needs besides x.
+
+Recomputing x·Aᵀ per column tile costs r/BLOCK_N extra FLOPs (1/8 at r=16, BLOCK_N=128) and saves
+a launch and a second read of x, which matters most at small M where the op is launch- and
+memory-bound.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETING, grouped_tile, kernel_flags, rank_block
+
+
+@triton.jit
+def _lora_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
+    M, N, K, R, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_sm, stride_sr,
+    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Row/column offsets in int64: M·stride_xm and N·stride_wn can pass 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk      # (BM, BK)
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn      # (BK, BN) of W₀ᵀ
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if not XA_GIVEN:
+            a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    xa_ptrs = xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    xa_mask = mask_m[:, None] & mask_r[None, :]
+    if XA_GIVEN:  # dropout: the caller computed xa from dropout(x)
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+    else:
+        # Rounded to the input dtype, as an unfused layer would hold it; stored once per row tile.
+        xa = (acc_xa * scale).to(xa_ptr.dtype.element_ty)
+        tl.store(xa_ptrs, xa, mask=xa_mask & (pid_n == 0))
+    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0)                  # (BR, BN) of Bᵀ
+    if UPCAST:
+        xa, b = xa.to(tl.float32), b.to(tl.float32)
+    acc = tl.dot(xa, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def forward_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Tile sizes by problem size (a table, not autotuning, so a launch costs no search).
+
+    Small M is a weight-streaming GEMV: thin row tiles and narrow column tiles so the N/BLOCK_N
+    programs cover the GPU's 132 SMs. Large M uses the usual 128×128 Hopper GEMM tile.
+    """
+    if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    block_k = 32 if dtype == torch.float32 else 64
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=2 * block_k, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
+    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
+
+    Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
+    With ``x_lora`` (dropout), xa = s·x_lora·Aᵀ is computed by cuBLAS and only added in the kernel.
+    """
+    if x.stride(-1) != 1:  # any row stride is fine; the feature dimension must be dense
+        x = x.contiguous()
+    M, K = x.shape
+    N, R = lora_B.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if x_lora is None:
+        xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    else:
+        xa = (x_lora @ lora_A.t()).mul_(scale)
+    if M == 0:
+        return y, xa
+    cfg = forward_config(M, N, K, x.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _lora_forward_kernel[grid](
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
+        M, N, K, R, scale,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
+        HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, BLOCK_R=rank_block(R),
+        **kernel_flags(x.dtype), **cfg,
+    )
+    return y, xa

@@ -1,0 +1,77 @@
+"""Shared test helpers: device/backends under test, float64 comparison with per-dtype bounds, poisoning.
+
+Without a GPU the Triton kernels run under the interpreter; that must be decided before triton is
+first imported, so it happens here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lora_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = lora_kernels.available_backends(DEVICE)
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+# ‖out − ref‖ / ‖ref‖ against float64. fp32 is IEEE fp32 (TF32 off); bf16/fp16 include the rounding
+# of the output and of the (M, r) intermediate, as any unfused layer has.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values (an unwritten poisoned element?)"
+    denom = ref.norm()
+    return ((out - ref).norm() / (denom if denom > 0 else 1.0)).item()
+
+
+def assert_close(out, ref, dtype, what=""):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.0e} ({dtype})"
+
+
+def make_problem(M, K, N, r, dtype, bias=True, lead=(), device=DEVICE, scale=2.0):
+    """Fresh random inputs sized so the LoRA term is as large as the base term."""
+    x = torch.randn(*lead, M, K, dtype=dtype, device=device)
+    w = torch.randn(N, K, dtype=dtype, device=device) / K ** 0.5
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    a = torch.randn(r, K, dtype=dtype, device=device) / K ** 0.5
+    bb = torch.randn(N, r, dtype=dtype, device=device) / r ** 0.5
+    return x, w, b, a, bb, scale
+
+
+def reference_grads(x, w, b, a, bb, scale, dy, mask=None):
+    """Forward and gradients (x, A, B, bias) of the float64 reference under autograd."""
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    bias64 = None if b is None else b.detach().double().requires_grad_()
+    y = lora_kernels.lora_linear_reference(x64, w.double(), bias64, a64, b64, scale,
+                                           None if mask is None else mask.double())
+    y.backward(dy.double())
+    return y, x64.grad, a64.grad, b64.grad, None if b is None else bias64.grad
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every fresh output buffer NaN, so an element a kernel forgets to write fails the test.
+
+    Python-side allocations (the Triton wrappers) go through a patched torch.empty; on a GPU the
+    caching allocator is also handed back blocks filled with NaN, which poisons C++-side outputs.
+    """
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        for size in (1 << 16, 1 << 20, 1 << 24):
+            real_empty(size, device="cuda").fill_(float("nan"))  # freed at once: cached blocks now hold NaN
+    yield

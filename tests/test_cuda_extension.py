@@ -1,0 +1,53 @@
+"""The CUDA extension is compiled, loads, registers its ops, and (on a GPU) is correct."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import lora_kernels.cuda
+from conftest import DEVICE, assert_close, make_problem, reference_grads
+
+EXPECT_BUILT = torch.version.cuda is not None and os.environ.get("LORA_KERNELS_SKIP_CUDA_BUILD") != "1"
+
+
+@pytest.mark.skipif(not EXPECT_BUILT, reason="CPU-only torch or LORA_KERNELS_SKIP_CUDA_BUILD=1")
+def test_extension_loads_and_registers_ops():
+    assert lora_kernels.cuda.extension_loaded(), lora_kernels.cuda._LOAD_ERROR
+    for op in ("forward", "backward"):
+        schema = str(getattr(torch.ops.lora_kernels, op).default._schema)
+        assert schema.startswith(f"lora_kernels::{op}(")
+
+
+def find_cuobjdump():
+    """cuobjdump from the CUDA toolkit, or the copy Triton's NVIDIA backend ships."""
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+@pytest.mark.skipif(not EXPECT_BUILT or find_cuobjdump() is None, reason="needs the built extension and cuobjdump")
+def test_extension_holds_sm80_and_sm90_code():
+    listing = subprocess.run([find_cuobjdump(), "--list-elf", lora_kernels.cuda._C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    assert "sm_80" in listing and "sm_90" in listing, listing
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (37, 70, 50, 12), (300, 1000, 520, 128), (0, 64, 64, 8)])
+def test_cuda_ops_on_gpu(dtype, shape, poison):
+    x, w, b, a, bb, s = make_problem(*shape, dtype)
+    x, a, bb = (t.requires_grad_() for t in (x, a, bb))
+    y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend="cuda")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, dx_ref, da_ref, db_ref, _ = reference_grads(x, w, b, a, bb, s, dy)
+    for out, ref, what in ((y, y_ref, "y"), (x.grad, dx_ref, "dx"), (a.grad, da_ref, "dA"), (bb.grad, db_ref, "dB")):
+        assert_close(out, ref, dtype, what)

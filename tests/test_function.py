@@ -1,0 +1,101 @@
+"""lora_linear: forward and all gradients of every available backend against the float64 reference."""
+import pytest
+import torch
+
+import lora_kernels
+from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem, reference_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N, r): M = 1 and 37, sizes that are not multiples of any block, r from 1 to 64.
+SHAPES = [(1, 40, 24, 8), (37, 70, 50, 12), (16, 64, 32, 1), (33, 48, 65, 64), (5, 17, 19, 3)]
+
+
+def run_and_compare(backend, x, w, b, a, bb, s, dtype, dropout_p=0.0, seed=None):
+    x, a, bb = (t.clone().requires_grad_() for t in (x, a, bb))
+    if b is not None:
+        b = b.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = lora_kernels.lora_linear(x, w, b, a, bb, s, dropout_p=dropout_p, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mask = None
+    if dropout_p > 0:  # the Function draws its mask first after seeding: draw the same one
+        torch.manual_seed(seed)
+        mask = torch.empty(x.reshape(-1, x.shape[-1]).shape, dtype=dtype, device=x.device)
+        mask = mask.bernoulli_(1 - dropout_p).div_(1 - dropout_p).reshape(x.shape)
+    y_ref, dx_ref, da_ref, db_ref, dbias_ref = reference_grads(x, w, b, a, bb, s, dy, mask)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, dx_ref, dtype, "dx")
+    assert_close(a.grad, da_ref, dtype, "dA")
+    assert_close(bb.grad, db_ref, dtype, "dB")
+    if b is not None:
+        assert_close(b.grad, dbias_ref, dtype, "dbias")
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_float64_reference(backend, dtype, shape, bias, poison):
+    run_and_compare(backend, *make_problem(*shape, dtype, bias=bias), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_3d_input(backend, dtype, poison):
+    run_and_compare(backend, *make_problem(9, 40, 24, 8, dtype, lead=(3,)), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_input(backend, poison):
+    x, w, b, a, bb, s = make_problem(21, 40, 24, 8, torch.float32)
+    wide = torch.randn(21, 53, device=DEVICE)
+    wide[:, 5:45] = x
+    run_and_compare(backend, wide[:, 5:45], w, b, a, bb, s, torch.float32)          # row stride 53
+    run_and_compare(backend, x.t().contiguous().t(), w, b, a, bb, s, torch.float32)  # column-major x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_gradients_use_the_same_mask(backend, dtype):
+    run_and_compare(backend, *make_problem(19, 40, 24, 8, dtype), dtype, dropout_p=0.25, seed=1234)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x, w, b, a, bb, s = make_problem(0, 40, 24, 8, torch.float32)
+    x.requires_grad_()
+    a.requires_grad_()
+    y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 40) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_that_requires_grad_gets_its_true_gradient(backend):
+    x, w, b, a, bb, s = make_problem(11, 40, 24, 8, torch.float32)
+    w.requires_grad_()
+    y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close(w.grad, dy.double().t() @ x.double(), torch.float32, "dW")
+
+
+def test_auto_is_reference_on_cpu():
+    from lora_kernels.function import _backend
+
+    assert _backend("auto", torch.zeros(1, 4)) is lora_kernels.reference
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backends_agree_with_reference_backend(backend, dtype):
+    """Same inputs through a kernel backend and the reference backend, in the working dtype."""
+    x, w, b, a, bb, s = make_problem(29, 72, 40, 16, dtype)
+    y_kernel = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    y_ref = lora_kernels.lora_linear(x, w, b, a, bb, s, backend="reference")
+    assert_close(y_kernel, y_ref.double(), dtype, "y vs reference backend")

@@ -1,0 +1,53 @@
+"""The Triton kernels through the backend contract (runs under TRITON_INTERPRET=1 without a GPU)."""
+import pytest
+import torch
+
+from lora_kernels import reference
+from conftest import DEVICE, KERNEL_BACKENDS, assert_close, make_problem
+
+pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton backend unavailable")
+
+if "triton" in KERNEL_BACKENDS:
+    from lora_kernels import triton as tk
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def contract_vs_float64(M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False):
+    x, w, b, a, bb, s = make_problem(M, K, N, r, dtype)
+    x_lora = x * (torch.rand_like(x) > 0.3).to(dtype) if x_lora_given else None
+    dy = torch.randn(M, N, dtype=dtype, device=DEVICE)
+    y, xa = tk.forward(x, w, b, a, bb, s, x_lora=x_lora)
+    dx, da, db, g = tk.backward(dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx)
+    f64 = [t.double() if t is not None else None for t in (x, w, b, a, bb, dy)]
+    xl64 = f64[0] if x_lora is None else x_lora.double()
+    y_ref, xa_ref = reference.forward(*f64[:5], s, x_lora=xl64)
+    dx_ref, da_ref, db_ref, g_ref = reference.backward(f64[5], xl64, f64[1], f64[3], f64[4], xa_ref, s, fuse_lora_dx)
+    for out, ref, what in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
+                           (db, db_ref, "dB"), (g, g_ref, "g")):
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, what)
+
+
+@pytest.mark.parametrize("r", [1, 2, 16, 17, 64, 100, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_rank_up_to_128(r, dtype, poison):
+    contract_vs_float64(21, 48, 40, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_tiles_and_split_reduction(dtype, poison):
+    # several row, column and K tiles; M spans more than one split of the dA/dB reduction
+    contract_vs_float64(131, 100, 90, 8, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_precomputed_xa_and_unfused_dx(dtype, poison):
+    contract_vs_float64(23, 40, 36, 8, dtype, fuse_lora_dx=False, x_lora_given=True)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU")
+@pytest.mark.parametrize("M", [1, 16, 128, 1024, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_shapes_on_gpu(M, dtype, poison):
+    contract_vs_float64(M, 4096, 11008, 16, dtype)
