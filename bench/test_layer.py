@@ -1,0 +1,107 @@
+"""Layer suite: one LoRA linear layer, forward and training step, ours against the baselines.
+
+Implementations, all measured in this run on the same inputs:
+  base            x @ W₀ᵀ (cuBLAS): the frozen base layer, i.e. merged LoRA: the floor
+  peft-style      F.linear(x, W₀) + s·F.linear(F.linear(x, A), B): PEFT / loralib's unmerged layer
+  unsloth-style   o = x @ W₀ᵀ; o.addmm_(x @ Aᵀ, Bᵀ, alpha=s): Unsloth's matmul_lora
+  peft            PEFT's own lora.Linear, when peft is installed
+  lora_kernels[b] our lora_linear with backend b (triton, cuda, auto; reference on a CPU run)
+The training step is forward + gradients for x, A, B (base: for x only, W₀ frozen).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_kernels
+from report import RESULTS
+from timing import input_sets_needed, peak_memory_mb, time_eager, time_graph
+
+
+def implementations(device):
+    names = ["base", "peft-style", "unsloth-style"]
+    try:
+        import peft  # noqa: F401
+
+        names.append("peft")
+    except ImportError:
+        pass
+    backends = [b for b in lora_kernels.available_backends(device) if b != "reference"] or ["reference"]
+    return names + [f"lora_kernels[{b}]" for b in backends] + (["lora_kernels[auto]"] if device == "cuda" else [])
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        from conftest import run_info
+
+        info = run_info(metafunc.config)
+        impls = [i for i in implementations(info.device) if info.impls is None or i in info.impls]
+        cases = [(K, N, M, r, impl) for (K, N) in info.shapes for r in info.ranks for M in info.ms for impl in impls]
+        metafunc.parametrize("case", cases, ids=[f"{K}x{N}-M{M}-r{r}-{impl}" for K, N, M, r, impl in cases])
+
+
+def make_layer_fn(impl, W, A, B, s):
+    """(forward(x) -> y, parameters that get gradients besides x)."""
+    if impl == "base":
+        return (lambda x: x @ W.t()), []
+    if impl == "peft-style":
+        return (lambda x: F.linear(x, W) + F.linear(F.linear(x, A), B) * s), [A, B]
+    if impl == "unsloth-style":
+        return (lambda x: (x @ W.t()).addmm_(x @ A.t(), B.t(), alpha=s)), [A, B]
+    if impl == "peft":
+        from peft.tuners.lora.layer import Linear as PeftLinear
+
+        base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
+        base.weight = torch.nn.Parameter(W, requires_grad=False)
+        layer = PeftLinear(base, "default", r=A.shape[0], lora_alpha=s * A.shape[0])
+        layer.lora_A["default"].weight = A
+        layer.lora_B["default"].weight = B
+        return layer, [A, B]
+    backend = impl[len("lora_kernels["):-1]
+    return (lambda x: lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)), [A, B]
+
+
+def test_layer(case, info, benchmark):
+    K, N, M, r, impl = case
+    dtype, device, s = info.dtype, info.device, 2.0
+    n_sets = input_sets_needed((M * K + N * K + M * N + r * (K + N)) * dtype.itemsize, device)
+    sets = []
+    for _ in range(n_sets):
+        W = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
+        A = torch.nn.Parameter(torch.randn(r, K, device=device, dtype=dtype) / K ** 0.5)
+        B = torch.nn.Parameter(torch.randn(N, r, device=device, dtype=dtype) / r ** 0.5)
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+        fn, params = make_layer_fn(impl, W, A, B, s)
+        sets.append((fn, x, dy, [x] + params))
+
+    def forward(i):
+        fn, x, _, _ = sets[i]
+        with torch.no_grad():
+            return fn(x)
+
+    def train_step(i):
+        fn, x, dy, wrt = sets[i]
+        return torch.autograd.grad(fn(x), wrt, dy)
+
+    warmup = 10 if device == "cuda" else 3
+    row = dict(K=K, N=N, M=M, r=r, impl=impl, dtype=str(dtype).replace("torch.", ""), n_input_sets=n_sets)
+    fwd = time_eager(forward, n_sets, info.reps, warmup, device)
+    train = time_eager(train_step, n_sets, info.reps, warmup, device)
+    fwd_graph = time_graph(forward, n_sets, info.reps, device)
+    train_graph = time_graph(train_step, n_sets, info.reps, device)
+    row.update(fwd_eager_ms=fwd.median_ms, fwd_eager_mean_ms=fwd.mean_ms, fwd_eager_std_ms=fwd.std_ms,
+               train_eager_ms=train.median_ms,
+               fwd_graph_ms=fwd_graph and fwd_graph.median_ms, train_graph_ms=train_graph and train_graph.median_ms,
+               train_peak_mb=peak_memory_mb(lambda: train_step(0), device))
+    RESULTS["layer"].append(row)
+    benchmark.extra_info.update(row)
+
+    def synced_forward():  # what pytest-benchmark times: one eager forward, host-synchronised
+        out = forward(0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(synced_forward, rounds=max(3, info.reps // 4), warmup_rounds=2)

@@ -1,0 +1,66 @@
+"""The LoRA paper's Table 1: latency of one GPT-2 medium forward pass, adapters vs LoRA.
+
+Per cell: `--trials` forward passes (the paper: 100) after warm-up, each timed with CUDA events
+(mean ± std like the paper, and the median), plus the same pass replayed from a CUDA graph (GPU
+time without launch overhead). A run without a GPU uses REDUCED_CONFIG and small batches.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2 import MEDIUM_CONFIG, REDUCED_CONFIG, GPT2, adapter_params, add_lora_q_v
+from report import RESULTS
+from timing import time_eager, time_graph
+
+# (batch, sequence, AdapterL bottleneck, AdapterH bottleneck): |Θ| 0.5M, 11M, 11M as in TABLE1.md
+COLUMNS = [(32, 512, 8, 5), (16, 256, 224, 112), (1, 128, 224, 112)]
+REDUCED_COLUMNS = [(4, 64, 1, 1), (2, 32, 28, 14), (1, 16, 28, 14)]
+VARIANTS = ["Fine-Tune / LoRA (merged)", "AdapterL", "AdapterH", "LoRA r=4 Wq,Wv: lora_kernels (fused)",
+            "LoRA r=4 Wq,Wv: PEFT-style (unfused)"]
+
+
+def pytest_generate_tests(metafunc):
+    if "cell" in metafunc.fixturenames:
+        from conftest import run_info
+
+        info = run_info(metafunc.config)
+        columns = REDUCED_COLUMNS if info.reduced else COLUMNS
+        cells = [(dtype, v, col) for dtype in info.table1_dtypes for col in columns for v in VARIANTS]
+        ids = [f"{str(d).replace('torch.', '')}-{v.split(':')[-1].strip()}-b{c[0]}s{c[1]}" for d, v, c in cells]
+        metafunc.parametrize("cell", cells, ids=ids)
+
+
+def build(variant, cfg, bottleneck_l, bottleneck_h, device, dtype):
+    factory = dict(device=device, dtype=dtype)
+    if variant == "AdapterL":
+        return GPT2(cfg, "L", bottleneck_l, **factory)
+    if variant == "AdapterH":
+        return GPT2(cfg, "H", bottleneck_h, **factory)
+    model = GPT2(cfg, **factory)
+    if variant.startswith("LoRA"):
+        add_lora_q_v(model, r=4, alpha=8, fused="fused" in variant and "unfused" not in variant)
+    return model
+
+
+def test_table1(cell, info):
+    dtype, variant, (batch, seq, b_l, b_h) = cell
+    cfg = REDUCED_CONFIG if info.reduced else MEDIUM_CONFIG
+    torch.manual_seed(0)
+    model = build(variant, cfg, b_l, b_h, info.device, dtype).eval()
+    idx = torch.randint(0, cfg.vocab, (batch, seq), device=info.device)
+
+    def forward(_):
+        with torch.no_grad():
+            return model(idx)
+
+    warmup = 10 if info.device == "cuda" else 2
+    eager = time_eager(forward, 1, info.trials, warmup, info.device)
+    graph = time_graph(forward, 1, info.trials, info.device)
+    as_dict = lambda t: t and dict(mean=t.mean_ms, std=t.std_ms, median=t.median_ms, n=t.n)  # noqa: E731
+    RESULTS["table1"].append(dict(dtype=str(dtype).replace("torch.", ""), variant=variant, batch=batch, seq=seq,
+                                  params=adapter_params(model), eager=as_dict(eager), graph=as_dict(graph),
+                                  reduced=info.reduced))
+    del model
+    if info.device == "cuda":
+        torch.cuda.empty_cache()
