@@ -1,6 +1,6 @@
-"""Triton backend: fused forward (forward.py) and fused backward (backward.py)."""
+"""Triton backend: fused forward (lora_forward.py) and fused backward (lora_backward.py)."""
 from ._common import unavailable_reason
-from .backward import backward
-from .forward import forward
+from .lora_backward import backward
+from .lora_forward import forward
 
 __all__ = ["forward", "backward", "unavailable_reason"]

@@ -120,15 +120,22 @@ def _lora_dadb_kernel(
                           m_start, m_end, N, R, pid - tiles_k, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def backward_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+def backward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for the dX kernel (BLOCK_M × BLOCK_K tiles, N walked in BLOCK_N steps); the
+    dA/dB kernel reuses BLOCK_K and BLOCK_N as its output tile sizes. See forward_config."""
     if INTERPRETING:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    block_n = 32 if dtype == torch.float32 else 64
+    if dtype == torch.float32:
+        warps = 8 if rank_block(R) >= 64 else 4  # spreads the FMA-dot operands over more threads
+        if M <= 16:
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=warps, num_stages=3)
+        return dict(BLOCK_M=32 if rank_block(R) >= 64 else 64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8,
+                    num_warps=warps, num_stages=3)
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=2 * block_n, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _num_splits(M: int, tiles: int, block_m: int) -> int:
@@ -148,7 +155,7 @@ def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     if M == 0:
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), g
     flags = kernel_flags(dy.dtype)
-    cfg = backward_config(M, N, K, dy.dtype)
+    cfg = backward_config(M, N, K, R, dy.dtype)
     block_r = rank_block(R)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     _lora_dx_kernel[grid](

@@ -1,0 +1,128 @@
+"""Compile every Triton kernel launch the host wrappers make, for real GPU targets, without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) checks the kernels' arithmetic but not what only the GPU
+compiler enforces (tl.dot shapes, types, shared-memory limits). This script runs the real host
+wrappers on ``meta`` tensors with the kernel launches intercepted, so the exact arguments,
+constexprs, block sizes, warps and stages a GPU run would use are compiled with
+``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` down to a cubin, and prints each
+kernel's registers, spills and shared memory as read by cuobjdump.
+
+    python tests/triton/gpu_compile.py --arch 90 --arch 80      (must run WITHOUT TRITON_INTERPRET)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import lora_kernels.triton.lora_backward as bwd  # noqa: E402
+import lora_kernels.triton.lora_forward as fwd  # noqa: E402
+
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+class LaunchRecorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
+
+    def __init__(self, jit_fn, launches):
+        self.fn, self.launches = jit_fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+def signature_of(fn, args, kwargs):
+    """Triton's signature, constexprs and attributes for a call, specialised as the JIT does:
+    ints equal to 1 become constexprs; pointers (torch allocations) and ints divisible by 16 get the
+    16-divisibility hint that lets the compiler vectorise loads."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    sig, consts, attrs = {}, dict(kwargs), {}
+    for index, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(value, torch.Tensor) or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + TRITON_TYPE[value.dtype]
+        elif isinstance(value, bool) or (isinstance(value, int) and value == 1):
+            sig[name], consts[name] = "constexpr", value
+        elif isinstance(value, int):
+            sig[name] = "i32" if abs(value) < 2**31 else "i64"
+        else:
+            sig[name] = "fp32"
+    for name in kwargs:
+        sig[name] = "constexpr"
+    return sig, consts, attrs, options
+
+
+def resource_usage(cubin: bytes) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return f"regs {m[1]:>3} stack {m[2]:>4} local {m[4]:>4}" if m else out.strip()[:80]
+
+
+def recorded_launches(quick):
+    """Run forward and backward for a grid of problems on meta tensors; return unique launches."""
+    launches = []
+    fwd._lora_forward_kernel = LaunchRecorder(fwd._lora_forward_kernel, launches)
+    bwd._lora_dx_kernel = LaunchRecorder(bwd._lora_dx_kernel, launches)
+    bwd._lora_dadb_kernel = LaunchRecorder(bwd._lora_dadb_kernel, launches)
+    ms = [1, 128, 8192] if quick else [1, 16, 128, 1024, 8192]
+    ranks = [16, 128] if quick else [1, 16, 64, 128]
+    for dtype in TRITON_TYPE:
+        for M in ms:
+            for r in ranks:
+                K, N = 4096, 11008
+                x = torch.empty(M, K, device="meta", dtype=dtype)
+                w = torch.empty(N, K, device="meta", dtype=dtype)
+                a = torch.empty(r, K, device="meta", dtype=dtype)
+                b = torch.empty(N, r, device="meta", dtype=dtype)
+                bias = torch.empty(N, device="meta", dtype=dtype)
+                dy = torch.empty(M, N, device="meta", dtype=dtype)
+                for dropout in (False, True):
+                    y, xa = fwd.forward(x, w, bias, a, b, 2.0, x_lora=x if dropout else None)
+                    bwd.backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=not dropout)
+    unique = {}
+    for fn, args, kwargs in launches:
+        sig, consts, attrs, options = signature_of(fn, args, dict(kwargs))
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
+               tuple(sorted(options.items())))
+        unique[key] = (fn, sig, consts, attrs, options)
+    return list(unique.values())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90; repeatable")
+    parser.add_argument("--quick", action="store_true", help="fewer problem sizes (what CI compiles)")
+    args = parser.parse_args()
+    failures = 0
+    launches = recorded_launches(args.quick)
+    for arch in args.arch or [90]:
+        for fn, sig, consts, attrs, options in launches:
+            blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX"))
+            dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
+            label = f"sm_{arch} {fn.__name__:<18} {dtype:<4} w{options.get('num_warps')} s{options.get('num_stages')} {blocks}"
+            try:
+                kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+                print(f"ok   {label} | {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+            except Exception as exc:  # report every failing launch, then fail
+                failures += 1
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
