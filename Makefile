@@ -28,7 +28,7 @@ $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade "pip>=23"
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy ninja setuptools wheel \
-		pytest hypothesis pytest-benchmark matplotlib
+		pytest hypothesis pytest-benchmark matplotlib peft transformers safetensors
 	touch $@
 
 install: $(DEPS)

@@ -49,12 +49,15 @@ def make_layer_fn(impl, W, A, B, s):
         return (lambda x: F.linear(x, W) + F.linear(F.linear(x, A), B) * s), [A, B]
     if impl == "unsloth-style":
         return (lambda x: (x @ W.t()).addmm_(x @ A.t(), B.t(), alpha=s)), [A, B]
-    if impl == "peft":
-        from peft.tuners.lora.layer import Linear as PeftLinear
+    if impl == "peft":  # PEFT's own layer, built the version-independent way
+        import peft
 
-        base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
-        base.weight = torch.nn.Parameter(W, requires_grad=False)
-        layer = PeftLinear(base, "default", r=A.shape[0], lora_alpha=s * A.shape[0])
+        holder = torch.nn.Module()
+        holder.base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
+        holder.base.weight = torch.nn.Parameter(W, requires_grad=False)
+        peft.inject_adapter_in_model(peft.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["base"]),
+                                     holder)
+        layer = holder.base
         layer.lora_A["default"].weight = A
         layer.lora_B["default"].weight = B
         return layer, [A, B]

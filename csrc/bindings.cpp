@@ -1,4 +1,4 @@
-// torch binding: the ops torch.ops.lora_kernels.forward / backward, registered with TORCH_LIBRARY
+// torch binding: the ops torch.ops.lora_kernels.cuda_forward / cuda_backward, registered with TORCH_LIBRARY
 // so the dispatcher (and torch.compile) sees them. Each op turns tensors into GemmParams and
 // launches csrc/lora_gemm.cu on the current stream; no Python runs per call.
 #include <c10/cuda/CUDAStream.h>
@@ -56,10 +56,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   check(lora_B, "lora_B", x, 2);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
   TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == R,
-              "lora_kernels.forward: inconsistent shapes");
+              "lora_kernels.cuda_forward: inconsistent shapes");
   if (bias) {
     check(*bias, "bias", x, 1);
-    TORCH_CHECK(bias->size(0) == N && bias->stride(0) == 1, "lora_kernels.forward: bias must be contiguous (N,)");
+    TORCH_CHECK(bias->size(0) == N && bias->stride(0) == 1, "lora_kernels.cuda_forward: bias must be contiguous (N,)");
   }
   const at::Tensor& lora_in = x_lora ? *x_lora : x;
   check(lora_in, "x_lora", x, 2);
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), R = lora_A.size(0);
   TORCH_CHECK(weight.size(0) == N && x_lora.size(0) == M && x_lora.size(1) == K && lora_A.size(1) == K &&
                   lora_B.size(0) == N && lora_B.size(1) == R && xa.size(0) == M && xa.size(1) == R,
-              "lora_kernels.backward: inconsistent shapes");
+              "lora_kernels.cuda_backward: inconsistent shapes");
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor g = at::empty({M, R}, dy.options());
   at::Tensor dx = at::empty({M, K}, dy.options());
@@ -105,15 +105,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
-  m.def("forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora)"
+  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora)"
         " -> (Tensor, Tensor)");
-  m.def("backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
+  m.def("cuda_backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
         " bool fuse_lora_dx) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("forward", &forward);
-  m.impl("backward", &backward);
+  m.impl("cuda_forward", &forward);
+  m.impl("cuda_backward", &backward);
 }
 
 // Importing lora_kernels._C loads this library and so registers the ops above.

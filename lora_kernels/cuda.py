@@ -1,12 +1,16 @@
-"""CUDA backend: a thin wrapper over the ``torch.ops.lora_kernels.*`` ops built from csrc/."""
+"""CUDA backend: a thin wrapper over the ``torch.ops.lora_kernels.cuda_*`` ops built from csrc/."""
 from __future__ import annotations
 
 import torch
+
+from .ops import backward_fake, forward_fake
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
     _LOAD_ERROR = None
+    torch.library.register_fake("lora_kernels::cuda_forward")(forward_fake)
+    torch.library.register_fake("lora_kernels::cuda_backward")(backward_fake)
 except ImportError as exc:  # a CPU-only install, or built with LORA_KERNELS_SKIP_CUDA_BUILD=1
     _LOAD_ERROR = exc
 
@@ -31,9 +35,10 @@ def unavailable_reason(x: torch.Tensor):
 
 def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``."""
-    return torch.ops.lora_kernels.forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
+    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
 
 
 def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     """Backend contract: returns ``(dx, dA, dB, g)``."""
-    return torch.ops.lora_kernels.backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)
+    return torch.ops.lora_kernels.cuda_backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)

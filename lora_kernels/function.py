@@ -9,29 +9,39 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import cuda, reference
 from ._checks import check_lora_linear_args
 
 
-def _backend(name: str, x: torch.Tensor):
-    """Return the module implementing ``name`` for tensors like ``x``, or raise saying why not."""
-    if name == "reference" or (name == "auto" and x.device.type != "cuda"):
-        return reference
-    from . import cuda, triton  # imported lazily: triton is optional on CPU-only installs
+# Backend modules, imported once here (not per call) so torch.compile can trace the dispatch.
+_BACKENDS = {"reference": reference, "cuda": cuda}
+try:
+    from . import triton as _triton
 
+    _BACKENDS["triton"] = _triton
+except ImportError as _exc:  # triton is optional on CPU-only installs
+    _TRITON_MISSING = f"triton is not importable ({_exc}); pip install triton"
+
+
+def _backend(name: str, x: torch.Tensor) -> str:
+    """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
+    saying why it cannot."""
+    if name == "reference" or (name == "auto" and x.device.type != "cuda"):
+        return "reference"
     if name == "auto":  # fastest available on CUDA; the CUDA extension is not yet faster (see README)
-        return triton if triton.unavailable_reason(x) is None else reference
-    module = triton if name == "triton" else cuda
-    reason = module.unavailable_reason(x)
+        usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
+        return "triton" if usable else "reference"
+    reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
-    return module
+    return name
 
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-        ops = _backend(backend, x)
+        backend = _backend(backend, x)
+        ops = _BACKENDS[backend]
         x2d = x.reshape(-1, x.shape[-1])
         mask = None
         if dropout_p > 0.0:  # materialised for now; the kept fraction is rescaled like nn.Dropout
@@ -39,14 +49,14 @@ class LoRALinearFunction(torch.autograd.Function):
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask)
-        ctx.ops, ctx.scale, ctx.x_shape = ops, scale, x.shape
+        ctx.backend, ctx.scale, ctx.x_shape = backend, scale, x.shape
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2d, x_lora, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dx, d_lora_A, d_lora_B, g = ctx.ops.backward(
+        dx, d_lora_A, d_lora_B, g = _BACKENDS[ctx.backend].backward(
             dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, fuse_lora_dx=mask is None
         )
         if mask is not None:  # the LoRA branch saw dropout(x): its share of dX goes through the mask

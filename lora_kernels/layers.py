@@ -1,6 +1,8 @@
-"""LoRALinear, a drop-in ``nn.Linear`` with a LoRA adapter, and model surgery around it."""
+"""LoRALinear, a drop-in ``nn.Linear`` with a LoRA adapter (and LoRAConv1D for Hugging Face's
+Conv1D), and model surgery around them."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Iterable, List, Union
@@ -14,35 +16,15 @@ from .function import lora_linear
 from .reference import lora_scale
 
 
-class LoRALinear(nn.Linear):
-    """``nn.Linear`` plus a LoRA adapter: ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ``.
+class LoRAMixin:
+    """The adapter part shared by LoRALinear and LoRAConv1D: ``lora_A`` / ``lora_B`` submodules
+    (PEFT's key names), frozen base weight, fused forward, merge/unmerge.
 
-    It *is* an ``nn.Linear`` (isinstance holds; ``weight``, ``bias``, ``in_features``,
-    ``out_features`` are kept), the base ``weight`` is frozen, and the adapter lives in
-    ``lora_A`` / ``lora_B`` submodules so state-dict keys end in PEFT's ``lora_A.weight`` /
-    ``lora_B.weight``. A is Kaiming-uniform and B zero, so a fresh layer computes exactly what the
-    base layer does. ``merge()`` folds ``s·B·A`` into ``weight`` (forward is then a plain
-    ``F.linear``: zero extra latency); ``unmerge()`` takes it out again.
+    ``fan_in_fan_out`` layers (Hugging Face's Conv1D) store the base weight as (in, out); the
+    kernels take it through a transposed view, never a copy.
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_lora(r, alpha, dropout, use_rslora, backend)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
-        """Wrap ``linear`` without copying it: the new layer holds the same weight and bias Parameters."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.register_parameter("bias", linear.bias)
-        layer._init_lora(r, alpha, dropout, use_rslora, backend)
-        layer.train(linear.training)
-        return layer
+    fan_in_fan_out = False
 
     def _init_lora(self, r, alpha, dropout, use_rslora, backend):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -64,11 +46,15 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def base_weight(self):
+        """W₀ as (out, in), a view of ``weight``."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x):
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
-        tensors = (x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight)
+        tensors = (x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight)
         if torch.is_autocast_enabled(x.device.type):  # do what autocast does for nn.Linear: run in its dtype
             dtype = torch.get_autocast_dtype(x.device.type)
             tensors = [t if t is None else t.to(dtype) for t in tensors]
@@ -78,7 +64,8 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def _delta_weight(self):
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self):
@@ -100,6 +87,84 @@ class LoRALinear(nn.Linear):
         return (f"{super().extra_repr()}, r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, "
                 f"merged={self.merged}, backend={self.backend!r}")
 
+    @classmethod
+    def _wrap(cls, base: nn.Module, r, alpha, dropout, use_rslora, backend):
+        """A layer of this class around ``base`` that holds the same Parameters (no copy)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for key, value in vars(base).items():  # plain attributes: in/out features, nf/nx, training
+            if not key.startswith("_"):
+                setattr(layer, key, value)
+        layer.weight = base.weight
+        layer.register_parameter("bias", base.bias)
+        layer._init_lora(r, alpha, dropout, use_rslora, backend)
+        return layer
+
+
+class LoRALinear(LoRAMixin, nn.Linear):
+    """``nn.Linear`` plus a LoRA adapter: ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ``.
+
+    It *is* an ``nn.Linear`` (isinstance holds; ``weight``, ``bias``, ``in_features``,
+    ``out_features`` are kept), the base ``weight`` is frozen, and the adapter lives in
+    ``lora_A`` / ``lora_B`` submodules so state-dict keys end in PEFT's ``lora_A.weight`` /
+    ``lora_B.weight``. A is Kaiming-uniform and B zero, so a fresh layer computes exactly what the
+    base layer does. ``merge()`` folds ``s·B·A`` into ``weight`` (forward is then a plain
+    ``F.linear``: zero extra latency); ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_lora(r, alpha, dropout, use_rslora, backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
+        """Wrap ``linear`` without copying it: the new layer holds the same weight and bias Parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls._wrap(linear, r, alpha, dropout, use_rslora, backend)
+
+
+@functools.lru_cache(maxsize=None)
+def lora_conv1d_class():
+    """LoRAConv1D: Hugging Face's ``Conv1D`` (GPT-2's projections, weight stored (in, out)) plus
+    a LoRA adapter; made on first use so transformers stays an optional dependency."""
+    from transformers.pytorch_utils import Conv1D
+
+    class LoRAConv1D(LoRAMixin, Conv1D):
+        fan_in_fan_out = True
+
+        @property
+        def in_features(self):
+            return self.weight.shape[0]
+
+        @property
+        def out_features(self):
+            return self.weight.shape[1]
+
+        @classmethod
+        def from_conv1d(cls, conv, r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
+            return cls._wrap(conv, r, alpha, dropout, use_rslora, backend)
+
+    return LoRAConv1D
+
+
+def _is_conv1d(module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
+def wrap_with_lora(module: nn.Module, r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
+    """LoRALinear or LoRAConv1D around ``module`` (an nn.Linear or a Hugging Face Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return LoRALinear.from_linear(module, r, alpha, dropout, use_rslora, backend)
+    if _is_conv1d(module):
+        return lora_conv1d_class().from_conv1d(module, r, alpha, dropout, use_rslora, backend)
+    raise TypeError(f"LoRA wraps nn.Linear or transformers' Conv1D, got {type(module).__name__}")
+
 
 def _matcher(target_modules: Union[str, Iterable[str]]):
     """PEFT's rule: a string is a regex that must match the whole module name; a list matches a
@@ -113,20 +178,26 @@ def _matcher(target_modules: Union[str, Iterable[str]]):
     return lambda name: any(name == t or name.endswith("." + t) for t in targets)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False,
                 backend="auto") -> List[str]:
-    """Replace the ``nn.Linear`` modules of ``model`` whose names match ``target_modules`` with
-    :class:`LoRALinear` wrappers (in place, sharing the original weights). Returns the names replaced."""
+    """Replace the ``nn.Linear`` (and Hugging Face ``Conv1D``) modules of ``model`` whose names match
+    ``target_modules`` with LoRA wrappers, in place, sharing the original weights. Returns the
+    names replaced."""
     match = _matcher(target_modules)
     replaced = []
     for name, module in list(model.named_modules()):
-        if name and match(name) and isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear.from_linear(module, r, alpha, dropout, use_rslora, backend))
+        if not name or not match(name) or isinstance(module, LoRAMixin):
+            continue
+        if isinstance(module, nn.Linear) or _is_conv1d(module):
+            replace_module(model, name, wrap_with_lora(module, r, alpha, dropout, use_rslora, backend))
             replaced.append(name)
     if not replaced:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module of the model")
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D module of the model")
     return replaced
 
 
@@ -144,13 +215,13 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAMixin):
             module.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAMixin):
             module.unmerge()
     return model

@@ -15,7 +15,7 @@ EXPECT_BUILT = torch.version.cuda is not None and os.environ.get("LORA_KERNELS_S
 @pytest.mark.skipif(not EXPECT_BUILT, reason="CPU-only torch or LORA_KERNELS_SKIP_CUDA_BUILD=1")
 def test_extension_loads_and_registers_ops():
     assert lora_kernels.cuda.extension_loaded(), lora_kernels.cuda._LOAD_ERROR
-    for op in ("forward", "backward"):
+    for op in ("cuda_forward", "cuda_backward"):
         schema = str(getattr(torch.ops.lora_kernels, op).default._schema)
         assert schema.startswith(f"lora_kernels::{op}(")
 

@@ -88,7 +88,7 @@ def test_weight_that_requires_grad_gets_its_true_gradient(backend):
 def test_auto_is_reference_on_cpu():
     from lora_kernels.function import _backend
 
-    assert _backend("auto", torch.zeros(1, 4)) is lora_kernels.reference
+    assert _backend("auto", torch.zeros(1, 4)) == "reference"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

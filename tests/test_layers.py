@@ -88,7 +88,7 @@ def test_inject_by_names_and_by_regex():
     assert isinstance(model[0].mlp[0], nn.Linear) and not isinstance(model[0].mlp[0], LoRALinear)
     model2 = nn.Sequential(TinyBlock())
     assert inject_lora(model2, r"0\.mlp\.\d+") == ["0.mlp.0", "0.mlp.2"]
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="matched no nn.Linear or Conv1D"):
         inject_lora(model2, ["k_proj"])
 
 

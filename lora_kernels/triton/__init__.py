@@ -1,6 +1,10 @@
-"""Triton backend: fused forward (lora_forward.py) and fused backward (lora_backward.py)."""
+"""Triton backend: fused forward (lora_forward.py) and fused backward (lora_backward.py),
+registered as the torch.library ops ``lora_kernels::triton_forward`` / ``triton_backward``."""
+from ..ops import define_ops
 from ._common import unavailable_reason
-from .lora_backward import backward
-from .lora_forward import forward
+from .lora_backward import fused_backward
+from .lora_forward import fused_forward
+
+forward, backward = define_ops("triton", fused_forward, fused_backward)
 
 __all__ = ["forward", "backward", "unavailable_reason"]

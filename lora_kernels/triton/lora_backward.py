@@ -14,7 +14,7 @@ added in a fixed order afterwards — deterministic, no atomics.
 Reads: dY twice (kernel 1, and the dB half of kernel 2), x once (dA half of kernel 2), W₀ once
 per row tile of dX (once in total when M ≤ BLOCK_M), xa and g once each.
 """
-from __future__ import annotations
+from typing import Tuple
 
 import torch
 import triton
@@ -145,7 +145,9 @@ def _num_splits(M: int, tiles: int, block_m: int) -> int:
     return max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 4 * block_m)))
 
 
-def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
+def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, xa: torch.Tensor, scale: float, fuse_lora_dx: bool = True
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): returns ``(dx, dA, dB, g)``."""
     M, N = dy.shape
     K = weight.shape[1]

@@ -10,7 +10,7 @@ Recomputing x·Aᵀ per column tile costs r/BLOCK_N extra FLOPs (1/8 at r=16, BL
 a launch and a second read of x, which matters most at small M where the op is launch- and
 memory-bound.
 """
-from __future__ import annotations
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -100,7 +100,9 @@ def forward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
+def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
 
     Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
@@ -108,6 +110,8 @@ def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
     """
     if x.stride(-1) != 1:  # any row stride is fine; the feature dimension must be dense
         x = x.contiguous()
+    if bias is not None:  # the kernel reads bias with unit stride
+        bias = bias.contiguous()
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)

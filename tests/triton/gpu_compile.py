@@ -92,8 +92,8 @@ def recorded_launches(quick):
                 bias = torch.empty(N, device="meta", dtype=dtype)
                 dy = torch.empty(M, N, device="meta", dtype=dtype)
                 for dropout in (False, True):
-                    y, xa = fwd.forward(x, w, bias, a, b, 2.0, x_lora=x if dropout else None)
-                    bwd.backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=not dropout)
+                    y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, x_lora=x if dropout else None)
+                    bwd.fused_backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=not dropout)
     unique = {}
     for fn, args, kwargs in launches:
         sig, consts, attrs, options = signature_of(fn, args, dict(kwargs))

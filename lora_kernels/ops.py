@@ -1,0 +1,35 @@
+"""The backend contract as ``torch.library`` ops, so torch.compile sees each kernel call as one
+opaque op (no graph break) and ``torch.library.opcheck`` can test it.
+
+Every kernel backend provides the two functions of :mod:`lora_kernels.reference`:
+    forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None)             -> (y, xa)
+    backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True) -> (dx, dA, dB, g)
+The shapes of their outputs are written once here (the fake implementations).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def forward_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
+                 x_lora: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    M = x.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]))
+
+
+def backward_fake(dy: Tensor, x_lora: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                  scale: float, fuse_lora_dx: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    M = dy.shape[0]
+    return (dy.new_empty((M, weight.shape[1])), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
+            dy.new_empty((M, lora_A.shape[0])))
+
+
+def define_ops(backend: str, forward_impl, backward_impl):
+    """Register ``lora_kernels::{backend}_forward`` / ``_backward`` from plain implementations
+    (whose signatures must match the fakes above) and return the two ops."""
+    forward = torch.library.custom_op(f"lora_kernels::{backend}_forward", forward_impl, mutates_args=())
+    forward.register_fake(forward_fake)
+    backward = torch.library.custom_op(f"lora_kernels::{backend}_backward", backward_impl, mutates_args=())
+    backward.register_fake(backward_fake)
+    return forward, backward

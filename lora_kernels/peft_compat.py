@@ -1,0 +1,197 @@
+"""Fit the PEFT ecosystem: accelerate an existing PEFT model in place, and read/write PEFT's
+adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) for our own layers."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from .function import lora_linear
+from .layers import LoRAMixin, replace_module, wrap_with_lora
+from .reference import lora_scale
+
+log = logging.getLogger("lora_kernels")
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_peft: swap the class of PEFT's lora.Linear layers for a subclass whose forward is fused.
+# Parameters, adapter names, scaling, dropout modules, merge/unmerge and save_pretrained are
+# PEFT's own, untouched; anything the fused op does not cover falls through to PEFT's forward.
+# ---------------------------------------------------------------------------------------------
+
+def _fused_peft_forward(self, x, *args, **kwargs):
+    peft_forward = super(type(self), self).forward
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return peft_forward(x, *args, **kwargs)  # mixed batches, extra args, several adapters: PEFT's path
+    adapter = self.active_adapters[0]
+    if adapter not in self.lora_A or adapter in getattr(self, "lora_variant", {}):
+        return peft_forward(x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype:
+        return peft_forward(x, *args, **kwargs)  # PEFT casts between dtypes; we require one dtype
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return lora_linear(x, weight, base.bias, lora_A, lora_B, self.scaling[adapter], p, self.lora_kernels_backend)
+
+
+_FUSED_CLASSES: Dict[type, type] = {}
+
+
+def _fused_class(cls):
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_peft_forward,
+                                                                   "__module__": __name__})
+    return _FUSED_CLASSES[cls]
+
+
+def _unsupported(layer) -> str:
+    """Why a PEFT LoRA layer cannot take the fused path ('' if it can)."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from .layers import _is_conv1d
+
+    if not isinstance(layer, PeftLinear):
+        return f"{type(layer).__name__} layers (quantized or non-linear bases) are not fused"
+    if any(getattr(layer, "use_dora", {}).values()):
+        return "DoRA is not fused"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias is not fused"
+    if getattr(layer, "lora_variant", {}):
+        variants = ", ".join(type(v).__name__ for v in layer.lora_variant.values())
+        return f"LoRA variants ({variants}) are not fused"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters at once are not fused"
+    base = layer.get_base_layer()
+    if not (type(base) is nn.Linear or _is_conv1d(base)):
+        return f"base layer {type(base).__name__} is not fused"
+    return ""
+
+
+def patch_peft(model: nn.Module, backend: str = "auto") -> int:
+    """Switch the LoRA layers of a PEFT model to the fused kernels, in place. Returns how many.
+
+    Layers that cannot be fused (DoRA, several active adapters, quantized bases, ...) stay on
+    PEFT's path, with one log line each. Calls the fused op cannot serve (PEFT's mixed-batch
+    ``adapter_names``, disabled or merged adapters) go to PEFT's own forward.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or type(module) in _FUSED_CLASSES.values():
+            continue
+        reason = _unsupported(module)
+        if reason:
+            log.warning("lora_kernels.patch_peft: %s stays on PEFT's path: %s", name, reason)
+            continue
+        module.__class__ = _fused_class(type(module))
+        module.lora_kernels_backend = backend
+        switched += 1
+    return switched
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Undo :func:`patch_peft`. Returns how many layers were switched back."""
+    originals = {fused: cls for cls, fused in _FUSED_CLASSES.items()}
+    count = 0
+    for module in model.modules():
+        if type(module) in originals:
+            module.__class__ = originals[type(module)]
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's adapter format for models built with LoRALinear / inject_lora.
+# ---------------------------------------------------------------------------------------------
+
+def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str = None) -> List[str]:
+    """Write the LoRA layers of ``model`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
+    Returns the module names saved."""
+    from safetensors.torch import save_file
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRAMixin)}
+    if not layers:
+        raise ValueError("model has no LoRA layers to save (use inject_lora first)")
+    first = next(iter(layers.values()))
+    dropouts = {m.lora_dropout for m in layers.values()}
+    if len({m.use_rslora for m in layers.values()}) > 1 or len(dropouts) > 1:
+        raise ValueError("PEFT's format has one use_rslora and one dropout per adapter; the layers differ")
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r, "lora_alpha": first.lora_alpha, "lora_dropout": first.lora_dropout,
+        "use_rslora": first.use_rslora, "target_modules": sorted(layers), "bias": "none",
+        "fan_in_fan_out": all(m.fan_in_fan_out for m in layers.values()), "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
+        "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != first.lora_alpha},
+    }
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    return sorted(layers)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module name ending in it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto") -> List[str]:
+    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model:
+    the adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers holding the saved weights.
+    Returns the module names loaded."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path} holds a {config['peft_type']} adapter, not LoRA")
+    for key in ("use_dora", "lora_bias"):
+        if config.get(key):
+            raise NotImplementedError(f"{path}: {key}=True adapters are not supported by lora_kernels")
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(weights_file):
+        from safetensors.torch import load_file
+
+        state = load_file(weights_file)
+    else:
+        state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    names = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
+    if not names:
+        raise ValueError(f"{weights_file} holds no lora_A weights")
+    for name in names:
+        module = model.get_submodule(name)
+        lora_A, lora_B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        r = lora_A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+        if isinstance(module, LoRAMixin):  # already adapted: load into it
+            if module.r != r:
+                raise ValueError(f"{name} has a rank-{module.r} adapter; {path} holds rank {r}")
+            module.lora_alpha = alpha
+            module.scaling = lora_scale(r, alpha, module.use_rslora)
+        else:
+            module = wrap_with_lora(module, r, alpha, config.get("lora_dropout", 0.0),
+                                    config.get("use_rslora", False), backend)
+            replace_module(model, name, module)
+        with torch.no_grad():
+            module.lora_A.weight.copy_(lora_A)
+            module.lora_B.weight.copy_(lora_B)
+    return names

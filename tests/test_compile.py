@@ -1,0 +1,103 @@
+"""torch.compile without graph breaks, torch.library.opcheck on every custom op, CUDA-graph capture."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_kernels
+from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem
+
+
+def lora_model(backend, dropout=0.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)).to(DEVICE)
+    lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8, dropout=dropout, backend=backend)
+    lora_kernels.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def run(model, x):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().mean().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend, compiler):
+    torch._dynamo.reset()
+    model = lora_model(backend)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    x = torch.randn(3, 5, 32, device=DEVICE)
+    y, dx, grads = run(model, x)
+    y_c, dx_c, grads_c = run(compiled, x)
+    assert_close(y_c, y.double(), torch.float32, "y")
+    assert_close(dx_c, dx.double(), torch.float32, "dx")
+    assert grads_c.keys() == grads.keys() and len(grads) == 4
+    for name in grads:
+        assert_close(grads_c[name], grads[name].double(), torch.float32, name)
+
+
+def test_compile_fullgraph_with_dropout():
+    torch._dynamo.reset()
+    model = lora_model("auto", dropout=0.1).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y, dx, grads = run(compiled, torch.randn(4, 32, device=DEVICE))
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and len(grads) == 4
+
+
+def custom_ops():
+    ops = []
+    for backend in KERNEL_BACKENDS:
+        ns = torch.ops.lora_kernels
+        ops += [(backend, getattr(ns, f"{backend}_forward").default, getattr(ns, f"{backend}_backward").default)]
+    return ops
+
+
+@pytest.mark.parametrize("backend, forward_op, backward_op", custom_ops(), ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(backend, forward_op, backward_op, dtype):
+    x, w, b, a, bb, s = make_problem(9, 40, 24, 8, dtype)
+    torch.library.opcheck(forward_op, (x, w, b, a, bb, s, None))
+    torch.library.opcheck(forward_op, (x, w, None, a, bb, s, x * 0.5))
+    y, xa = forward_op(x, w, b, a, bb, s, None)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, True))
+    torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, False))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_capture_forward_and_training_step(backend):
+    model = lora_model(backend)
+    static_x = torch.randn(16, 32, device="cuda", requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        y = model(static_x)
+        return (y, *torch.autograd.grad(y.square().mean(), [static_x, *params]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for _ in range(2):
+        with torch.no_grad():
+            static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        eager = step()
+        for got, want in zip(static_out, eager):
+            assert_close(got, want.double(), torch.float32, "graph replay")

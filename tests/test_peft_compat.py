@@ -1,0 +1,154 @@
+"""PEFT and Hugging Face: patch_peft, PEFT's adapter format both ways, Conv1D (tiny random models)."""
+import copy
+import logging
+
+import pytest
+import torch
+
+import lora_kernels
+from conftest import BACKENDS, assert_close
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_proj"]}
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":  # projections are Conv1D (weight stored (in, out))
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def randomize_lora(model):
+    """Trained-looking adapters: B = 0 at init would make every comparison trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
+def peft_model(kind, **config):
+    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[kind], "lora_dropout": 0.0, **config}
+    model = peft.get_peft_model(tiny(kind), peft.LoraConfig(fan_in_fan_out=kind == "gpt2", **config))
+    randomize_lora(model)
+    return model
+
+
+def logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_peft_same_logits_and_gradients(kind, backend):
+    model = peft_model(kind)
+    ids = torch.randint(0, 128, (2, 12))
+    ref_logits, ref_grads = logits_and_grads(model, ids)
+    n_layers = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    assert lora_kernels.patch_peft(model, backend=backend) == n_layers
+    assert all(type(m).__name__.startswith("Fused") for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    logits, grads = logits_and_grads(model, ids)
+    assert_close(logits, ref_logits.double(), torch.float32, "logits")
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_close(grads[name], ref_grads[name].double(), torch.float32, name)
+
+
+def test_patched_model_keeps_peft_behaviour(tmp_path):
+    model = peft_model("llama")
+    ids = torch.randint(0, 128, (2, 10))
+    before = model(input_ids=ids).logits
+    state_before = peft.get_peft_model_state_dict(model)
+    lora_kernels.patch_peft(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    # merge / unmerge and disabling still work (PEFT's own code paths)
+    model.merge_adapter()
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        base = model(input_ids=ids).logits
+    assert not torch.allclose(base, before)
+    # save_pretrained writes the same adapter
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    state_after = peft.get_peft_model_state_dict(model)
+    assert state_after.keys() == state_before.keys()
+    assert lora_kernels.unpatch_peft(model) > 0
+    assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
+
+
+def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
+    model = peft_model("llama", use_dora=True)
+    ids = torch.randint(0, 128, (1, 8))
+    before = model(input_ids=ids).logits
+    with caplog.at_level(logging.WARNING, logger="lora_kernels"):
+        assert lora_kernels.patch_peft(model) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 * 3 and all("DoRA" in line for line in lines)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_mixed_batch_adapter_names_fall_back_to_peft():
+    model = peft_model("llama")
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"]))
+    model.eval()  # PEFT takes adapter_names in eval mode only
+    randomize_lora(model)
+    ids = torch.randint(0, 128, (2, 8))
+    ref = model(input_ids=ids, adapter_names=["default", "other"]).logits
+    lora_kernels.patch_peft(model)
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=["default", "other"]).logits, ref)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_adapter_trained_here_loads_in_peft(kind, tmp_path):
+    model = tiny(kind)
+    names = lora_kernels.inject_lora(model, TARGETS[kind], r=4, alpha=8)
+    randomize_lora(model)
+    ids = torch.randint(0, 128, (2, 10))
+    ours = model(input_ids=ids).logits
+    assert sorted(lora_kernels.save_peft_adapter(model, tmp_path)) == sorted(names)
+    in_peft = peft.PeftModel.from_pretrained(tiny(kind), tmp_path)
+    torch.testing.assert_close(in_peft(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_adapter_trained_in_peft_loads_here(kind, tmp_path):
+    trained = peft_model(kind, r=6, lora_alpha=12, rank_pattern={"v_proj": 2} if kind == "llama" else {})
+    trained.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 10))
+    ref = trained(input_ids=ids).logits
+    model = tiny(kind)
+    names = lora_kernels.load_peft_adapter(model, tmp_path)
+    assert len(names) == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in trained.modules())
+    assert all(isinstance(model.get_submodule(n), lora_kernels.LoRAMixin) for n in names)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inject_lora_wraps_conv1d(backend):
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny("gpt2")
+    ids = torch.randint(0, 128, (2, 10))
+    base = model(input_ids=ids).logits
+    names = lora_kernels.inject_lora(model, ["c_attn"], r=4, alpha=8, backend=backend)
+    layer = model.get_submodule(names[0])
+    assert isinstance(layer, Conv1D) and layer.fan_in_fan_out and layer.in_features == 64 and layer.out_features == 192
+    torch.testing.assert_close(model(input_ids=ids).logits, base)  # zero B: exactly the base model
+    randomize_lora(model)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    ref = x @ layer.weight + layer.bias + layer.scaling * (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    assert_close(y, ref.double(), torch.float32, "conv1d lora")
+    merged = copy.deepcopy(layer).merge()
+    assert_close(merged(x), ref.double(), torch.float32, "merged conv1d")
