@@ -45,7 +45,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         mask = None
         if dropout_p > 0.0:  # materialised for now; the kept fraction is rescaled like nn.Dropout
-            mask = torch.empty_like(x2d).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)  # contiguous: same mask for any layout
+            mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask)

@@ -1,0 +1,81 @@
+"""A model with LoRALinear layers trains under DDP and FSDP2 (2 processes, gloo, CPU) to the same
+loss as one process on the same global batch."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import lora_kernels
+
+STEPS, LR, BATCH = 4, 0.5, 16
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
+    lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8)
+    lora_kernels.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 24, generator=g), torch.randn(BATCH, 8, generator=g)
+
+
+def train(model, x, y, loss_of_full_batch):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        return loss_of_full_batch(model).item()
+
+
+def worker(rank, world, init_file, mode, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        if mode == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model:
+                if isinstance(layer, lora_kernels.LoRALinear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        x, y = data()
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        loss = train(model, x[shard], y[shard], lambda m: nn.functional.mse_loss(m(x), y))
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write(repr(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_training_matches_single_process(mode, tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    x, y = data()
+    model = make_model()
+    single = train(model, x, y, lambda m: nn.functional.mse_loss(m(x), y))
+    out = tmp_path / "loss"
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), mode, str(out)), nprocs=2, join=True)
+    distributed = float(out.read_text())
+    start = nn.functional.mse_loss(make_model()(x), y).item()
+    assert distributed < start  # it trained
+    assert abs(distributed - single) <= 1e-5 * abs(single), (mode, distributed, single)
