@@ -20,7 +20,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def pytest_addoption(parser):
     g = parser.getgroup("lora_kernels bench")
-    g.addoption("--suite", default="all", choices=["all", "layer", "table1"], help="which suites to run")
+    g.addoption("--suite", default="all", choices=["all", "layer", "table1", "features"], help="which suites to run")
     g.addoption("--shapes", default=None, help="layer shapes IN x OUT, comma-separated (e.g. 4096x4096,4096x11008)")
     g.addoption("--m", default=None, help="rows of x for the layer suite, comma-separated")
     g.addoption("--ranks", default=None, help="LoRA ranks for the layer suite, comma-separated")
@@ -72,11 +72,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table, so ours ends the output
 def pytest_terminal_summary(terminalreporter, config):
-    if RESULTS["layer"] or RESULTS["table1"]:
+    if any(RESULTS.values()):
         print_report(terminalreporter.write_line, run_info(config), getattr(config, "_lora_bench_written", []))
 
 
 def pytest_sessionfinish(session):
-    if RESULTS["layer"] or RESULTS["table1"]:
+    if any(RESULTS.values()):
         paths = write_report(run_info(session.config))
         session.config._lora_bench_written = paths

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-RESULTS = {"layer": [], "table1": []}
+RESULTS = {"layer": [], "table1": [], "features": []}
 
 # The paper's Table 1 (Quadro RTX8000, fp32 is not stated; ms, mean±std over 100 trials).
 PAPER_TABLE1 = {
@@ -146,6 +146,17 @@ def report_lines(info: RunInfo) -> List[str]:
                   "implementation over the frozen base layer `x @ W₀ᵀ` in the same run (= merged LoRA); the "
                   "training-step base computes dX only.", ""]
         lines += layer_markdown(RESULTS["layer"])
+    if RESULTS["features"]:
+        lines += ["", "## Fused dropout and multi-adapter batches", "",
+                  "dropout: training step (forward + dX, dA, dB); multi: forward of one batch. "
+                  "× = over the first row of the same case.", "",
+                  "| case | in×out | M | r | implementation | eager ms | graph ms | × |", "|" + "---|" * 8]
+        first = {}
+        for row in RESULTS["features"]:
+            t = row["graph_ms"] if row["graph_ms"] is not None else row["eager_ms"]
+            first.setdefault(row["case"], t)
+            lines.append(f"| {row['case']} | {row['K']}×{row['N']} | {row['M']} | {row['r']} | {row['impl']} | "
+                         f"{_fmt(row['eager_ms'])} | {_fmt(row['graph_ms'])} | {_ratio(t, first[row['case']])} |")
     if RESULTS["table1"]:
         lines += ["", "## The LoRA paper's Table 1: GPT-2 medium single forward pass", ""]
         if info.reduced:
@@ -166,7 +177,7 @@ def print_report(write_line, info: RunInfo, paths=()):
 def _slug(info: RunInfo) -> str:
     """File name: the device, and the suite when only one ran (so it does not overwrite a full run)."""
     name = torch.cuda.get_device_name() if info.device == "cuda" else "cpu-reduced"
-    suites = [k for k in ("layer", "table1") if RESULTS[k]]
+    suites = [k for k in ("layer", "table1", "features") if RESULTS[k]]
     if len(suites) == 1:
         name += "-" + suites[0]
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -5,8 +5,9 @@
 from .function import LoRALinearFunction, lora_linear
 from .layers import (LoRALinear, LoRAMixin, inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
                      unmerge_lora, wrap_with_lora)
+from .multi import lora_linear_multi
 from .peft_compat import load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
-from .reference import lora_linear_reference, lora_scale
+from .reference import lora_linear_multi_reference, lora_linear_reference, lora_scale
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,6 @@ def available_backends(device="cuda"):
 
 __all__ = [
     "LoRALinear", "LoRALinearFunction", "LoRAMixin", "available_backends", "inject_lora", "load_peft_adapter",
-    "lora_linear", "lora_linear_reference", "lora_scale", "lora_state_dict", "mark_only_lora_as_trainable",
+    "lora_linear", "lora_linear_multi", "lora_linear_multi_reference", "lora_linear_reference", "lora_scale", "lora_state_dict", "mark_only_lora_as_trainable",
     "merge_lora", "patch_peft", "save_peft_adapter", "unmerge_lora", "unpatch_peft", "wrap_with_lora",
 ]

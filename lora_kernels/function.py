@@ -1,8 +1,8 @@
 """The autograd Function and the functional entry point :func:`lora_linear`.
 
 Backends all implement the 2-D contract of :mod:`lora_kernels.reference` (``forward`` and
-``backward``); this file only flattens leading dimensions, draws the dropout mask, picks a backend
-and routes gradients. W₀ is frozen: its gradient is computed only if a caller explicitly asks for
+``backward``); this file only flattens leading dimensions, picks a backend, handles dropout (a seed
+for backends that fuse it, a materialised mask for the others) and routes gradients. W₀ is frozen: its gradient is computed only if a caller explicitly asks for
 it with ``weight.requires_grad=True`` (plain ``dYᵀ·x``, never inside the fused kernels).
 """
 from __future__ import annotations
@@ -43,22 +43,30 @@ class LoRALinearFunction(torch.autograd.Function):
         backend = _backend(backend, x)
         ops = _BACKENDS[backend]
         x2d = x.reshape(-1, x.shape[-1])
-        mask = None
-        if dropout_p > 0.0:  # materialised for now; the kept fraction is rescaled like nn.Dropout
-            mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)  # contiguous: same mask for any layout
-            mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-        x_lora = x2d if mask is None else x2d * mask
-        y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask)
+        mask = seed = None
+        fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
+        if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+            y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, None, dropout_p, seed)
+            x_lora = x2d
+        else:
+            if dropout_p > 0.0:  # materialised; rescaled like nn.Dropout; contiguous: same mask for any layout
+                mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
+                mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            x_lora = x2d if mask is None else x2d * mask
+            y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask, seed)
         ctx.backend, ctx.scale, ctx.x_shape = backend, scale, x.shape
+        ctx.fused_dropout_p = dropout_p if fused_dropout else 0.0
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, x_lora, weight, lora_A, lora_B, xa, mask = ctx.saved_tensors
+        x2d, x_lora, weight, lora_A, lora_B, xa, mask, seed = ctx.saved_tensors
         dy2d = dy.reshape(-1, dy.shape[-1])
+        fused = {} if seed is None else {"dropout_p": ctx.fused_dropout_p, "seed": seed}
         dx, d_lora_A, d_lora_B, g = _BACKENDS[ctx.backend].backward(
-            dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, fuse_lora_dx=mask is None
+            dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, mask is None, **fused
         )
         if mask is not None:  # the LoRA branch saw dropout(x): its share of dX goes through the mask
             dx = dx + (g @ lora_A).mul_(ctx.scale).mul_(mask)

@@ -4,7 +4,10 @@ opaque op (no graph break) and ``torch.library.opcheck`` can test it.
 Every kernel backend provides the two functions of :mod:`lora_kernels.reference`:
     forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None)             -> (y, xa)
     backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True) -> (dx, dA, dB, g)
-The shapes of their outputs are written once here (the fake implementations).
+A backend with ``FUSED_DROPOUT = True`` (Triton) also takes ``dropout_p`` and a ``seed`` tensor
+in both and drops elements of x inside its kernels, and ``adapter_ids`` / ``adapter_scales`` /
+``adapter_rank`` for multi-adapter batches (n adapters stacked as one rank-n·r LoRA). The shapes of the outputs are written once
+here (the fake implementations).
 """
 from typing import Optional, Tuple
 
@@ -13,13 +16,17 @@ from torch import Tensor
 
 
 def forward_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
-                 x_lora: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                 x_lora: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                 adapter_ids: Optional[Tensor] = None, adapter_scales: Optional[Tensor] = None,
+                 adapter_rank: int = 0) -> Tuple[Tensor, Tensor]:
     M = x.shape[0]
     return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]))
 
 
 def backward_fake(dy: Tensor, x_lora: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
-                  scale: float, fuse_lora_dx: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  scale: float, fuse_lora_dx: bool = True, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                  adapter_ids: Optional[Tensor] = None, adapter_scales: Optional[Tensor] = None,
+                  adapter_rank: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     M = dy.shape[0]
     return (dy.new_empty((M, weight.shape[1])), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
             dy.new_empty((M, lora_A.shape[0])))

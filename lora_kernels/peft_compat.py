@@ -11,7 +11,8 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .function import lora_linear
+from .function import _backend, lora_linear
+from .multi import lora_linear_multi
 from .layers import LoRAMixin, replace_module, wrap_with_lora
 from .reference import lora_scale
 
@@ -27,10 +28,42 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 # PEFT's own, untouched; anything the fused op does not cover falls through to PEFT's forward.
 # ---------------------------------------------------------------------------------------------
 
+def _mixed_batch(self, x, adapter_names):
+    """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
+    lora_linear_multi call; None where it cannot be fused (PEFT's loop then runs)."""
+    names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
+    if _backend(self.lora_kernels_backend, x) == "cuda":  # no multi-adapter CUDA kernel yet
+        return None
+    if x.dim() < 2 or len(adapter_names) != x.shape[0] or any(n in getattr(self, "lora_variant", {}) for n in names):
+        return None
+    if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names):
+        return None
+    base = self.get_base_layer()
+    weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    tensors = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
+    if not names or any(t.dtype != x.dtype for t in [weight] + tensors):
+        return None
+    r = max(self.lora_A[n].weight.shape[0] for n in names)  # zero-padding ranks to the largest is exact
+    lora_A = x.new_zeros((len(names), r, weight.shape[1]))
+    lora_B = x.new_zeros((len(names), weight.shape[0], r))
+    for i, n in enumerate(names):
+        lora_A[i, : self.lora_A[n].weight.shape[0]] = self.lora_A[n].weight
+        lora_B[i, :, : self.lora_B[n].weight.shape[1]] = self.lora_B[n].weight
+    index = {n: i for i, n in enumerate(names)}
+    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+    ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    scales = [self.scaling[n] for n in names]
+    return lora_linear_multi(x, weight, base.bias, lora_A, lora_B, scales, ids, self.lora_kernels_backend)
+
+
 def _fused_peft_forward(self, x, *args, **kwargs):
     peft_forward = super(type(self), self).forward
+    if not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters and not self.merged:
+        out = _mixed_batch(self, x, kwargs["adapter_names"])
+        if out is not None:
+            return out
     if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-        return peft_forward(x, *args, **kwargs)  # mixed batches, extra args, several adapters: PEFT's path
+        return peft_forward(x, *args, **kwargs)  # extra args, several adapters, unfusable mixes: PEFT's path
     adapter = self.active_adapters[0]
     if adapter not in self.lora_A or adapter in getattr(self, "lora_variant", {}):
         return peft_forward(x, *args, **kwargs)
@@ -81,8 +114,9 @@ def patch_peft(model: nn.Module, backend: str = "auto") -> int:
     """Switch the LoRA layers of a PEFT model to the fused kernels, in place. Returns how many.
 
     Layers that cannot be fused (DoRA, several active adapters, quantized bases, ...) stay on
-    PEFT's path, with one log line each. Calls the fused op cannot serve (PEFT's mixed-batch
-    ``adapter_names``, disabled or merged adapters) go to PEFT's own forward.
+    PEFT's path, with one log line each. PEFT's mixed batches (``adapter_names=``) run as one fused
+    multi-adapter call. Calls the fused ops cannot serve (disabled or merged adapters, mixed dtypes,
+    LoRA variants in a mixed batch) go to PEFT's own forward.
     """
     from peft.tuners.lora import LoraLayer
 

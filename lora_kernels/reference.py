@@ -53,3 +53,14 @@ def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     d_lora_A = (g.t() @ x_lora) * scale
     d_lora_B = dy.t() @ xa
     return dx, d_lora_A, d_lora_B, g
+
+
+def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids):
+    """Multi-adapter batch, one adapter per row of x: ``lora_A`` (n, r, in), ``lora_B`` (n, out, r),
+    ``scales`` (n,), ``adapter_ids`` (x.shape[:-1]) with −1 for the base layer alone. Written as a loop
+    over adapters (an independent formulation from the kernels' stacked one)."""
+    y = F.linear(x, weight, bias)
+    for a in range(lora_A.shape[0]):
+        rows = (adapter_ids == a).unsqueeze(-1).to(x.dtype)
+        y = y + float(scales[a]) * F.linear(F.linear(x * rows, lora_A[a]), lora_B[a])
+    return y

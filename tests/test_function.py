@@ -10,6 +10,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 40, 24, 8), (37, 70, 50, 12), (16, 64, 32, 1), (33, 48, 65, 64), (5, 17, 19, 3)]
 
 
+def expected_dropout_mask(backend, seed, x, p):
+    """The scaled keep-mask lora_linear used after torch.manual_seed(seed): the Function's first
+    random draw is either the fused kernels' seed or the materialised bernoulli mask."""
+    torch.manual_seed(seed)
+    shape2d = (x.numel() // x.shape[-1], x.shape[-1])
+    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
+        from lora_kernels import triton as tk
+
+        seed_t = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+        return tk.dropout_mask(seed_t, *shape2d, p, x.dtype).reshape(x.shape)
+    mask = torch.empty(shape2d, dtype=x.dtype, device=x.device)
+    return mask.bernoulli_(1 - p).div_(1 - p).reshape(x.shape)
+
+
 def run_and_compare(backend, x, w, b, a, bb, s, dtype, dropout_p=0.0, seed=None, magnitude_bound=False):
     x, a, bb = (t.clone().requires_grad_() for t in (x, a, bb))
     if b is not None:
@@ -19,11 +33,7 @@ def run_and_compare(backend, x, w, b, a, bb, s, dtype, dropout_p=0.0, seed=None,
     y = lora_kernels.lora_linear(x, w, b, a, bb, s, dropout_p=dropout_p, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
-    mask = None
-    if dropout_p > 0:  # the Function draws its mask first after seeding: draw the same one
-        torch.manual_seed(seed)
-        mask = torch.empty(x.reshape(-1, x.shape[-1]).shape, dtype=dtype, device=x.device)
-        mask = mask.bernoulli_(1 - dropout_p).div_(1 - dropout_p).reshape(x.shape)
+    mask = None if dropout_p == 0 else expected_dropout_mask(backend, seed, x, dropout_p)
     refs = reference_grads(x, w, b, a, bb, s, dy, mask)
     mags = reference_grads(x, w, b, a, bb, s, dy, mask, magnitude=True) if magnitude_bound else [None] * 5
     assert y.dtype == dtype and x.grad.dtype == dtype

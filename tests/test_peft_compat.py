@@ -98,15 +98,23 @@ def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
     torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
-def test_mixed_batch_adapter_names_fall_back_to_peft():
-    model = peft_model("llama")
-    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"]))
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])  # no multi-adapter CUDA kernel yet
+def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
+    model = peft_model(kind)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[kind],
+                                               fan_in_fan_out=kind == "gpt2"))
     model.eval()  # PEFT takes adapter_names in eval mode only
     randomize_lora(model)
-    ids = torch.randint(0, 128, (2, 8))
-    ref = model(input_ids=ids, adapter_names=["default", "other"]).logits
-    lora_kernels.patch_peft(model)
-    torch.testing.assert_close(model(input_ids=ids, adapter_names=["default", "other"]).logits, ref)
+    ids = torch.randint(0, 128, (4, 8))
+    names = ["default", "other", "__base__", "other"]
+    ref = model(input_ids=ids, adapter_names=names).logits
+    lora_kernels.patch_peft(model, backend=backend)
+    calls = []
+    real = lora_kernels.peft_compat.lora_linear_multi
+    monkeypatch.setattr(lora_kernels.peft_compat, "lora_linear_multi", lambda *a: calls.append(1) or real(*a))
+    assert_close(model(input_ids=ids, adapter_names=names).logits, ref.double(), torch.float32, "mixed batch")
+    assert len(calls) == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -39,6 +39,19 @@ def rank_block(r: int) -> int:
 
 
 @triton.jit
+def cast_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest-even as the GPU does. The interpreter truncates fp32 to
+    bf16 instead (up to 1 ulp of error where the GPU has 1/2), so when interpreting the bf16 value
+    is rounded in fp32 bit arithmetic first and the conversion is then exact."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                  GROUP: tl.constexpr):
     """Map a flat program id to (row tile, col tile) in groups of GROUP row tiles, so programs
@@ -49,3 +62,41 @@ def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
     first = (pid // per_group) * GROUP
     size = tl.minimum(tiles_r - first, GROUP)
     return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p):
+    """LoRA dropout's keep-mask for elements (rows, cols) of x (M, n_cols): one philox draw per
+    element at counter row·n_cols + col, so every kernel, whatever its tiling, regenerates the same
+    mask from the seed and nothing M×K is stored. ``rows``/``cols`` broadcast to the tile shape."""
+    return tl.rand(seed, rows * n_cols + cols) >= p
+
+
+@triton.jit
+def adapter_rows(acc, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank):
+    """Multi-adapter batches: ``acc`` (BLOCK_M, BLOCK_R) holds every row's product with all n stacked
+    adapters (column j belongs to adapter j // rank). Keep, per row, only its adapter's columns,
+    times that adapter's scale; rows with id −1 (or out of range) keep nothing."""
+    ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+    valid = (ids >= 0) & (ids < n_adapters)
+    row_scale = tl.load(scales_ptr + ids, mask=valid, other=0.0)
+    keep = valid[:, None] & ((offs_r // adapter_rank)[None, :] == ids[:, None])
+    return tl.where(keep, acc * row_scale[:, None], 0.0)
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(tl.load(seed_ptr), rows[:, None], cols[None, :], K, p)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.where(keep, 1.0 / (1.0 - p), 0.0), mask=mask)
+
+
+def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype=torch.float32) -> torch.Tensor:
+    """The scaled keep-mask (0 or 1/(1-p)) the fused kernels apply for ``seed``: for tests and
+    debugging; the kernels themselves never materialise it."""
+    out = torch.empty((M, K), device=seed.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    _dropout_mask_kernel[grid](seed, out, M, K, p, BLOCK_M=32, BLOCK_K=32)
+    return out.to(dtype)

@@ -14,22 +14,23 @@ added in a fixed order afterwards — deterministic, no atomics.
 Reads: dY twice (kernel 1, and the dB half of kernel 2), x once (dA half of kernel 2), W₀ once
 per row tile of dX (once in total when M ≤ BLOCK_M), xa and g once each.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, grouped_tile, kernel_flags, rank_block
+from ._common import INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block
 
 
 @triton.jit
 def _lora_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, g_ptr,
-    M, N, K, R, scale,
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, g_ptr, seed_ptr, ids_ptr, scales_ptr,
+    M, N, K, R, scale, dropout_p, n_adapters, adapter_rank,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dxm, stride_dxk, stride_gm, stride_gr,
-    FUSE_LORA_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSE_LORA_DX: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -58,26 +59,34 @@ def _lora_dx_kernel(
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
 
-    g = acc_g.to(g_ptr.dtype.element_ty)
+    if MULTI:  # g of row m only through its own adapter, with that adapter's scale (dA then needs no scale)
+        acc_g = adapter_rows(acc_g, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
+    g = cast_to(acc_g, g_ptr.dtype.element_ty, UPCAST)
     g_mask = mask_m[:, None] & mask_r[None, :]
     tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g, mask=g_mask & (pid_k == 0))
     if FUSE_LORA_DX:
-        sg = (acc_g * scale).to(g_ptr.dtype.element_ty)
+        sg = cast_to(acc_g * scale, g_ptr.dtype.element_ty, UPCAST)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)                # (BR, BK) of A
         if UPCAST:
             sg, a = sg.to(tl.float32), a.to(tl.float32)
-        acc = tl.dot(sg, a, acc, input_precision=DOT_PRECISION)
+        if DROPOUT:  # the LoRA branch saw dropout(x): its share of dX goes through the same mask
+            keep = dropout_keep(tl.load(seed_ptr), offs_m[:, None], offs_k[None, :], K, dropout_p)
+            lora_dx = tl.dot(sg, a, input_precision=DOT_PRECISION)
+            acc += tl.where(keep, lora_dx * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            acc = tl.dot(sg, a, acc, input_precision=DOT_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    tl.store(dx_ptrs, cast_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
 def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_rc, out_ptr, stride_oc, stride_od,
-                      m_start, m_end, C, D, pid_c,
-                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      m_start, m_end, C, D, pid_c, seed, dropout_p,
+                      DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[c, d] = Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c, all d."""
+    """out[c, d] = Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c, all d.
+    With DROPOUT, lhs (M, C) is x and its dropped elements are zeroed (the 1/(1-p) is the caller's)."""
     offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -89,6 +98,8 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
                         mask=mask_c[:, None] & mask_m[None, :], other=0.0)               # (BC, BM)
         rhs = tl.load(rhs_ptr + offs_m[:, None] * stride_rm + offs_d[None, :] * stride_rc,
                       mask=mask_m[:, None] & mask_d[None, :], other=0.0)                 # (BM, BD)
+        if DROPOUT:
+            lhs_t = tl.where(dropout_keep(seed, offs_m[None, :], offs_c[:, None], C, dropout_p), lhs_t, 0.0)
         if UPCAST:
             lhs_t, rhs = lhs_t.to(tl.float32), rhs.to(tl.float32)
         acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
@@ -99,10 +110,10 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
 
 @triton.jit
 def _lora_dadb_kernel(
-    g_ptr, x_ptr, dy_ptr, xa_ptr, da_part_ptr, db_part_ptr,
-    M, N, K, R, rows_per_split,
+    g_ptr, x_ptr, dy_ptr, xa_ptr, da_part_ptr, db_part_ptr, seed_ptr,
+    M, N, K, R, rows_per_split, dropout_p,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_sm, stride_sr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -110,14 +121,17 @@ def _lora_dadb_kernel(
     m_start = split.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     tiles_k = tl.cdiv(K, BLOCK_K)
-    if pid < tiles_k:  # dAᵀ tile (BK, R) = x_loraᵀ·g, stored transposed into dA (R, K)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    if pid < tiles_k:  # dAᵀ tile (BK, R) = dropout(x)ᵀ·g, stored transposed into dA (R, K)
         _reduce_over_rows(x_ptr, stride_xm, stride_xk, g_ptr, stride_gm, stride_gr,
                           da_part_ptr + split.to(tl.int64) * R * K, 1, K,
-                          m_start, m_end, K, R, pid, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                          m_start, m_end, K, R, pid, seed, dropout_p,
+                          DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     else:  # dB tile (BN, R) = dYᵀ·xa
         _reduce_over_rows(dy_ptr, stride_dym, stride_dyn, xa_ptr, stride_sm, stride_sr,
                           db_part_ptr + split.to(tl.int64) * N * R, R, 1,
-                          m_start, m_end, N, R, pid - tiles_k, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                          m_start, m_end, N, R, pid - tiles_k, seed, dropout_p,
+                          False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 def backward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
@@ -146,9 +160,19 @@ def _num_splits(M: int, tiles: int, block_m: int) -> int:
 
 
 def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, xa: torch.Tensor, scale: float, fuse_lora_dx: bool = True
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backend contract (see :mod:`lora_kernels.reference`): returns ``(dx, dA, dB, g)``."""
+                   lora_B: torch.Tensor, xa: torch.Tensor, scale: float, fuse_lora_dx: bool = True,
+                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                   adapter_ids: Optional[torch.Tensor] = None, adapter_scales: Optional[torch.Tensor] = None,
+                   adapter_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend contract (see :mod:`lora_kernels.reference`): returns ``(dx, dA, dB, g)``.
+
+    With ``dropout_p > 0`` and ``seed`` (fused dropout), ``x_lora`` is the undropped x: the kernels
+    regenerate the forward's mask for the LoRA share of dX and for dA. Multi-adapter batches as in
+    fused_forward: the returned g is then already masked and scaled per row."""
+    multi = adapter_ids is not None
+    fused_dropout = dropout_p > 0.0
+    if fused_dropout and seed is None:
+        raise ValueError("fused dropout needs the forward's seed tensor")
     M, N = dy.shape
     K = weight.shape[1]
     R = lora_A.shape[0]
@@ -161,10 +185,13 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     block_r = rank_block(R)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     _lora_dx_kernel[grid](
-        dy, weight, lora_A, lora_B, dx, g, M, N, K, R, scale,
+        dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,
+        adapter_ids if multi else g, adapter_scales if multi else g,
+        M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1), g.stride(0), g.stride(1),
-        FUSE_LORA_DX=fuse_lora_dx, BLOCK_R=block_r, **flags, **cfg,
+        FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi, BLOCK_R=block_r,
+        **flags, **cfg,
     )
 
     block_m = 32 if INTERPRETING else 64
@@ -175,12 +202,13 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     da_part = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
     db_part = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
     _lora_dadb_kernel[(tiles, splits)](
-        g, x_lora, dy, xa, da_part, db_part, M, N, K, R, rows_per_split,
+        g, x_lora, dy, xa, da_part, db_part, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
         g.stride(0), g.stride(1), x_lora.stride(0), x_lora.stride(1), dy.stride(0), dy.stride(1),
         xa.stride(0), xa.stride(1),
-        BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
+        DROPOUT=fused_dropout, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
     )
-    d_lora_A = da_part.sum(0).mul_(scale).to(lora_A.dtype)
+    # g carries the scale already in multi-adapter mode
+    d_lora_A = da_part.sum(0).mul_((1.0 if multi else scale) / (1.0 - dropout_p)).to(lora_A.dtype)
     d_lora_B = db_part.sum(0).to(lora_B.dtype)
     return dx, d_lora_A, d_lora_B, g

@@ -16,18 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, grouped_tile, kernel_flags, rank_block
+from ._common import INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block
 
 
 @triton.jit
 def _lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr,
-    M, N, K, R, scale,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr, ids_ptr, scales_ptr,
+    M, N, K, R, scale, dropout_p, n_adapters, adapter_rank,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_sm, stride_sr,
-    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Row/column offsets in int64: M·stride_xm and N·stride_wn can pass 2^31.
@@ -42,6 +42,8 @@ def _lora_forward_kernel(
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -53,7 +55,11 @@ def _lora_forward_kernel(
             a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
-            acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
+            x_lora = x
+            if DROPOUT:  # zero dropped elements exactly; 1/(1-p) goes into the fp32 scale below
+                keep = dropout_keep(seed, offs_m[:, None], (k * BLOCK_K + offs_k)[None, :], K, dropout_p)
+                x_lora = tl.where(keep, x, 0.0)
+            acc_xa = tl.dot(x_lora, a, acc_xa, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -64,7 +70,11 @@ def _lora_forward_kernel(
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     else:
         # Rounded to the input dtype, as an unfused layer would hold it; stored once per row tile.
-        xa = (acc_xa * scale).to(xa_ptr.dtype.element_ty)
+        if DROPOUT:
+            acc_xa = acc_xa * (1.0 / (1.0 - dropout_p))
+        if MULTI:  # row m keeps only the columns of its own adapter, scaled by that adapter's scale
+            acc_xa = adapter_rows(acc_xa, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
+        xa = cast_to(acc_xa * scale, xa_ptr.dtype.element_ty, UPCAST)
         tl.store(xa_ptrs, xa, mask=xa_mask & (pid_n == 0))
     b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)                  # (BR, BN) of Bᵀ
@@ -74,7 +84,7 @@ def _lora_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def forward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
@@ -101,12 +111,21 @@ def forward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
 
 
 def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+                  lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None,
+                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                  adapter_ids: Optional[torch.Tensor] = None, adapter_scales: Optional[torch.Tensor] = None,
+                  adapter_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
 
     Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
-    With ``x_lora`` (dropout), xa = s·x_lora·Aᵀ is computed by cuBLAS and only added in the kernel.
+    Dropout is fused: with ``dropout_p > 0`` the kernel drops elements of x for the LoRA branch
+    with a counter-based RNG keyed by ``seed`` (an int64 tensor of one element), and nothing of
+    the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is multiplied by cuBLAS
+    and only added in the kernel.
+
+    Multi-adapter batches: with ``adapter_ids`` (M,) int32, lora_A (n·r, K) and lora_B (N, n·r)
+    hold n stacked rank-``adapter_rank`` adapters; row m uses adapter ``adapter_ids[m]`` (−1: none)
+    with scale ``adapter_scales[id]`` (fp32, n), times ``scale``.
     """
     if x.stride(-1) != 1:  # any row stride is fine; the feature dimension must be dense
         x = x.contiguous()
@@ -115,6 +134,12 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    fused_dropout = x_lora is None and dropout_p > 0.0
+    if fused_dropout and seed is None:
+        raise ValueError("fused dropout needs a seed tensor")
+    multi = adapter_ids is not None
+    if multi and (x_lora is not None or adapter_scales is None or adapter_rank < 1):
+        raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora")
     if x_lora is None:
         xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     else:
@@ -124,11 +149,13 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     cfg = forward_config(M, N, K, R, x.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_forward_kernel[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
-        M, N, K, R, scale,
+        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, seed if fused_dropout else y,
+        adapter_ids if multi else y, adapter_scales if multi else y,
+        M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
-        HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, BLOCK_R=rank_block(R),
+        HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, DROPOUT=fused_dropout, MULTI=multi,
+        BLOCK_R=rank_block(R),
         **kernel_flags(x.dtype), **cfg,
     )
     return y, xa

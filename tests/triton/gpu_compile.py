@@ -28,7 +28,8 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 import lora_kernels.triton.lora_backward as bwd  # noqa: E402
 import lora_kernels.triton.lora_forward as fwd  # noqa: E402
 
-TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
+               torch.int32: "i32"}
 
 
 class LaunchRecorder:
@@ -81,7 +82,7 @@ def recorded_launches(quick):
     bwd._lora_dadb_kernel = LaunchRecorder(bwd._lora_dadb_kernel, launches)
     ms = [1, 128, 8192] if quick else [1, 16, 128, 1024, 8192]
     ranks = [16, 128] if quick else [1, 16, 64, 128]
-    for dtype in TRITON_TYPE:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for M in ms:
             for r in ranks:
                 K, N = 4096, 11008
@@ -91,9 +92,19 @@ def recorded_launches(quick):
                 b = torch.empty(N, r, device="meta", dtype=dtype)
                 bias = torch.empty(N, device="meta", dtype=dtype)
                 dy = torch.empty(M, N, device="meta", dtype=dtype)
-                for dropout in (False, True):
-                    y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, x_lora=x if dropout else None)
-                    bwd.fused_backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=not dropout)
+                seed = torch.empty(1, device="meta", dtype=torch.int64)
+                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0)                       # no dropout
+                bwd.fused_backward(dy, x, w, a, b, xa, 2.0)
+                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, dropout_p=0.1, seed=seed)  # fused dropout
+                bwd.fused_backward(dy, x, w, a, b, xa, 2.0, dropout_p=0.1, seed=seed)
+                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, x_lora=x)             # caller's dropout
+                bwd.fused_backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=False)
+                if r % 8 == 0:  # multi-adapter batch: 8 adapters of rank r/8 stacked to rank r
+                    ids = torch.empty(M, device="meta", dtype=torch.int32)
+                    scales = torch.empty(8, device="meta", dtype=torch.float32)
+                    multi = dict(adapter_ids=ids, adapter_scales=scales, adapter_rank=r // 8)
+                    y, xa = fwd.fused_forward(x, w, bias, a, b, 1.0, **multi)
+                    bwd.fused_backward(dy, x, w, a, b, xa, 1.0, **multi)
     unique = {}
     for fn, args, kwargs in launches:
         sig, consts, attrs, options = signature_of(fn, args, dict(kwargs))
@@ -112,7 +123,7 @@ def main():
     launches = recorded_launches(args.quick)
     for arch in args.arch or [90]:
         for fn, sig, consts, attrs, options in launches:
-            blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX"))
+            blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI"))
             dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
             label = f"sm_{arch} {fn.__name__:<18} {dtype:<4} w{options.get('num_warps')} s{options.get('num_stages')} {blocks}"
             try:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import lora_kernels
 from lora_kernels import reference
 from conftest import DEVICE, KERNEL_BACKENDS, assert_close, make_problem
 
@@ -51,3 +52,45 @@ def test_precomputed_xa_and_unfused_dx(dtype, poison):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_shapes_on_gpu(M, dtype, poison):
     contract_vs_float64(M, 4096, 11008, 16, dtype)
+
+
+def test_fused_dropout_mask_statistics_match_nn_dropout():
+    p, M, K = 0.1, 300, 200
+    seed = torch.tensor([20261122], dtype=torch.int64, device=DEVICE)
+    mask = tk.dropout_mask(seed, M, K, p)
+    kept = (mask > 0).double().mean().item()
+    sigma = (p * (1 - p) / (M * K)) ** 0.5
+    assert abs(kept - (1 - p)) < 5 * sigma  # binomial: kept fraction 1 - p
+    survivors = mask[mask != 0]
+    torch.testing.assert_close(survivors, torch.full_like(survivors, 1 / (1 - p)))  # scaled like nn.Dropout
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / (1 - p)  # E[mask] = 1, as nn.Dropout
+    rows_kept = (mask > 0).double().mean(1)
+    assert rows_kept.std().item() < 3 * (p * (1 - p) / K) ** 0.5  # no row pattern
+    other = tk.dropout_mask(seed + 1, M, K, p)
+    assert not torch.equal(mask, other) and torch.equal(mask, tk.dropout_mask(seed, M, K, p))
+
+
+def test_fused_dropout_stores_no_mask():
+    from test_memory_determinism import saved_storages
+
+    M, K, N, r = 64, 48, 96, 4
+    x, w, b, a, bb, s = make_problem(M, K, N, r, torch.float32)
+    x.requires_grad_()
+    a.requires_grad_()
+    saved = saved_storages(lambda: lora_kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.1, backend="triton"))
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, a, bb)}
+    extra = sorted(nbytes for ptr, nbytes in saved.items() if ptr not in inputs)
+    assert extra == [8, M * r * 4], f"only the seed and xa may be added, got {extra}"
+
+
+def test_bf16_outputs_round_to_nearest_even():
+    """Outputs are rounded as the GPU rounds (the interpreter alone would truncate)."""
+    x = torch.randn(256, 1, device=DEVICE).bfloat16()
+    w = torch.tensor([[1.0 + 5 * 2**-7]], device=DEVICE).bfloat16()  # x·w needs up to 16 bits: rounding matters
+    zero_a, zero_b = torch.zeros(1, 1, device=DEVICE).bfloat16(), torch.zeros(1, 1, device=DEVICE).bfloat16()
+    y, _ = tk.forward(x, w, None, zero_a, zero_b, 1.0)
+    exact = x.float() * w.float()  # exact in fp32
+    want = exact.to(torch.bfloat16)  # torch rounds to nearest-even
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(want, truncated)  # the check below can tell the two apart
+    assert torch.equal(y, want)

@@ -1,0 +1,81 @@
+"""Multi-adapter batches: every row of x has its own LoRA adapter (or none), fused with the base
+GEMM in one pass, like PEFT's mixed batch without its per-adapter Python loop.
+
+The n adapters are stacked into one rank-n·r LoRA, A (n·r, in) and B (out, n·r); the fused kernel
+computes each row's product with all of them and keeps, per row, only its own adapter's r columns
+(times that adapter's scale) before the rank-n·r product with B. The extra work is n·r/out of the
+base GEMM (6% for 8 adapters of rank 16 at out = 4096); backward reuses the fused kernels with g
+masked the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import check_lora_linear_args
+from .function import _BACKENDS, _backend
+
+
+class LoRALinearMultiFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scales, adapter_ids):
+        n, r, K = lora_A.shape
+        N = weight.shape[0]
+        ops = _BACKENDS["triton"]
+        x2d = x.reshape(-1, K)
+        ids = adapter_ids.reshape(-1).to(device=x.device, dtype=torch.int32).contiguous()
+        a_all = lora_A.reshape(n * r, K)
+        b_all = lora_B.permute(1, 0, 2).reshape(N, n * r)  # (out, n·r): a copy of n·r·out elements
+        y2d, xa = ops.forward(x2d, weight, bias, a_all, b_all, 1.0, None, 0.0, None, ids, scales, r)
+        ctx.save_for_backward(x2d, weight, a_all, b_all, xa, ids, scales)
+        ctx.shapes = (x.shape, n, r)
+        return y2d.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, a_all, b_all, xa, ids, scales = ctx.saved_tensors
+        x_shape, n, r = ctx.shapes
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx, d_a, d_b, _ = _BACKENDS["triton"].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True, 0.0, None,
+                                                      ids, scales, r)
+        d_lora_A = d_a.reshape(n, r, -1)
+        d_lora_B = d_b.reshape(-1, n, r).permute(1, 0, 2)
+        d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
+        return dx.reshape(x_shape), None, d_bias, d_lora_A, d_lora_B, None, None
+
+
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend="auto"):
+    """``y[m] = x[m]·W₀ᵀ + bias + scales[a]·(x[m]·A[a]ᵀ)·B[a]ᵀ`` with ``a = adapter_ids[m]``
+    (−1: base only). ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scales`` n numbers (or an
+    (n,) tensor), ``adapter_ids`` integers of shape ``x.shape[:-1]``. Gradients flow to x, A, B and bias.
+
+    Backends: ``"triton"`` (fused), ``"reference"`` (a loop over adapters), ``"auto"`` (Triton on
+    CUDA tensors). The CUDA extension has no multi-adapter kernel yet.
+    """
+    if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 3:
+        raise ValueError(f"lora_A must be a (n_adapters, r, in_features) tensor, got "
+                         f"{tuple(lora_A.shape) if isinstance(lora_A, torch.Tensor) else type(lora_A).__name__}")
+    if not isinstance(lora_B, torch.Tensor) or lora_B.dim() != 3 or lora_B.shape[0] != lora_A.shape[0]:
+        raise ValueError(f"lora_B must be a (n_adapters={lora_A.shape[0]}, out_features, r) tensor, got "
+                         f"{tuple(lora_B.shape) if isinstance(lora_B, torch.Tensor) else type(lora_B).__name__}")
+    n = lora_A.shape[0]
+    check_lora_linear_args(x, weight, bias, lora_A[0] if n else lora_A.reshape(0, lora_A.shape[-1]),
+                           lora_B[0] if n else lora_B.reshape(lora_B.shape[1], 0), 1.0, 0.0, backend)
+    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
+    if scales.shape[0] != n or not torch.isfinite(scales).all():
+        raise ValueError(f"scales must be {n} finite numbers, got {scales.tolist()}")
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.is_floating_point() or adapter_ids.is_complex():
+        raise TypeError("adapter_ids must be an integer tensor")
+    if tuple(adapter_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_ids must have shape {tuple(x.shape[:-1])} (one id per row of x), "
+                         f"got {tuple(adapter_ids.shape)}")
+    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if adapter_ids.numel() and not capturing and (adapter_ids.min() < -1 or adapter_ids.max() >= n):
+        raise ValueError(f"adapter_ids must be in [-1, {n}), got values in "
+                         f"[{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
+    resolved = _backend(backend, x)
+    if resolved == "reference":
+        return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
+    if resolved != "triton":
+        raise RuntimeError(f"backend={backend!r} has no multi-adapter kernel; use 'triton' or 'reference'")
+    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
