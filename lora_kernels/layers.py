@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ._checks import BACKENDS
 from .function import lora_linear
+from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
 from .reference import lora_scale
 
 
@@ -40,6 +41,8 @@ class LoRAMixin:
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.extra_adapters = nn.ModuleDict()  # more named adapters for mixed batches (empty: no state)
+        self.extra_scaling = {}
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
@@ -50,7 +53,46 @@ class LoRAMixin:
         """W₀ as (out, in), a view of ``weight``."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def forward(self, x):
+    def add_adapter(self, name: str, r=8, alpha=16, use_rslora=False):
+        """Another adapter, selectable per sample with ``forward(x, adapter_names=[...])``; the
+        first adapter is named "default". Fresh adapters are Kaiming/zero initialised."""
+        if name in ("default", "__base__") or name in self.extra_adapters:
+            raise ValueError(f"adapter name {name!r} is taken")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        adapter = nn.ModuleDict({"lora_A": nn.Linear(self.in_features, r, bias=False, **factory),
+                                 "lora_B": nn.Linear(r, self.out_features, bias=False, **factory)})
+        nn.init.kaiming_uniform_(adapter["lora_A"].weight, a=math.sqrt(5))
+        nn.init.zeros_(adapter["lora_B"].weight)
+        self.extra_adapters[name] = adapter
+        self.extra_scaling[name] = lora_scale(r, alpha, use_rslora)
+        return adapter
+
+    def _mixed_batch(self, x, adapter_names):
+        if self.merged:
+            raise RuntimeError("unmerge() before running a mixed-adapter batch")
+        if self.training and self.lora_dropout > 0:
+            raise RuntimeError("mixed-adapter batches run without dropout: call eval() first")
+        unknown = set(adapter_names) - set(self.extra_adapters) - {"default", "__base__"}
+        if unknown:
+            raise ValueError(f"unknown adapter names {sorted(unknown)}; this layer has "
+                             f"{['default', *self.extra_adapters]} (and '__base__' for none)")
+        names = [n for n in dict.fromkeys(adapter_names) if n != "__base__"]
+        if not names:
+            return F.linear(x, self.base_weight(), self.bias)
+        pick = lambda n: (self.lora_A, self.lora_B) if n == "default" else (  # noqa: E731
+            self.extra_adapters[n]["lora_A"], self.extra_adapters[n]["lora_B"])
+        lora_A, lora_B = stack_adapters([pick(n)[0].weight for n in names], [pick(n)[1].weight for n in names])
+        scales = [self.scaling if n == "default" else self.extra_scaling[n] for n in names]
+        ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
+        return lora_linear_multi(x, self.base_weight(), self.bias, lora_A, lora_B, scales, ids, self.backend)
+
+    def forward(self, x, adapter_names=None):
+        """``adapter_names``: one adapter name per sample (x.shape[0]), "__base__" for none, as
+        PEFT's mixed batch; all rows run in one fused multi-adapter pass."""
+        if adapter_names is not None:
+            return self._mixed_batch(x, adapter_names)
         if self.merged:
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0

@@ -10,6 +10,7 @@ masked the same way.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_lora_linear_args
@@ -79,3 +80,22 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     if resolved != "triton":
         raise RuntimeError(f"backend={backend!r} has no multi-adapter kernel; use 'triton' or 'reference'")
     return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
+
+
+def stack_adapters(lora_As, lora_Bs):
+    """Stack adapters of possibly different ranks as (n, r_max, in) and (n, out, r_max); the zero
+    padding is exact (it adds zero terms). Differentiable: gradients reach each adapter."""
+    r_max = max(a.shape[0] for a in lora_As)
+    stacked_A = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in lora_As])
+    stacked_B = torch.stack([F.pad(b, (0, r_max - b.shape[1])) for b in lora_Bs])
+    return stacked_A, stacked_B
+
+
+def sample_adapter_ids(adapter_names, index, x):
+    """PEFT's mixed-batch convention: one adapter name per sample (x.shape[0]); a name absent from
+    ``index`` (e.g. "__base__") means the base layer alone. Returns ids of shape x.shape[:-1]."""
+    if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        raise ValueError(f"adapter_names must name one adapter per sample: {x.shape[0] if x.dim() > 1 else 0} "
+                         f"expected, got {len(adapter_names)}")
+    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+    return ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .function import _backend, lora_linear
-from .multi import lora_linear_multi
+from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
 from .layers import LoRAMixin, replace_module, wrap_with_lora
 from .reference import lora_scale
 
@@ -34,26 +34,20 @@ def _mixed_batch(self, x, adapter_names):
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
     if _backend(self.lora_kernels_backend, x) == "cuda":  # no multi-adapter CUDA kernel yet
         return None
-    if x.dim() < 2 or len(adapter_names) != x.shape[0] or any(n in getattr(self, "lora_variant", {}) for n in names):
+    if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        return None
+    if any(n in getattr(self, "lora_variant", {}) for n in names):
         return None
     if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names):
         return None
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    tensors = [self.lora_A[n].weight for n in names] + [self.lora_B[n].weight for n in names]
-    if not names or any(t.dtype != x.dtype for t in [weight] + tensors):
+    lora_A, lora_B = stack_adapters([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names])
+    if not x.dtype == weight.dtype == lora_A.dtype:
         return None
-    r = max(self.lora_A[n].weight.shape[0] for n in names)  # zero-padding ranks to the largest is exact
-    lora_A = x.new_zeros((len(names), r, weight.shape[1]))
-    lora_B = x.new_zeros((len(names), weight.shape[0], r))
-    for i, n in enumerate(names):
-        lora_A[i, : self.lora_A[n].weight.shape[0]] = self.lora_A[n].weight
-        lora_B[i, :, : self.lora_B[n].weight.shape[1]] = self.lora_B[n].weight
-    index = {n: i for i, n in enumerate(names)}
-    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
-    ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    scales = [self.scaling[n] for n in names]
-    return lora_linear_multi(x, weight, base.bias, lora_A, lora_B, scales, ids, self.lora_kernels_backend)
+    ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
+    return lora_linear_multi(x, weight, base.bias, lora_A, lora_B, [self.scaling[n] for n in names], ids,
+                             self.lora_kernels_backend)
 
 
 def _fused_peft_forward(self, x, *args, **kwargs):

@@ -108,3 +108,24 @@ def test_backends_agree_with_reference_backend(backend, dtype):
     y_kernel = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
     y_ref = lora_kernels.lora_linear(x, w, b, a, bb, s, backend="reference")
     assert_close(y_kernel, y_ref.double(), dtype, "y vs reference backend")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with ~20 GB free")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_offsets_beyond_2_pow_31(backend):
+    """x and dX with more than 2³¹ elements: row offsets must be 64-bit. Checked on the last rows."""
+    K, N, r = 4096, 256, 16
+    M = (1 << 31) // K + 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    a = (torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5).requires_grad_()
+    bb = (torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / r ** 0.5).requires_grad_()
+    x.requires_grad_()
+    y = lora_kernels.lora_linear(x, w, None, a, bb, 2.0, backend=backend)
+    dy = torch.zeros_like(y)
+    dy[-64:] = torch.randn(64, N, device="cuda", dtype=torch.bfloat16)
+    y.backward(dy)
+    tail = slice(M - 64, M)
+    y_ref, dx_ref, _, _, _ = reference_grads(x[tail], w, None, a, bb, 2.0, dy[tail])
+    assert_close(y[tail], y_ref, torch.bfloat16, "y tail")
+    assert_close(x.grad[tail], dx_ref, torch.bfloat16, "dx tail")

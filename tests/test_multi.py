@@ -62,3 +62,32 @@ def test_multi_bad_arguments():
         lora_kernels.lora_linear_multi(x, w, b, a[0], bb, scales, ids)
     with pytest.raises(ValueError, match="lora_B must have shape|lora_B must be a"):
         lora_kernels.lora_linear_multi(x, w, b, a, bb[:, :, :1], scales, ids)
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+def test_lora_linear_named_adapters_mixed_batch(backend):
+    layer = lora_kernels.LoRALinear(40, 24, r=4, alpha=8, backend=backend, device=DEVICE)
+    other = layer.add_adapter("other", r=6, alpha=3)
+    for w in (layer.lora_B.weight, other["lora_B"].weight):
+        torch.nn.init.normal_(w)
+    layer.eval()
+    x = torch.randn(3, 5, 40, device=DEVICE, requires_grad=True)
+    names = ["other", "__base__", "default"]
+    y = layer(x, adapter_names=names)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    other_term = 0.5 * (x @ other["lora_A"].weight.t()) @ other["lora_B"].weight.t()
+    default_term = layer.scaling * (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    want = torch.stack([base[0] + other_term[0], base[1], base[2] + default_term[2]])
+    assert_close(y, want.double(), torch.float32, "mixed batch")
+    y.square().sum().backward()  # gradients reach each adapter through the stacking
+    assert other["lora_A"].weight.grad is not None and layer.lora_B.weight.grad is not None
+    torch.testing.assert_close(layer(x[2:], adapter_names=["default"]), layer(x[2:]))
+    with pytest.raises(ValueError, match="unknown adapter names"):
+        layer(x, adapter_names=["nope", "default", "default"])
+    with pytest.raises(ValueError, match="one adapter per sample"):
+        layer(x, adapter_names=["default"])
+    with pytest.raises(ValueError, match="is taken"):
+        layer.add_adapter("other")
+    assert sorted(lora_kernels.lora_state_dict(torch.nn.Sequential(layer))) == [
+        "0.extra_adapters.other.lora_A.weight", "0.extra_adapters.other.lora_B.weight",
+        "0.lora_A.weight", "0.lora_B.weight"]
