@@ -37,28 +37,36 @@ def _backend(name: str, x: torch.Tensor) -> str:
     return name
 
 
+def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """The forward pass shared by the autograd Function and the inference path.
+    Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
+    backend = _backend(backend, x)
+    ops = _BACKENDS[backend]
+    x2d = x.reshape(-1, x.shape[-1])
+    mask = seed = None
+    fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
+    if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+        y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, None, dropout_p, seed)
+        x_lora = x2d
+    else:
+        if dropout_p > 0.0:  # materialised; rescaled like nn.Dropout; contiguous: same mask for any layout
+            mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
+            mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        x_lora = x2d if mask is None else x2d * mask
+        y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
+    y = y2d.reshape(*x.shape[:-1], weight.shape[0])
+    return y, (backend, x2d, x_lora, xa, mask, seed, dropout_p if fused_dropout else 0.0)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-        backend = _backend(backend, x)
-        ops = _BACKENDS[backend]
-        x2d = x.reshape(-1, x.shape[-1])
-        mask = seed = None
-        fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
-        if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
-            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-            y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, None, dropout_p, seed)
-            x_lora = x2d
-        else:
-            if dropout_p > 0.0:  # materialised; rescaled like nn.Dropout; contiguous: same mask for any layout
-                mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
-                mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-            x_lora = x2d if mask is None else x2d * mask
-            y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
+        y, (backend, x2d, x_lora, xa, mask, seed, fused_p) = _forward(
+            x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask, seed)
-        ctx.backend, ctx.scale, ctx.x_shape = backend, scale, x.shape
-        ctx.fused_dropout_p = dropout_p if fused_dropout else 0.0
-        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.backend, ctx.scale, ctx.x_shape, ctx.fused_dropout_p = backend, scale, x.shape, fused_p
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -75,6 +83,14 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx.reshape(ctx.x_shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
 
 
+def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """Inference (no gradient wanted) skips the autograd Function and its few microseconds."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                    or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
+    return _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)[0]
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="auto"):
     """``x·weightᵀ + bias + scale·(dropout(x)·lora_Aᵀ)·lora_Bᵀ`` with a fused backward.
 
@@ -89,4 +105,4 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
             ``"triton"`` or ``"cuda"``.
     """
     scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, float(dropout_p), backend)
+    return _apply(x, weight, bias, lora_A, lora_B, scale, float(dropout_p), backend)

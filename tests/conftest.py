@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch._dynamo  # noqa: E402,F401  (loaded before the poison fixture ever patches torch.empty, see there)
 
 import lora_kernels  # noqa: E402
 
@@ -70,6 +71,8 @@ def poison(monkeypatch):
 
     Python-side allocations (the Triton wrappers) go through a patched torch.empty; on a GPU the
     caching allocator is also handed back blocks filled with NaN, which poisons C++-side outputs.
+    torch._dynamo is imported at the top of this file so that it never records the patched function
+    as torch.empty (it did when first loaded inside a poisoned test, breaking later compile tests).
     """
     real_empty = torch.empty
 
