@@ -2,8 +2,9 @@
 
 Backends all implement the 2-D contract of :mod:`lora_kernels.reference` (``forward`` and
 ``backward``); this file only flattens leading dimensions, picks a backend, handles dropout (a seed
-for backends that fuse it, a materialised mask for the others) and routes gradients. W₀ is frozen: its gradient is computed only if a caller explicitly asks for
-it with ``weight.requires_grad=True`` (plain ``dYᵀ·x``, never inside the fused kernels).
+for backends that fuse it, a materialised mask for the others) and routes gradients. W₀ is frozen:
+its gradient is computed only if a caller explicitly asks for it with ``weight.requires_grad=True``
+(plain ``dYᵀ·x``, never inside the fused kernels).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _backend(name: str, x: torch.Tensor) -> str:
     saying why it cannot."""
     if name == "reference" or (name == "auto" and x.device.type != "cuda"):
         return "reference"
-    if name == "auto":  # fastest available on CUDA; the CUDA extension is not yet faster (see README)
+    if name == "auto":  # Triton on CUDA: the CUDA extension's portable kernel has no tensor cores yet
         usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
         return "triton" if usable else "reference"
     reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING

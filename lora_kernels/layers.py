@@ -17,6 +17,12 @@ from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
 from .reference import lora_scale
 
 
+def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
+    """PEFT's default: Kaiming-uniform A, zero B, so a fresh adapter changes nothing."""
+    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_B.weight)
+
+
 class LoRAMixin:
     """The adapter part shared by LoRALinear and LoRAConv1D: ``lora_A`` / ``lora_B`` submodules
     (PEFT's key names), frozen base weight, fused forward, merge/unmerge.
@@ -28,26 +34,30 @@ class LoRAMixin:
     fan_in_fan_out = False
 
     def _init_lora(self, r, alpha, dropout, use_rslora, backend):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.lora_A, self.lora_B = self._new_adapter(r)  # checks r
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.merged = False
         self.weight.requires_grad_(False)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.extra_adapters = nn.ModuleDict()  # more named adapters for mixed batches (empty: no state)
         self.extra_scaling = {}
-        self.reset_lora_parameters()
+
+    def _new_adapter(self, r):
+        """(lora_A, lora_B) Linear modules of rank r, initialised so the adapter adds exactly zero."""
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        _init_adapter(lora_A, lora_B)
+        return lora_A, lora_B
 
     def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        _init_adapter(self.lora_A, self.lora_B)
 
     def base_weight(self):
         """W₀ as (out, in), a view of ``weight``."""
@@ -58,13 +68,8 @@ class LoRAMixin:
         first adapter is named "default". Fresh adapters are Kaiming/zero initialised."""
         if name in ("default", "__base__") or name in self.extra_adapters:
             raise ValueError(f"adapter name {name!r} is taken")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        adapter = nn.ModuleDict({"lora_A": nn.Linear(self.in_features, r, bias=False, **factory),
-                                 "lora_B": nn.Linear(r, self.out_features, bias=False, **factory)})
-        nn.init.kaiming_uniform_(adapter["lora_A"].weight, a=math.sqrt(5))
-        nn.init.zeros_(adapter["lora_B"].weight)
+        lora_A, lora_B = self._new_adapter(r)
+        adapter = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B})
         self.extra_adapters[name] = adapter
         self.extra_scaling[name] = lora_scale(r, alpha, use_rslora)
         return adapter

@@ -65,6 +65,21 @@ def reference_grads(x, w, b, a, bb, scale, dy, mask=None, magnitude=False):
     return y, x64.grad, a64.grad, b64.grad, None if b is None else bias64.grad
 
 
+def lora_mlp(sizes=(32, 48, 32), backend="auto", dropout=0.0, device=DEVICE):
+    """Linear-GELU-Linear with LoRA on both linears, only LoRA trainable, B non-zero (as if trained),
+    the same on every call (and in every process)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.GELU(),
+                                torch.nn.Linear(sizes[1], sizes[2])).to(device)
+    lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8, dropout=dropout, backend=backend)
+    lora_kernels.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Make every fresh output buffer NaN, so an element a kernel forgets to write fails the test.

@@ -3,22 +3,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem
+from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, lora_mlp, make_problem
 
 
 def lora_model(backend, dropout=0.0):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32)).to(DEVICE)
-    lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8, dropout=dropout, backend=backend)
-    lora_kernels.mark_only_lora_as_trainable(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
+    return lora_mlp(backend=backend, dropout=dropout)
 
 
 def run(model, x):

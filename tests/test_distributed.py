@@ -10,20 +10,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import lora_kernels
+from conftest import lora_mlp
 
 STEPS, LR, BATCH = 4, 0.5, 16
 
 
 def make_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
-    lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8)
-    lora_kernels.mark_only_lora_as_trainable(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
+    return lora_mlp(sizes=(24, 40, 8), device="cpu")
 
 
 def data():
