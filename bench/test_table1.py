@@ -17,7 +17,7 @@ from timing import time_eager, time_graph
 COLUMNS = [(32, 512, 8, 5), (16, 256, 224, 112), (1, 128, 224, 112)]
 REDUCED_COLUMNS = [(4, 64, 1, 1), (2, 32, 28, 14), (1, 16, 28, 14)]
 VARIANTS = ["Fine-Tune / LoRA (merged)", "AdapterL", "AdapterH", "LoRA r=4 Wq,Wv: lora_kernels (fused)",
-            "LoRA r=4 Wq,Wv: PEFT-style (unfused)"]
+            "LoRA r=4 Wq,Wv: PEFT-style (unfused)", "LoRA r=8 c_attn: PEFT's lora.Linear"]
 
 
 def pytest_generate_tests(metafunc):
@@ -27,7 +27,8 @@ def pytest_generate_tests(metafunc):
         info = run_info(metafunc.config)
         columns = REDUCED_COLUMNS if info.reduced else COLUMNS
         cells = [(dtype, v, col) for dtype in info.table1_dtypes for col in columns for v in VARIANTS]
-        ids = [f"{str(d).replace('torch.', '')}-{v.split(':')[-1].strip()}-b{c[0]}s{c[1]}" for d, v, c in cells]
+        ids = [f"{str(d).replace('torch.', '')}-{v.split(':')[-1].strip().replace(' ', '_')}-b{c[0]}s{c[1]}"
+               for d, v, c in cells]
         metafunc.parametrize("cell", cells, ids=ids)
 
 
@@ -38,7 +39,14 @@ def build(variant, cfg, bottleneck_l, bottleneck_h, device, dtype):
     if variant == "AdapterH":
         return GPT2(cfg, "H", bottleneck_h, **factory)
     model = GPT2(cfg, **factory)
-    if variant.startswith("LoRA"):
+    if variant.endswith("PEFT's lora.Linear"):  # same FLOPs as rank 4 on Wq and Wv of the fused c_attn
+        peft = pytest.importorskip("peft")
+        peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]), model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    elif variant.startswith("LoRA"):
         add_lora_q_v(model, r=4, alpha=8, fused="fused" in variant and "unfused" not in variant)
     return model
 
