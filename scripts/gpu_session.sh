@@ -4,6 +4,7 @@
 #     bash scripts/gpu_session.sh test       # build in place, full test suite on the GPU
 #     bash scripts/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, both backends
 #     bash scripts/gpu_session.sh bench      # pytest bench (layer, features, Table 1)
+#     bash scripts/gpu_session.sh tune       # autotune tile configs for the bench shapes, vs the table
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_kernels_out}
 mkdir -p "$OUT"
@@ -22,5 +23,7 @@ case "${1:-test}" in
   bench)
     python3 -m pytest bench -q -p no:cacheprovider --results-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench.log" | grep -v "^test_" | tail -120 ;;
-  *) echo "usage: $0 test|sanitize|bench"; exit 2 ;;
+  tune)
+    LORA_KERNELS_AUTOTUNE=1 python3 scripts/tune_configs.py 2>&1 | tee "$OUT/tune.log" ;;
+  *) echo "usage: $0 test|sanitize|bench|tune"; exit 2 ;;
 esac

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 import triton
@@ -12,6 +14,65 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# LORA_KERNELS_AUTOTUNE=1: time the table's tile config against a few neighbours on first use of
+# each shape key and keep the fastest (see tuned()). Off by default: a launch then costs no search.
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE") == "1"
+_TUNED = {}
+
+
+def tile_variants(cfg: dict) -> list:
+    """Neighbours of a tile config, one knob at a time: tile sides halved or doubled, warps, stages."""
+    out = []
+    for knob, values in (("BLOCK_N", (cfg["BLOCK_N"] // 2, cfg["BLOCK_N"] * 2)),
+                         ("BLOCK_K", (cfg["BLOCK_K"] // 2, cfg["BLOCK_K"] * 2)),
+                         ("BLOCK_M", (cfg["BLOCK_M"] * 2,)),
+                         ("num_warps", (4 if cfg["num_warps"] == 8 else 8,)),
+                         ("num_stages", (cfg["num_stages"] - 1, cfg["num_stages"] + 1))):
+        for v in values:
+            if (knob.startswith("BLOCK") and 16 <= v <= 256) or (knob == "num_stages" and 1 <= v <= 5) \
+                    or knob == "num_warps":
+                out.append({**cfg, knob: v})
+    return out
+
+
+def _time_ms(fn) -> float:
+    if INTERPRETING:  # CPU: a few calls on the wall clock
+        fn()
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples) * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def tuned(key, default: dict, launch) -> dict:
+    """The tile config to launch for shape ``key``: the table's ``default`` or, with autotuning on,
+    the fastest of it and its :func:`tile_variants`, timed once per key on the call's own inputs
+    (``launch(cfg)`` runs the kernel) and remembered for the process. Never tunes during CUDA-graph
+    capture; configs that fail to launch (too much shared memory on this GPU) are skipped."""
+    if not AUTOTUNE:
+        return default
+    if key not in _TUNED:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return default
+        best = None
+        for cfg in [default] + tile_variants(default):
+            try:
+                ms = _time_ms(lambda: launch(cfg))
+            except Exception:  # noqa: BLE001  (out of resources and the like: not a candidate)
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        _TUNED[key] = best[1]
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict:
+    """What autotuning chose so far, {shape key: config}: print it to update the tables."""
+    return dict(_TUNED)
 
 
 def unavailable_reason(x: torch.Tensor):

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block
+from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
+                      tuned)
 
 
 @triton.jit
@@ -181,18 +182,22 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     if M == 0:
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), g
     flags = kernel_flags(dy.dtype)
-    cfg = backward_config(M, N, K, R, dy.dtype)
     block_r = rank_block(R)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
-    _lora_dx_kernel[grid](
-        dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,
-        adapter_ids if multi else g, adapter_scales if multi else g,
-        M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1), g.stride(0), g.stride(1),
-        FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi, BLOCK_R=block_r,
-        **flags, **cfg,
-    )
+    args = (dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,
+            adapter_ids if multi else g, adapter_scales if multi else g,
+            M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1), g.stride(0), g.stride(1))
+    dx_flags = dict(FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi,
+                    BLOCK_R=block_r, **flags)
+
+    def launch_dx(cfg):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+        _lora_dx_kernel[grid](*args, **dx_flags, **cfg)
+
+    key = ("dx", triton.next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
+    cfg = tuned(key, backward_config(M, N, K, R, dy.dtype), launch_dx)
+    launch_dx(cfg)
 
     block_m = 32 if INTERPRETING else 64
     tiles = triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"])

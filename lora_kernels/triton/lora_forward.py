@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block
+from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
+                      tuned)
 
 
 @triton.jit
@@ -88,7 +89,8 @@ def _lora_forward_kernel(
 
 
 def forward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
-    """Tile sizes by problem size (a table, not autotuning, so a launch costs no search).
+    """Tile sizes by problem size: a table, so a launch costs no search (LORA_KERNELS_AUTOTUNE=1
+    times neighbours of these once per shape instead, see _common.tuned).
 
     Small M is a weight-streaming GEMV: thin row tiles and narrow column tiles so the N/BLOCK_N
     programs cover the GPU's 132 SMs. Large M uses the usual 128×128 Hopper GEMM tile. IEEE fp32
@@ -146,16 +148,18 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         xa = (x_lora @ lora_A.t()).mul_(scale)
     if M == 0:
         return y, xa
-    cfg = forward_config(M, N, K, R, x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_forward_kernel[grid](
-        x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, seed if fused_dropout else y,
-        adapter_ids if multi else y, adapter_scales if multi else y,
-        M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
-        HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, DROPOUT=fused_dropout, MULTI=multi,
-        BLOCK_R=rank_block(R),
-        **kernel_flags(x.dtype), **cfg,
-    )
+    args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, seed if fused_dropout else y,
+            adapter_ids if multi else y, adapter_scales if multi else y,
+            M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, DROPOUT=fused_dropout, MULTI=multi,
+                 BLOCK_R=rank_block(R), **kernel_flags(x.dtype))
+
+    def launch(cfg):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _lora_forward_kernel[grid](*args, **flags, **cfg)
+
+    key = ("forward", triton.next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))
+    launch(tuned(key, forward_config(M, N, K, R, x.dtype), launch))
     return y, xa

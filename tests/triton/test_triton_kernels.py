@@ -94,3 +94,22 @@ def test_bf16_outputs_round_to_nearest_even():
     truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
     assert not torch.equal(want, truncated)  # the check below can tell the two apart
     assert torch.equal(y, want)
+
+
+def test_autotune_picks_a_candidate_once_per_shape_and_stays_correct(monkeypatch):
+    from lora_kernels.triton import _common, lora_backward, lora_forward
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common, "_TUNED", {})
+    timed = []
+    real_time = _common._time_ms
+    monkeypatch.setattr(_common, "_time_ms", lambda fn: timed.append(1) or real_time(fn))
+    contract_vs_float64(21, 48, 40, 8, torch.bfloat16)  # results stay right while candidates run
+    fwd_default = lora_forward.forward_config(21, 40, 48, 8, torch.bfloat16)
+    dx_default = lora_backward.backward_config(21, 40, 48, 8, torch.bfloat16)
+    assert len(timed) == 2 + len(_common.tile_variants(fwd_default)) + len(_common.tile_variants(dx_default))
+    contract_vs_float64(21, 48, 40, 8, torch.bfloat16)  # same shape key: the choice is reused
+    assert len(timed) == 2 + len(_common.tile_variants(fwd_default)) + len(_common.tile_variants(dx_default))
+    chosen = tk.tuned_configs()
+    assert sorted(k[0] for k in chosen) == ["dx", "forward"]
+    assert chosen[next(k for k in chosen if k[0] == "forward")] in [fwd_default] + _common.tile_variants(fwd_default)
