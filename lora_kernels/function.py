@@ -8,6 +8,8 @@ its gradient is computed only if a caller explicitly asks for it with ``weight.r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import cuda, reference
@@ -38,12 +40,17 @@ def _backend(name: str, x: torch.Tensor) -> str:
     return name
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 2-D (rows, features); an explicit row count, since reshape(-1, 0) is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     """The forward pass shared by the autograd Function and the inference path.
     Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     backend = _backend(backend, x)
     ops = _BACKENDS[backend]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = rows(x)
     mask = seed = None
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
     if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
@@ -72,7 +79,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, x_lora, weight, lora_A, lora_B, xa, mask, seed = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = rows(dy)
         fused = {} if seed is None else {"dropout_p": ctx.fused_dropout_p, "seed": seed}
         dx, d_lora_A, d_lora_B, g = _BACKENDS[ctx.backend].backward(
             dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, mask is None, **fused

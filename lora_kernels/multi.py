@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_lora_linear_args
-from .function import _BACKENDS, _backend
+from .function import _BACKENDS, _backend, rows
 
 
 class LoRALinearMultiFunction(torch.autograd.Function):
@@ -23,7 +23,7 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         n, r, K = lora_A.shape
         N = weight.shape[0]
         ops = _BACKENDS["triton"]
-        x2d = x.reshape(-1, K)
+        x2d = rows(x)
         ids = adapter_ids.reshape(-1).to(device=x.device, dtype=torch.int32).contiguous()
         a_all = lora_A.reshape(n * r, K)
         b_all = lora_B.permute(1, 0, 2).reshape(N, n * r)  # (out, n·r): a copy of n·r·out elements
@@ -36,7 +36,7 @@ class LoRALinearMultiFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, weight, a_all, b_all, xa, ids, scales = ctx.saved_tensors
         x_shape, n, r = ctx.shapes
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = rows(dy)
         dx, d_a, d_b, _ = _BACKENDS["triton"].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True, 0.0, None,
                                                       ids, scales, r)
         d_lora_A = d_a.reshape(n, r, -1)

@@ -1,4 +1,6 @@
 """lora_linear: forward and all gradients of every available backend against the float64 reference."""
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ def expected_dropout_mask(backend, seed, x, p):
     """The scaled keep-mask lora_linear used after torch.manual_seed(seed): the Function's first
     random draw is either the fused kernels' seed or the materialised bernoulli mask."""
     torch.manual_seed(seed)
-    shape2d = (x.numel() // x.shape[-1], x.shape[-1])
+    shape2d = (math.prod(x.shape[:-1]), x.shape[-1])
     if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
         from lora_kernels import triton as tk
 
@@ -71,6 +73,20 @@ def test_strided_input(backend, poison):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dropout_gradients_use_the_same_mask(backend, dtype):
     run_and_compare(backend, *make_problem(19, 40, 24, 8, dtype), dtype, dropout_p=0.25, seed=1234)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M, K, N", [(3, 0, 4), (3, 5, 0), (0, 0, 0), (0, 5, 4)])
+def test_zero_sized_dimensions(backend, M, K, N):
+    """in_features = 0, out_features = 0 or no rows: exact results, no crash (nn.Linear allows them)."""
+    x, w, b, a, bb, s = make_problem(M, K, N, 2, torch.float32)
+    x, a, bb, b = (t.requires_grad_() for t in (x, a, bb, b))
+    y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))  # the LoRA term is zero or empty
+    y.sum().backward()
+    assert x.grad.shape == (M, K) and a.grad.shape == (2, K) and bb.grad.shape == (N, 2)
+    torch.testing.assert_close(x.grad, torch.ones(M, N, device=x.device) @ w)
+    assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(bb.grad) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -48,6 +48,17 @@ def test_rows_without_adapter_get_the_base_output_and_single_adapter_matches_lor
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+@pytest.mark.parametrize("M, K, N", [(3, 0, 4), (3, 5, 0), (0, 5, 4)])
+def test_multi_zero_sized_dimensions(backend, M, K, N):
+    x, w, b, a, bb, scales, ids = problem(M, K, N, 2, 3, torch.float32)
+    x.requires_grad_()
+    y = lora_kernels.lora_linear_multi(x, w, b, a, bb, scales, ids, backend=backend)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    y.sum().backward()
+    assert x.grad.shape == (M, K)
+
+
 def test_multi_bad_arguments():
     x, w, b, a, bb, scales, ids = problem(6, 16, 8, 2, 3, torch.float32)
     with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 3\)"):

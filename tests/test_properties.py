@@ -7,7 +7,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lora_kernels
 from conftest import BACKENDS, make_problem
 from test_function import run_and_compare
 
@@ -17,7 +16,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @st.composite
 def problems(draw):
     return dict(
-        M=draw(st.integers(0, 40)), K=draw(st.integers(1, 72)), N=draw(st.integers(1, 72)),
+        M=draw(st.integers(0, 40)), K=draw(st.integers(0, 72)), N=draw(st.integers(0, 72)),
         r=draw(st.integers(1, 20)), dtype=draw(st.sampled_from(DTYPES)), bias=draw(st.booleans()),
         lead=draw(st.sampled_from([(), (2,), (1, 3)])), layout=draw(st.sampled_from(["dense", "row-strided", "col-major"])),
         backend=draw(st.sampled_from(BACKENDS)), dropout=draw(st.sampled_from([0.0, 0.0, 0.3])),
@@ -41,9 +40,5 @@ def test_any_valid_input_matches_float64(p):
     torch.manual_seed(p["seed"])
     x, w, b, a, bb, s = make_problem(p["M"], p["K"], p["N"], p["r"], p["dtype"], bias=p["bias"], lead=p["lead"])
     x = with_layout(x, p["layout"])
-    if p["M"] == 0 or p["K"] * p["N"] == 0:
-        y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend=p["backend"])
-        assert y.shape == (*x.shape[:-1], p["N"])
-        return
     run_and_compare(p["backend"], x, w, b, a, bb, s, p["dtype"], dropout_p=p["dropout"],
                     seed=p["seed"] if p["dropout"] else None, magnitude_bound=True)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
                       tuned)
 
@@ -177,10 +178,10 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     M, N = dy.shape
     K = weight.shape[1]
     R = lora_A.shape[0]
+    if M == 0 or N == 0 or K == 0:  # nothing to tile: g = dY·B is zero or empty, so is every LoRA term
+        return reference.backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     g = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
-    if M == 0:
-        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), g
     flags = kernel_flags(dy.dtype)
     block_r = rank_block(R)
     args = (dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
                       tuned)
 
@@ -129,12 +130,14 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     hold n stacked rank-``adapter_rank`` adapters; row m uses adapter ``adapter_ids[m]`` (−1: none)
     with scale ``adapter_scales[id]`` (fp32, n), times ``scale``.
     """
+    M, K = x.shape
+    N, R = lora_B.shape
+    if M == 0 or N == 0 or K == 0:  # nothing to tile; the LoRA term is zero or empty
+        return reference.forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
     if x.stride(-1) != 1:  # any row stride is fine; the feature dimension must be dense
         x = x.contiguous()
     if bias is not None:  # the kernel reads bias with unit stride
         bias = bias.contiguous()
-    M, K = x.shape
-    N, R = lora_B.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     fused_dropout = x_lora is None and dropout_p > 0.0
     if fused_dropout and seed is None:
@@ -146,8 +149,6 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     else:
         xa = (x_lora @ lora_A.t()).mul_(scale)
-    if M == 0:
-        return y, xa
     args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, seed if fused_dropout else y,
             adapter_ids if multi else y, adapter_scales if multi else y,
             M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
