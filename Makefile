@@ -22,7 +22,7 @@ else
 DEPS   :=
 endif
 
-.PHONY: test bench install clean
+.PHONY: test test-triton36 bench install clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
@@ -37,8 +37,20 @@ install: $(DEPS)
 test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
+# The GPU machines run triton 3.6: check the kernels against it too, beside the installed 3.8 (its
+# interpreter needs numpy < 2.3). Interpreter tests of the Triton paths + sm_90 compile of all launches.
+T36 := .triton36
+test-triton36: install
+	$(PYTHON) -m pip install -q --no-deps --target $(T36) "triton==3.6.0" "numpy==2.2.*"
+	PYTHONPATH=$(CURDIR)/$(T36) TRITON_INTERPRET=1 TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) -m pytest -q \
+		-p no:cacheprovider -W ignore::DeprecationWarning tests/triton/test_triton_kernels.py tests/test_function.py \
+		tests/test_multi.py tests/test_memory_determinism.py
+	PYTHONPATH=$(CURDIR)/$(T36) TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
+		--arch 90 > $(T36)/compile.log || (tail -40 $(T36)/compile.log; exit 1)
+	@echo "triton 3.6.0: $$(grep -c '^ok' $(T36)/compile.log) launch variants compiled for sm_90 (log: $(T36)/compile.log)"
+
 bench: install
 	$(PYTHON) -m pytest bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info lora_kernels/_C*.so .pytest_cache
+	rm -rf build *.egg-info lora_kernels/_C*.so .pytest_cache $(T36)
