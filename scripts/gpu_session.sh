@@ -3,7 +3,10 @@
 # command. Uses the machine's own python3 (no registry there); writes logs and results to $OUT.
 #     bash scripts/gpu_session.sh test       # build in place, full test suite on the GPU
 #     bash scripts/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, both backends
-#     bash scripts/gpu_session.sh bench      # pytest bench (layer, features, Table 1)
+#     bash scripts/gpu_session.sh bench      # pytest bench (layer, features, Table 1); if one command's
+#                                            # 10 minutes are not enough, split it with BENCH_ARGS:
+#                                            # "--suite layer", "--suite features", "--suite table1"
+#                                            # (the SIMT CUDA backend is slow at M = 8192)
 #     bash scripts/gpu_session.sh tune       # autotune tile configs for the bench shapes, vs the table
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_kernels_out}
