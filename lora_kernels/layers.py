@@ -44,7 +44,7 @@ class LoRAMixin:
         self.merged = False
         self.weight.requires_grad_(False)
         self.extra_adapters = nn.ModuleDict()  # more named adapters for mixed batches (empty: no state)
-        self.extra_scaling = {}
+        self.extra_config = {}  # name -> dict(r, alpha, use_rslora, scaling)
 
     def _new_adapter(self, r):
         """(lora_A, lora_B) Linear modules of rank r, initialised so the adapter adds exactly zero."""
@@ -71,7 +71,8 @@ class LoRAMixin:
         lora_A, lora_B = self._new_adapter(r)
         adapter = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B})
         self.extra_adapters[name] = adapter
-        self.extra_scaling[name] = lora_scale(r, alpha, use_rslora)
+        self.extra_config[name] = dict(r=r, alpha=alpha, use_rslora=use_rslora,
+                                       scaling=lora_scale(r, alpha, use_rslora))
         return adapter
 
     def _mixed_batch(self, x, adapter_names):
@@ -89,7 +90,7 @@ class LoRAMixin:
         pick = lambda n: (self.lora_A, self.lora_B) if n == "default" else (  # noqa: E731
             self.extra_adapters[n]["lora_A"], self.extra_adapters[n]["lora_B"])
         lora_A, lora_B = stack_adapters([pick(n)[0].weight for n in names], [pick(n)[1].weight for n in names])
-        scales = [self.scaling if n == "default" else self.extra_scaling[n] for n in names]
+        scales = [self.scaling if n == "default" else self.extra_config[n]["scaling"] for n in names]
         ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
         return lora_linear_multi(x, self.base_weight(), self.bias, lora_A, lora_B, scales, ids, self.backend)
 
@@ -108,6 +109,16 @@ class LoRAMixin:
             with torch.autocast(x.device.type, enabled=False):
                 return lora_linear(*tensors, self.scaling, p, self.backend)
         return lora_linear(*tensors, self.scaling, p, self.backend)
+
+    def adapter(self, name="default"):
+        """(lora_A, lora_B, r, alpha, use_rslora) of the adapter called ``name``."""
+        if name == "default":
+            return self.lora_A, self.lora_B, self.r, self.lora_alpha, self.use_rslora
+        if name not in self.extra_adapters:
+            raise KeyError(f"no adapter {name!r}; this layer has {['default', *self.extra_adapters]}")
+        cfg = self.extra_config[name]
+        return (self.extra_adapters[name]["lora_A"], self.extra_adapters[name]["lora_B"], cfg["r"], cfg["alpha"],
+                cfg["use_rslora"])
 
     @torch.no_grad()
     def _delta_weight(self):

@@ -143,34 +143,36 @@ def unpatch_peft(model: nn.Module) -> int:
 # PEFT's adapter format for models built with LoRALinear / inject_lora.
 # ---------------------------------------------------------------------------------------------
 
-def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str = None) -> List[str]:
-    """Write the LoRA layers of ``model`` as a PEFT adapter that ``PeftModel.from_pretrained`` loads.
-    Returns the module names saved."""
+def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str = None,
+                      adapter_name: str = "default") -> List[str]:
+    """Write adapter ``adapter_name`` of the model's LoRA layers as a PEFT adapter that
+    ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved."""
     from safetensors.torch import save_file
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRAMixin)}
+    layers = {name: m.adapter(adapter_name) for name, m in model.named_modules()
+              if isinstance(m, LoRAMixin) and (adapter_name == "default" or adapter_name in m.extra_adapters)}
     if not layers:
-        raise ValueError("model has no LoRA layers to save (use inject_lora first)")
+        raise ValueError(f"model has no LoRA layers with adapter {adapter_name!r} to save (use inject_lora first)")
+    dropouts = {m.lora_dropout for m in model.modules() if isinstance(m, LoRAMixin)}
     first = next(iter(layers.values()))
-    dropouts = {m.lora_dropout for m in layers.values()}
-    if len({m.use_rslora for m in layers.values()}) > 1 or len(dropouts) > 1:
+    if len({a[4] for a in layers.values()}) > 1 or len(dropouts) > 1:
         raise ValueError("PEFT's format has one use_rslora and one dropout per adapter; the layers differ")
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r, "lora_alpha": first.lora_alpha, "lora_dropout": first.lora_dropout,
-        "use_rslora": first.use_rslora, "target_modules": sorted(layers), "bias": "none",
-        "fan_in_fan_out": all(m.fan_in_fan_out for m in layers.values()), "inference_mode": True,
+        "r": first[2], "lora_alpha": first[3], "lora_dropout": dropouts.pop(),
+        "use_rslora": first[4], "target_modules": sorted(layers), "bias": "none",
+        "fan_in_fan_out": all(model.get_submodule(n).fan_in_fan_out for n in layers), "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
-        "rank_pattern": {n: m.r for n, m in layers.items() if m.r != first.r},
-        "alpha_pattern": {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != first.lora_alpha},
+        "rank_pattern": {n: a[2] for n, a in layers.items() if a[2] != first[2]},
+        "alpha_pattern": {n: a[3] for n, a in layers.items() if a[3] != first[3]},
     }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    for name, (lora_A, lora_B, *_) in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.weight.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.weight.detach().contiguous()
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     return sorted(layers)
 
@@ -183,10 +185,11 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto") -> List[str]:
-    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model:
-    the adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers holding the saved weights.
-    Returns the module names loaded."""
+def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapter_name: str = "default") -> List[str]:
+    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model or
+    one with LoRA layers already: adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers, and
+    the weights go into adapter ``adapter_name`` ("default", or a named adapter for mixed batches,
+    added where missing). Returns the module names loaded."""
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
@@ -205,21 +208,26 @@ def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto") -> Lis
     names = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
     if not names:
         raise ValueError(f"{weights_file} holds no lora_A weights")
+    use_rslora = config.get("use_rslora", False)
     for name in names:
         module = model.get_submodule(name)
         lora_A, lora_B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
         r = lora_A.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
-        if isinstance(module, LoRAMixin):  # already adapted: load into it
+        if not isinstance(module, LoRAMixin):  # the default adapter gets this rank (zero B if not loaded into)
+            module = wrap_with_lora(module, r, alpha, config.get("lora_dropout", 0.0), use_rslora, backend)
+            replace_module(model, name, module)
+        if adapter_name == "default":
             if module.r != r:
                 raise ValueError(f"{name} has a rank-{module.r} adapter; {path} holds rank {r}")
-            module.lora_alpha = alpha
-            module.scaling = lora_scale(r, alpha, module.use_rslora)
-        else:
-            module = wrap_with_lora(module, r, alpha, config.get("lora_dropout", 0.0),
-                                    config.get("use_rslora", False), backend)
-            replace_module(model, name, module)
+            module.lora_alpha, module.use_rslora = alpha, use_rslora
+            module.scaling = lora_scale(r, alpha, use_rslora)
+        elif adapter_name not in module.extra_adapters:
+            module.add_adapter(adapter_name, r, alpha, use_rslora)
+        target_A, target_B, target_r, *_ = module.adapter(adapter_name)
+        if target_r != r:
+            raise ValueError(f"{name}: adapter {adapter_name!r} has rank {target_r}; {path} holds rank {r}")
         with torch.no_grad():
-            module.lora_A.weight.copy_(lora_A)
-            module.lora_B.weight.copy_(lora_B)
+            target_A.weight.copy_(lora_A)
+            target_B.weight.copy_(lora_B)
     return names

@@ -160,3 +160,30 @@ def test_inject_lora_wraps_conv1d(backend):
     assert_close(y, ref.double(), torch.float32, "conv1d lora")
     merged = copy.deepcopy(layer).merge()
     assert_close(merged(x), ref.double(), torch.float32, "merged conv1d")
+
+
+def test_named_adapters_round_trip_with_peft(tmp_path):
+    """Two PEFT adapters load here as "default" + a named one and run as one mixed batch; the
+    named one saved from here loads back in PEFT."""
+    trained = peft_model("llama")
+    trained.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS["llama"]))
+    randomize_lora(trained)
+    trained.eval()
+    trained.save_pretrained(tmp_path)  # PEFT: default at the root, "other" in a sub-folder
+    ids = torch.randint(0, 128, (3, 8))
+    names = ["other", "default", "__base__"]
+    ref = trained(input_ids=ids, adapter_names=names).logits
+    model = tiny("llama")
+    lora_kernels.load_peft_adapter(model, tmp_path)
+    lora_kernels.load_peft_adapter(model, tmp_path / "other", adapter_name="other")
+    model.eval()
+    for layer in model.modules():  # route PEFT's adapter_names kwarg to our layers
+        if isinstance(layer, lora_kernels.LoRAMixin):
+            layer.register_forward_pre_hook(lambda m, args, kw: (args, {"adapter_names": names}), with_kwargs=True)
+    assert_close(model(input_ids=ids).logits, ref.double(), torch.float32, "mixed batch after loading")
+    out = tmp_path / "saved_other"
+    lora_kernels.save_peft_adapter(model, out, adapter_name="other")
+    back = peft.PeftModel.from_pretrained(tiny("llama"), out)
+    with torch.no_grad():
+        trained.set_adapter("other")
+        torch.testing.assert_close(back(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
