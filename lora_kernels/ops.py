@@ -6,8 +6,8 @@ Every kernel backend provides the two functions of :mod:`lora_kernels.reference`
     backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True) -> (dx, dA, dB, g)
 A backend with ``FUSED_DROPOUT = True`` (Triton) also takes ``dropout_p`` and a ``seed`` tensor
 in both and drops elements of x inside its kernels, and ``adapter_ids`` / ``adapter_scales`` /
-``adapter_rank`` for multi-adapter batches (n adapters stacked as one rank-n·r LoRA). The shapes of the outputs are written once
-here (the fake implementations).
+``adapter_rank`` for multi-adapter batches (n adapters stacked as one rank-n·r LoRA). The shapes of
+the outputs are written once here (the fake implementations).
 """
 from typing import Optional, Tuple
 

@@ -66,7 +66,7 @@ def tuned(key, default: dict, launch) -> dict:
                 continue
             if best is None or ms < best[0]:
                 best = (ms, cfg)
-        _TUNED[key] = best[1]
+        _TUNED[key] = default if best is None else best[1]  # none launched: the default's launch will say why
     return _TUNED[key]
 
 

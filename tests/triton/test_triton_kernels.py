@@ -113,3 +113,16 @@ def test_autotune_picks_a_candidate_once_per_shape_and_stays_correct(monkeypatch
     chosen = tk.tuned_configs()
     assert sorted(k[0] for k in chosen) == ["dx", "forward"]
     assert chosen[next(k for k in chosen if k[0] == "forward")] in [fwd_default] + _common.tile_variants(fwd_default)
+
+
+def test_autotune_falls_back_to_the_table_when_no_candidate_launches(monkeypatch):
+    from lora_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common, "_TUNED", {})
+    default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+
+    def launch(cfg):
+        raise RuntimeError("out of resources")
+
+    assert _common.tuned(("forward", 1), default, launch) == default
