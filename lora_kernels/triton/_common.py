@@ -21,6 +21,38 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE") == "1"
 _TUNED = {}
 
 
+def _tiles(block_m, block_n, block_k, group_m, num_warps, num_stages):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+# Tile sizes per kernel for M ≤ 16, M ≤ 128 and larger M (H100-oriented, bf16/fp16). Small M is a
+# weight-streaming GEMV: thin row tiles and narrow output tiles, so the programs cover the 132 SMs.
+# Large M uses the usual 128×128 Hopper GEMM tile. "forward" tiles y (BLOCK_M × BLOCK_N, K walked
+# in BLOCK_K steps); "dx" tiles dX (BLOCK_M × BLOCK_K, N walked in BLOCK_N steps), and the dA/dB
+# kernel reuses its BLOCK_K and BLOCK_N as output tile sizes.
+_TILES = {
+    "forward": (_tiles(16, 32, 128, 1, 4, 4), _tiles(64, 64, 64, 4, 4, 4), _tiles(128, 128, 64, 8, 8, 3)),
+    "dx": (_tiles(16, 128, 32, 1, 4, 4), _tiles(64, 64, 64, 4, 4, 4), _tiles(128, 64, 128, 8, 8, 3)),
+}
+# IEEE fp32 dots run on FMA units with far more registers per tile: smaller tiles, (BLOCK_N,
+# BLOCK_K) for M ≤ 16 and for larger M (sizes checked by tests/triton/gpu_compile.py).
+_FP32_TILES = {"forward": ((32, 32), (64, 32)), "dx": ((32, 32), (32, 64))}
+
+
+def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for ``kernel`` ("forward" or "dx") by problem size: a table, so a launch costs no
+    search (LORA_KERNELS_AUTOTUNE=1 times neighbours of these once per shape instead, see tuned)."""
+    if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
+        return _tiles(16, 32, 32, 4, 4, 1)
+    if dtype == torch.float32:
+        wide_rank = rank_block(R) >= 64  # 8 warps spread the FMA-dot operands over more threads
+        block_n, block_k = _FP32_TILES[kernel][M > 16]
+        block_m = 16 if M <= 16 else 32 if wide_rank else 64
+        return _tiles(block_m, block_n, block_k, 1 if M <= 16 else 8, 8 if wide_rank else 4, 3)
+    return dict(_TILES[kernel][0 if M <= 16 else 1 if M <= 128 else 2])
+
+
 def tile_variants(cfg: dict) -> list:
     """Neighbours of a tile config, one knob at a time: tile sides halved or doubled, warps, stages."""
     out = []

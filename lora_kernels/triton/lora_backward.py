@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .. import reference
 from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
-                      tuned)
+                      tile_config, tuned)
 
 
 @triton.jit
@@ -136,24 +136,6 @@ def _lora_dadb_kernel(
                           False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def backward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for the dX kernel (BLOCK_M × BLOCK_K tiles, N walked in BLOCK_N steps); the
-    dA/dB kernel reuses BLOCK_K and BLOCK_N as its output tile sizes. See forward_config."""
-    if INTERPRETING:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        warps = 8 if rank_block(R) >= 64 else 4  # spreads the FMA-dot operands over more threads
-        if M <= 16:
-            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=warps, num_stages=3)
-        return dict(BLOCK_M=32 if rank_block(R) >= 64 else 64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8,
-                    num_warps=warps, num_stages=3)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=4)
-    if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-
-
 def _num_splits(M: int, tiles: int, block_m: int) -> int:
     """Split the M reduction so tiles × splits ≈ 2 waves of 132 SMs, each split ≥ 4 row blocks."""
     if INTERPRETING:
@@ -197,7 +179,7 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
         _lora_dx_kernel[grid](*args, **dx_flags, **cfg)
 
     key = ("dx", triton.next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
-    cfg = tuned(key, backward_config(M, N, K, R, dy.dtype), launch_dx)
+    cfg = tuned(key, tile_config("dx", M, R, dy.dtype), launch_dx)
     launch_dx(cfg)
 
     block_m = 32 if INTERPRETING else 64

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
+from ._common import (adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block, tile_config,
                       tuned)
 
 
@@ -89,30 +89,6 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def forward_config(M: int, N: int, K: int, R: int, dtype: torch.dtype) -> dict:
-    """Tile sizes by problem size: a table, so a launch costs no search (LORA_KERNELS_AUTOTUNE=1
-    times neighbours of these once per shape instead, see _common.tuned).
-
-    Small M is a weight-streaming GEMV: thin row tiles and narrow column tiles so the N/BLOCK_N
-    programs cover the GPU's 132 SMs. Large M uses the usual 128×128 Hopper GEMM tile. IEEE fp32
-    dots run on FMA units with far more registers per tile, so fp32 takes smaller tiles (sizes
-    checked free of register spills by tests/triton/gpu_compile.py).
-    """
-    if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        warps = 8 if rank_block(R) >= 64 else 4  # spreads the FMA-dot operands over more threads
-        if M <= 16:
-            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=warps, num_stages=3)
-        return dict(BLOCK_M=32 if rank_block(R) >= 64 else 64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8,
-                    num_warps=warps, num_stages=3)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
 def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                   lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None,
                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
@@ -162,5 +138,5 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         _lora_forward_kernel[grid](*args, **flags, **cfg)
 
     key = ("forward", triton.next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))
-    launch(tuned(key, forward_config(M, N, K, R, x.dtype), launch))
+    launch(tuned(key, tile_config("forward", M, R, x.dtype), launch))
     return y, xa

@@ -97,7 +97,7 @@ def test_bf16_outputs_round_to_nearest_even():
 
 
 def test_autotune_picks_a_candidate_once_per_shape_and_stays_correct(monkeypatch):
-    from lora_kernels.triton import _common, lora_backward, lora_forward
+    from lora_kernels.triton import _common
 
     monkeypatch.setattr(_common, "AUTOTUNE", True)
     monkeypatch.setattr(_common, "_TUNED", {})
@@ -105,8 +105,8 @@ def test_autotune_picks_a_candidate_once_per_shape_and_stays_correct(monkeypatch
     real_time = _common._time_ms
     monkeypatch.setattr(_common, "_time_ms", lambda fn: timed.append(1) or real_time(fn))
     contract_vs_float64(21, 48, 40, 8, torch.bfloat16)  # results stay right while candidates run
-    fwd_default = lora_forward.forward_config(21, 40, 48, 8, torch.bfloat16)
-    dx_default = lora_backward.backward_config(21, 40, 48, 8, torch.bfloat16)
+    fwd_default = _common.tile_config("forward", 21, 8, torch.bfloat16)
+    dx_default = _common.tile_config("dx", 21, 8, torch.bfloat16)
     assert len(timed) == 2 + len(_common.tile_variants(fwd_default)) + len(_common.tile_variants(dx_default))
     contract_vs_float64(21, 48, 40, 8, torch.bfloat16)  # same shape key: the choice is reused
     assert len(timed) == 2 + len(_common.tile_variants(fwd_default)) + len(_common.tile_variants(dx_default))
