@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS, DEVICE, assert_close
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -18,10 +18,10 @@ def tiny(kind):
     torch.manual_seed(0)
     if kind == "gpt2":  # projections are Conv1D (weight stored (in, out))
         cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
-        return transformers.GPT2LMHeadModel(cfg).eval()
+        return transformers.GPT2LMHeadModel(cfg).eval().to(DEVICE)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
 def randomize_lora(model):
@@ -51,7 +51,7 @@ def logits_and_grads(model, ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_patch_peft_same_logits_and_gradients(kind, backend):
     model = peft_model(kind)
-    ids = torch.randint(0, 128, (2, 12))
+    ids = torch.randint(0, 128, (2, 12), device=DEVICE)
     ref_logits, ref_grads = logits_and_grads(model, ids)
     n_layers = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
     assert lora_kernels.patch_peft(model, backend=backend) == n_layers
@@ -65,7 +65,7 @@ def test_patch_peft_same_logits_and_gradients(kind, backend):
 
 def test_patched_model_keeps_peft_behaviour(tmp_path):
     model = peft_model("llama")
-    ids = torch.randint(0, 128, (2, 10))
+    ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     before = model(input_ids=ids).logits
     state_before = peft.get_peft_model_state_dict(model)
     lora_kernels.patch_peft(model)
@@ -89,7 +89,7 @@ def test_patched_model_keeps_peft_behaviour(tmp_path):
 
 def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
     model = peft_model("llama", use_dora=True)
-    ids = torch.randint(0, 128, (1, 8))
+    ids = torch.randint(0, 128, (1, 8), device=DEVICE)
     before = model(input_ids=ids).logits
     with caplog.at_level(logging.WARNING, logger="lora_kernels"):
         assert lora_kernels.patch_peft(model) == 0
@@ -106,7 +106,7 @@ def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
                                                fan_in_fan_out=kind == "gpt2"))
     model.eval()  # PEFT takes adapter_names in eval mode only
     randomize_lora(model)
-    ids = torch.randint(0, 128, (4, 8))
+    ids = torch.randint(0, 128, (4, 8), device=DEVICE)
     names = ["default", "other", "__base__", "other"]
     ref = model(input_ids=ids, adapter_names=names).logits
     lora_kernels.patch_peft(model, backend=backend)
@@ -122,7 +122,7 @@ def test_adapter_trained_here_loads_in_peft(kind, tmp_path):
     model = tiny(kind)
     names = lora_kernels.inject_lora(model, TARGETS[kind], r=4, alpha=8)
     randomize_lora(model)
-    ids = torch.randint(0, 128, (2, 10))
+    ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     ours = model(input_ids=ids).logits
     assert sorted(lora_kernels.save_peft_adapter(model, tmp_path)) == sorted(names)
     in_peft = peft.PeftModel.from_pretrained(tiny(kind), tmp_path)
@@ -133,7 +133,7 @@ def test_adapter_trained_here_loads_in_peft(kind, tmp_path):
 def test_adapter_trained_in_peft_loads_here(kind, tmp_path):
     trained = peft_model(kind, r=6, lora_alpha=12, rank_pattern={"v_proj": 2} if kind == "llama" else {})
     trained.save_pretrained(tmp_path)
-    ids = torch.randint(0, 128, (2, 10))
+    ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     ref = trained(input_ids=ids).logits
     model = tiny(kind)
     names = lora_kernels.load_peft_adapter(model, tmp_path)
@@ -147,14 +147,14 @@ def test_inject_lora_wraps_conv1d(backend):
     from transformers.pytorch_utils import Conv1D
 
     model = tiny("gpt2")
-    ids = torch.randint(0, 128, (2, 10))
+    ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     base = model(input_ids=ids).logits
     names = lora_kernels.inject_lora(model, ["c_attn"], r=4, alpha=8, backend=backend)
     layer = model.get_submodule(names[0])
     assert isinstance(layer, Conv1D) and layer.fan_in_fan_out and layer.in_features == 64 and layer.out_features == 192
     torch.testing.assert_close(model(input_ids=ids).logits, base)  # zero B: exactly the base model
     randomize_lora(model)
-    x = torch.randn(5, 64, requires_grad=True)
+    x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     y = layer(x)
     ref = x @ layer.weight + layer.bias + layer.scaling * (x @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
     assert_close(y, ref.double(), torch.float32, "conv1d lora")
@@ -170,7 +170,7 @@ def test_named_adapters_round_trip_with_peft(tmp_path):
     randomize_lora(trained)
     trained.eval()
     trained.save_pretrained(tmp_path)  # PEFT: default at the root, "other" in a sub-folder
-    ids = torch.randint(0, 128, (3, 8))
+    ids = torch.randint(0, 128, (3, 8), device=DEVICE)
     names = ["other", "default", "__base__"]
     ref = trained(input_ids=ids, adapter_names=names).logits
     model = tiny("llama")
