@@ -16,7 +16,7 @@ from timing import time_eager, time_graph
 # (batch, sequence, AdapterL bottleneck, AdapterH bottleneck): |Θ| 0.5M, 11M, 11M as in TABLE1.md
 COLUMNS = [(32, 512, 8, 5), (16, 256, 224, 112), (1, 128, 224, 112)]
 REDUCED_COLUMNS = [(4, 64, 1, 1), (2, 32, 28, 14), (1, 16, 28, 14)]
-VARIANTS = ["Fine-Tune / LoRA (merged)", "AdapterL", "AdapterH", "LoRA r=4 Wq,Wv: lora_kernels (fused)",
+VARIANTS = ["Fine-Tune / LoRA (merged)", "AdapterL", "AdapterH", "LoRA r=4 Wq,Wv: lora_kernels (auto)",
             "LoRA r=4 Wq,Wv: PEFT-style (unfused)", "LoRA r=8 c_attn: PEFT's lora.Linear"]
 
 
@@ -47,7 +47,7 @@ def build(variant, cfg, bottleneck_l, bottleneck_h, device, dtype):
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
     elif variant.startswith("LoRA"):
-        add_lora_q_v(model, r=4, alpha=8, fused="fused" in variant and "unfused" not in variant)
+        add_lora_q_v(model, r=4, alpha=8, fused="lora_kernels" in variant)
     return model
 
 

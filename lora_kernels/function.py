@@ -26,14 +26,24 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
     _TRITON_MISSING = f"triton is not importable ({_exc}); pip install triton"
 
 
-def _backend(name: str, x: torch.Tensor) -> str:
+# backend="auto" on a GPU: the fused Triton kernels up to this many rows of x, above it the
+# cuBLAS-composed reference path. Measured on an H100 (bf16, r = 16, 2026-11-22; see
+# bench/results/README.md): at M ≤ 128 the fused kernels beat every unfused form, while at
+# M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
+# three cuBLAS calls beat one fused pass.
+AUTO_TRITON_MAX_ROWS = 512
+
+
+def _backend(name: str, x: torch.Tensor, by_size: bool = True) -> str:
     """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
-    saying why it cannot."""
+    saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
+    batches, whose reference path is a loop over adapters)."""
     if name == "reference" or (name == "auto" and x.device.type != "cuda"):
         return "reference"
-    if name == "auto":  # Triton on CUDA: the CUDA extension's portable kernel has no tensor cores yet
+    if name == "auto":  # the CUDA extension's portable kernel has no tensor cores yet: never auto
         usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
-        return "triton" if usable else "reference"
+        small = not by_size or x.numel() <= AUTO_TRITON_MAX_ROWS * x.shape[-1]
+        return "triton" if usable and small else "reference"
     reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
@@ -48,7 +58,8 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     """The forward pass shared by the autograd Function and the inference path.
     Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
-    backend = _backend(backend, x)
+    # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
+    backend = _backend(backend, x, by_size=dropout_p == 0.0)
     ops = _BACKENDS[backend]
     x2d = rows(x)
     mask = seed = None
@@ -109,7 +120,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
         lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout).
         scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
         dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
-        backend: ``"auto"`` (fastest available; the reference path on CPU), ``"reference"``,
+        backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x or with dropout,
+            else the cuBLAS-composed reference path; the reference path on CPU), ``"reference"``,
             ``"triton"`` or ``"cuda"``.
     """
     scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)

@@ -74,7 +74,7 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     if adapter_ids.numel() and not capturing and (adapter_ids.min() < -1 or adapter_ids.max() >= n):
         raise ValueError(f"adapter_ids must be in [-1, {n}), got values in "
                          f"[{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
-    resolved = _backend(backend, x)
+    resolved = _backend(backend, x, by_size=False)
     if resolved == "reference":
         return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
     if resolved != "triton":

@@ -32,7 +32,7 @@ def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
     lora_linear_multi call; None where it cannot be fused (PEFT's loop then runs)."""
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
-    if _backend(self.lora_kernels_backend, x) == "cuda":  # no multi-adapter CUDA kernel yet
+    if _backend(self.lora_kernels_backend, x, by_size=False) == "cuda":  # no multi-adapter CUDA kernel yet
         return None
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
         return None

@@ -145,3 +145,14 @@ def test_offsets_beyond_2_pow_31(backend):
     y_ref, dx_ref, _, _, _ = reference_grads(x[tail], w, None, a, bb, 2.0, dy[tail])
     assert_close(y[tail], y_ref, torch.bfloat16, "y tail")
     assert_close(x.grad[tail], dx_ref, torch.bfloat16, "dx tail")
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or "triton" not in KERNEL_BACKENDS, reason="auto picks among GPU backends")
+def test_auto_uses_triton_up_to_512_rows_or_with_dropout():
+    from lora_kernels.function import AUTO_TRITON_MAX_ROWS, _backend
+
+    small = torch.empty(2, AUTO_TRITON_MAX_ROWS // 2, 64, device="cuda")
+    large = torch.empty(AUTO_TRITON_MAX_ROWS + 1, 64, device="cuda")
+    assert _backend("auto", small) == "triton"
+    assert _backend("auto", large) == "reference"
+    assert _backend("auto", large, by_size=False) == "triton"  # dropout, multi-adapter batches

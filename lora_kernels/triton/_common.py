@@ -26,23 +26,34 @@ def _tiles(block_m, block_n, block_k, group_m, num_warps, num_stages):
                 num_stages=num_stages)
 
 
-# Tile sizes per kernel for M ≤ 16, M ≤ 128 and larger M (H100-oriented, bf16/fp16). Small M is a
-# weight-streaming GEMV: thin row tiles and narrow output tiles, so the programs cover the 132 SMs.
+# Tile sizes per kernel for M ≤ 16, M ≤ 128 and larger M (bf16/fp16), chosen by
+# scripts/sweep_tiles.py on an H100 (bf16, r = 16, the benchmark's shapes; triton 3.6, 2026-11-22;
+# log in bench/results/sweep-h100.log). Small M is a weight-streaming GEMV: thin row tiles, narrow
+# output tiles and long K steps, so the programs cover the 132 SMs and keep many loads in flight.
 # Large M uses the usual 128×128 Hopper GEMM tile. "forward" tiles y (BLOCK_M × BLOCK_N, K walked
 # in BLOCK_K steps); "dx" tiles dX (BLOCK_M × BLOCK_K, N walked in BLOCK_N steps), and the dA/dB
-# kernel reuses its BLOCK_K and BLOCK_N as output tile sizes.
+# kernel reuses its BLOCK_K and BLOCK_N as output tile sizes. Where the best K step at r = 16 is
+# long, wider rank tiles (A or B) shorten it (_K_STEP_BY_RANK), or it would spill registers or pass
+# an A100's shared memory (tests/triton/gpu_compile.py checks both for every launch).
 _TILES = {
-    "forward": (_tiles(16, 32, 128, 1, 4, 4), _tiles(64, 64, 64, 4, 4, 4), _tiles(128, 128, 64, 8, 8, 3)),
-    "dx": (_tiles(16, 128, 32, 1, 4, 4), _tiles(64, 64, 64, 4, 4, 4), _tiles(128, 64, 128, 8, 8, 3)),
+    "forward": (_tiles(16, 32, 256, 1, 4, 4), _tiles(64, 64, 128, 4, 4, 3), _tiles(128, 128, 64, 8, 8, 3)),
+    "dx": (_tiles(16, 128, 32, 1, 4, 4), _tiles(64, 64, 64, 4, 4, 4), _tiles(128, 64, 256, 8, 8, 3)),
+}
+_K_STEP_BY_RANK = {  # (kernel, M bucket): ((largest BLOCK_R, BLOCK_K), ...)
+    ("forward", 0): ((16, 256), (128, 128)),
+    ("forward", 1): ((16, 128), (128, 64)),
+    ("dx", 2): ((16, 256), (64, 128), (128, 64)),
 }
 # IEEE fp32 dots run on FMA units with far more registers per tile: smaller tiles, (BLOCK_N,
 # BLOCK_K) for M ≤ 16 and for larger M (sizes checked by tests/triton/gpu_compile.py).
 _FP32_TILES = {"forward": ((32, 32), (64, 32)), "dx": ((32, 32), (32, 64))}
 
 
-def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype) -> dict:
+def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype, dropout: bool = False) -> dict:
     """Tile sizes for ``kernel`` ("forward" or "dx") by problem size: a table, so a launch costs no
-    search (LORA_KERNELS_AUTOTUNE=1 times neighbours of these once per shape instead, see tuned)."""
+    search (LORA_KERNELS_AUTOTUNE=1 times neighbours of these once per shape instead, see tuned).
+    ``dropout``: the dX kernel redraws the mask of its (BLOCK_M, BLOCK_K) tile, which spilled
+    2.8 KB of registers at BLOCK_K = 256 (sm_90, triton 3.8), so K steps stay ≤ 128 there."""
     if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
         return _tiles(16, 32, 32, 4, 4, 1)
     if dtype == torch.float32:
@@ -50,7 +61,14 @@ def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype) -> dict:
         block_n, block_k = _FP32_TILES[kernel][M > 16]
         block_m = 16 if M <= 16 else 32 if wide_rank else 64
         return _tiles(block_m, block_n, block_k, 1 if M <= 16 else 8, 8 if wide_rank else 4, 3)
-    return dict(_TILES[kernel][0 if M <= 16 else 1 if M <= 128 else 2])
+    bucket = 0 if M <= 16 else 1 if M <= 128 else 2
+    cfg = dict(_TILES[kernel][bucket])
+    steps = _K_STEP_BY_RANK.get((kernel, bucket))
+    if steps:
+        cfg["BLOCK_K"] = next(block_k for max_r, block_k in steps if rank_block(R) <= max_r)
+    if dropout and kernel == "dx":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 128)
+    return cfg
 
 
 def tile_variants(cfg: dict) -> list:
