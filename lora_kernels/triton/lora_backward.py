@@ -179,7 +179,7 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
         _lora_dx_kernel[grid](*args, **dx_flags, **cfg)
 
     key = ("dx", triton.next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
-    cfg = tuned(key, tile_config("dx", M, R, dy.dtype), launch_dx)
+    cfg = tuned(key, tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"]), launch_dx)
     launch_dx(cfg)
 
     block_m = 32 if INTERPRETING else 64

@@ -9,6 +9,11 @@ first column of tiles also store xa = s·x·Aᵀ (M, r), the only thing backward
 Recomputing x·Aᵀ per column tile costs r/BLOCK_N extra FLOPs (1/8 at r=16, BLOCK_N=128) and saves
 a launch and a second read of x, which matters most at small M where the op is launch- and
 memory-bound.
+
+Fused dropout is the exception: every column tile would redraw the whole mask of its rows
+(N/BLOCK_N draws per element of x; on an H100 that made the training step 11× slower at
+M = 1024, N = 4096). There a first, thin pass (_dropout_xa_kernel) draws each element once and
+stores xa = s·dropout(x)·Aᵀ, and the main kernel loads xa as if the caller had given it.
 """
 from typing import Optional, Tuple
 
@@ -17,17 +22,17 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block, tile_config,
-                      tuned)
+from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
+                      tile_config, tuned)
 
 
 @triton.jit
 def _lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, seed_ptr, ids_ptr, scales_ptr,
-    M, N, K, R, scale, dropout_p, n_adapters, adapter_rank,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, ids_ptr, scales_ptr,
+    M, N, K, R, scale, n_adapters, adapter_rank,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_sm, stride_sr,
-    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -44,8 +49,6 @@ def _lora_forward_kernel(
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
@@ -57,23 +60,17 @@ def _lora_forward_kernel(
             a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
-            x_lora = x
-            if DROPOUT:  # zero dropped elements exactly; 1/(1-p) goes into the fp32 scale below
-                keep = dropout_keep(seed, offs_m[:, None], (k * BLOCK_K + offs_k)[None, :], K, dropout_p)
-                x_lora = tl.where(keep, x, 0.0)
-            acc_xa = tl.dot(x_lora, a, acc_xa, input_precision=DOT_PRECISION)
+            acc_xa = tl.dot(x, a, acc_xa, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     xa_ptrs = xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
     xa_mask = mask_m[:, None] & mask_r[None, :]
-    if XA_GIVEN:  # dropout: the caller computed xa from dropout(x)
+    if XA_GIVEN:  # dropout: xa came from dropout(x) (the first pass below, or the caller)
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     else:
         # Rounded to the input dtype, as an unfused layer would hold it; stored once per row tile.
-        if DROPOUT:
-            acc_xa = acc_xa * (1.0 / (1.0 - dropout_p))
         if MULTI:  # row m keeps only the columns of its own adapter, scaled by that adapter's scale
             acc_xa = adapter_rows(acc_xa, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
         xa = cast_to(acc_xa * scale, xa_ptr.dtype.element_ty, UPCAST)
@@ -89,6 +86,39 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, cast_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dropout_xa_kernel(
+    x_ptr, a_ptr, xa_ptr, seed_ptr, M, K, R, scale, dropout_p,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """xa = s·dropout(x)·Aᵀ for one row tile, each element of x dropped once: the fused-dropout
+    forward's first pass (its K loop is the main kernel's x·Aᵀ product, with the mask)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m, mask_r = offs_m < M, offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk      # (BM, BK)
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        if UPCAST:
+            x, a = x.to(tl.float32), a.to(tl.float32)
+        # zero dropped elements exactly; 1/(1-p) goes into the fp32 scale below
+        keep = dropout_keep(seed, offs_m[:, None], (k * BLOCK_K + offs_k)[None, :], K, dropout_p)
+        acc = tl.dot(tl.where(keep, x, 0.0), a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    xa = cast_to(acc * (1.0 / (1.0 - dropout_p)) * scale, xa_ptr.dtype.element_ty, UPCAST)
+    tl.store(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xa,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
 def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                   lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None,
                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
@@ -97,9 +127,9 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
 
     Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
-    Dropout is fused: with ``dropout_p > 0`` the kernel drops elements of x for the LoRA branch
-    with a counter-based RNG keyed by ``seed`` (an int64 tensor of one element), and nothing of
-    the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is multiplied by cuBLAS
+    Dropout is fused: with ``dropout_p > 0`` a first pass drops elements of x for the LoRA branch
+    with a counter-based RNG keyed by ``seed`` (an int64 tensor of one element) while it computes
+    xa, and nothing of the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is multiplied by cuBLAS
     and only added in the kernel.
 
     Multi-adapter batches: with ``adapter_ids`` (M,) int32, lora_A (n·r, K) and lora_B (N, n·r)
@@ -119,19 +149,28 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if fused_dropout and seed is None:
         raise ValueError("fused dropout needs a seed tensor")
     multi = adapter_ids is not None
-    if multi and (x_lora is not None or adapter_scales is None or adapter_rank < 1):
-        raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora")
-    if x_lora is None:
-        xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    else:
+    if multi and (x_lora is not None or fused_dropout or adapter_scales is None or adapter_rank < 1):
+        raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora or dropout")
+    flags = kernel_flags(x.dtype)
+    if x_lora is not None:
         xa = (x_lora @ lora_A.t()).mul_(scale)
-    args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa, seed if fused_dropout else y,
+    else:
+        xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    if fused_dropout:  # first pass: xa = s·dropout(x)·Aᵀ, each element of x dropped once
+        # rows per program: enough programs for the 132 SMs of an H100 (fp32's FMA dots: smaller tiles)
+        wide = x.dtype == torch.float32 or INTERPRETING
+        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, triton.next_power_of_2(triton.cdiv(M, 132))))
+        _dropout_xa_kernel[(triton.cdiv(M, block_m),)](
+            x, lora_A, xa, seed, M, K, R, scale, dropout_p, x.stride(0), x.stride(1), lora_A.stride(0),
+            lora_A.stride(1), xa.stride(0), xa.stride(1), BLOCK_M=block_m, BLOCK_K=32 if wide else 128,
+            BLOCK_R=rank_block(R), num_warps=4, num_stages=3, **flags)
+    args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
             adapter_ids if multi else y, adapter_scales if multi else y,
-            M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
+            M, N, K, R, scale, adapter_scales.shape[0] if multi else 0, adapter_rank,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1))
-    flags = dict(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None, DROPOUT=fused_dropout, MULTI=multi,
-                 BLOCK_R=rank_block(R), **kernel_flags(x.dtype))
+    flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi,
+                 BLOCK_R=rank_block(R))
 
     def launch(cfg):
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)

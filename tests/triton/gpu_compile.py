@@ -64,6 +64,15 @@ def signature_of(fn, args, kwargs):
     return sig, consts, attrs, options
 
 
+# Shared memory one block may use (bytes): H100/H200 (sm_90) and A100 (sm_80). A launch over it
+# compiles but fails at load time on that GPU ("out of resources").
+MAX_SHARED = {90: 232448, 80: 166912}
+# Register spills (stack bytes) tolerated for 16-bit launches: the r = 128 dX kernel with dropout
+# spills a little (≤ 216 B seen, triton 3.6); a table change that spills kilobytes fails here.
+# fp32 (FMA dots) is not bounded: it spills at r ≥ 64 (see the README).
+MAX_STACK_16BIT = 256
+
+
 def resource_usage(cubin: bytes) -> str:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -74,10 +83,16 @@ def resource_usage(cubin: bytes) -> str:
     return f"regs {m[1]:>3} stack {m[2]:>4} local {m[4]:>4}" if m else out.strip()[:80]
 
 
+def stack_bytes(usage: str) -> int:
+    m = re.search(r"stack +(\d+)", usage)
+    return int(m[1]) if m else 0
+
+
 def recorded_launches(quick):
     """Run forward and backward for a grid of problems on meta tensors; return unique launches."""
     launches = []
     fwd._lora_forward_kernel = LaunchRecorder(fwd._lora_forward_kernel, launches)
+    fwd._dropout_xa_kernel = LaunchRecorder(fwd._dropout_xa_kernel, launches)
     bwd._lora_dx_kernel = LaunchRecorder(bwd._lora_dx_kernel, launches)
     bwd._lora_dadb_kernel = LaunchRecorder(bwd._lora_dadb_kernel, launches)
     ms = [1, 128, 8192] if quick else [1, 16, 128, 1024, 8192]
@@ -128,7 +143,12 @@ def main():
             label = f"sm_{arch} {fn.__name__:<18} {dtype:<4} w{options.get('num_warps')} s{options.get('num_stages')} {blocks}"
             try:
                 kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
-                print(f"ok   {label} | {resource_usage(kernel.asm['cubin'])} smem {kernel.metadata.shared}", flush=True)
+                if kernel.metadata.shared > MAX_SHARED.get(arch, 1 << 30):
+                    raise RuntimeError(f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}")
+                usage = resource_usage(kernel.asm["cubin"])
+                if dtype != "fp32" and stack_bytes(usage) > MAX_STACK_16BIT:
+                    raise RuntimeError(f"spills: {usage}")
+                print(f"ok   {label} | {usage} smem {kernel.metadata.shared}", flush=True)
             except Exception as exc:  # report every failing launch, then fail
                 failures += 1
                 print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
