@@ -34,9 +34,19 @@ def backward_fake(dy: Tensor, x_lora: Tensor, weight: Tensor, lora_A: Tensor, lo
 
 def define_ops(backend: str, forward_impl, backward_impl):
     """Register ``lora_kernels::{backend}_forward`` / ``_backward`` from plain implementations
-    (whose signatures must match the fakes above) and return the two ops."""
-    forward = torch.library.custom_op(f"lora_kernels::{backend}_forward", forward_impl, mutates_args=())
-    forward.register_fake(forward_fake)
-    backward = torch.library.custom_op(f"lora_kernels::{backend}_backward", backward_impl, mutates_args=())
-    backward.register_fake(backward_fake)
+    (whose signatures must match the fakes above) and return two functions that call them: the
+    ops while torch.compile traces (one opaque node each), the implementations directly in eager
+    mode, which skips the op's Python dispatch (7 µs a call on the 2-core development CPU,
+    torch 2.14.1, 2026-11-22; eager decoding is bound by such host time)."""
+    forward_op = torch.library.custom_op(f"lora_kernels::{backend}_forward", forward_impl, mutates_args=())
+    forward_op.register_fake(forward_fake)
+    backward_op = torch.library.custom_op(f"lora_kernels::{backend}_backward", backward_impl, mutates_args=())
+    backward_op.register_fake(backward_fake)
+
+    def forward(*args, **kwargs):
+        return (forward_op if torch.compiler.is_compiling() else forward_impl)(*args, **kwargs)
+
+    def backward(*args, **kwargs):
+        return (backward_op if torch.compiler.is_compiling() else backward_impl)(*args, **kwargs)
+
     return forward, backward

@@ -37,6 +37,23 @@ def test_compile_fullgraph_matches_eager(backend, compiler):
         assert_close(grads_c[name], grads[name].double(), torch.float32, name)
 
 
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b == "triton"])
+def test_compiled_graph_holds_the_kernel_as_one_op(backend):
+    """Eager calls bypass the op's dispatch; under torch.compile the op itself must be traced."""
+    torch._dynamo.reset()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    x, w, b, a, bb, s = make_problem(6, 32, 24, 4, torch.float32)
+    fn = torch.compile(lambda x: lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend), fullgraph=True,
+                       backend=record)
+    assert_close(fn(x), lora_kernels.lora_linear_reference(x, w, b, a, bb, s).double(), torch.float32, "y")
+    assert f"lora_kernels.{backend}_forward.default" in targets, targets
+
+
 def test_compile_fullgraph_with_dropout():
     torch._dynamo.reset()
     model = lora_model("auto", dropout=0.1).train()

@@ -144,9 +144,21 @@ def kernel_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "DOT_PRECISION": "tf32" if tf32 or dtype != torch.float32 else "ieee"}
 
 
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are ConstexprFunction wrappers
+# that cost 1.5 µs a call (triton 3.6 and 3.8, on the 2-core development CPU; ~10 calls per training
+# step), so the wrappers use these plain versions.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def rank_block(r: int) -> int:
     """The rank dimension padded to a power of two of at least 16 (tl.dot's smallest GPU tile)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 @triton.jit
@@ -208,6 +220,6 @@ def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype=torch.float
     """The scaled keep-mask (0 or 1/(1-p)) the fused kernels apply for ``seed``: for tests and
     debugging; the kernels themselves never materialise it."""
     out = torch.empty((M, K), device=seed.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    grid = (cdiv(M, 32), cdiv(K, 32))
     _dropout_mask_kernel[grid](seed, out, M, K, p, BLOCK_M=32, BLOCK_K=32)
     return out.to(dtype)

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
-                      tile_config, tuned)
+from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_keep, grouped_tile, kernel_flags,
+                      next_power_of_2, rank_block, tile_config, tuned)
 
 
 @triton.jit
@@ -139,8 +139,8 @@ def _lora_dadb_kernel(
 def _num_splits(M: int, tiles: int, block_m: int) -> int:
     """Split the M reduction so tiles × splits ≈ 2 waves of 132 SMs, each split ≥ 4 row blocks."""
     if INTERPRETING:
-        return min(2, triton.cdiv(M, block_m))
-    return max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 4 * block_m)))
+        return min(2, cdiv(M, block_m))
+    return max(1, min(cdiv(264, tiles), cdiv(M, 4 * block_m)))
 
 
 def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -175,18 +175,18 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
                     BLOCK_R=block_r, **flags)
 
     def launch_dx(cfg):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
         _lora_dx_kernel[grid](*args, **dx_flags, **cfg)
 
-    key = ("dx", triton.next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
+    key = ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
     cfg = tuned(key, tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"]), launch_dx)
     launch_dx(cfg)
 
     block_m = 32 if INTERPRETING else 64
-    tiles = triton.cdiv(K, cfg["BLOCK_K"]) + triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(K, cfg["BLOCK_K"]) + cdiv(N, cfg["BLOCK_N"])
     splits = _num_splits(M, tiles, block_m)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    splits = cdiv(M, rows_per_split)
     da_part = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
     db_part = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
     _lora_dadb_kernel[(tiles, splits)](

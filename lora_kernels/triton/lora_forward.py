@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, dropout_keep, grouped_tile, kernel_flags, rank_block,
-                      tile_config, tuned)
+from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_keep, grouped_tile, kernel_flags,
+                      next_power_of_2, rank_block, tile_config, tuned)
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if fused_dropout:  # first pass: xa = s·dropout(x)·Aᵀ, each element of x dropped once
         # rows per program: enough programs for the 132 SMs of an H100 (fp32's FMA dots: smaller tiles)
         wide = x.dtype == torch.float32 or INTERPRETING
-        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, triton.next_power_of_2(triton.cdiv(M, 132))))
-        _dropout_xa_kernel[(triton.cdiv(M, block_m),)](
+        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
+        _dropout_xa_kernel[(cdiv(M, block_m),)](
             x, lora_A, xa, seed, M, K, R, scale, dropout_p, x.stride(0), x.stride(1), lora_A.stride(0),
             lora_A.stride(1), xa.stride(0), xa.stride(1), BLOCK_M=block_m, BLOCK_K=32 if wide else 128,
             BLOCK_R=rank_block(R), num_warps=4, num_stages=3, **flags)
@@ -173,9 +173,9 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                  BLOCK_R=rank_block(R))
 
     def launch(cfg):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
         _lora_forward_kernel[grid](*args, **flags, **cfg)
 
-    key = ("forward", triton.next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))
+    key = ("forward", next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))
     launch(tuned(key, tile_config("forward", M, R, x.dtype), launch))
     return y, xa
