@@ -169,8 +169,7 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     args = (dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,
             adapter_ids if multi else g, adapter_scales if multi else g,
             M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1), g.stride(0), g.stride(1))
+            *dy.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *dx.stride(), *g.stride())
     dx_flags = dict(FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi,
                     BLOCK_R=block_r, **flags)
 
@@ -191,8 +190,7 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     db_part = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
     _lora_dadb_kernel[(tiles, splits)](
         g, x_lora, dy, xa, da_part, db_part, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
-        g.stride(0), g.stride(1), x_lora.stride(0), x_lora.stride(1), dy.stride(0), dy.stride(1),
-        xa.stride(0), xa.stride(1),
+        *g.stride(), *x_lora.stride(), *dy.stride(), *xa.stride(),
         DROPOUT=fused_dropout, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
     )

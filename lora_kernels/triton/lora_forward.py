@@ -161,14 +161,12 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         wide = x.dtype == torch.float32 or INTERPRETING
         block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
         _dropout_xa_kernel[(cdiv(M, block_m),)](
-            x, lora_A, xa, seed, M, K, R, scale, dropout_p, x.stride(0), x.stride(1), lora_A.stride(0),
-            lora_A.stride(1), xa.stride(0), xa.stride(1), BLOCK_M=block_m, BLOCK_K=32 if wide else 128,
-            BLOCK_R=rank_block(R), num_warps=4, num_stages=3, **flags)
+            x, lora_A, xa, seed, M, K, R, scale, dropout_p, *x.stride(), *lora_A.stride(), *xa.stride(),
+            BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=rank_block(R), num_warps=4, num_stages=3, **flags)
     args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
             adapter_ids if multi else y, adapter_scales if multi else y,
             M, N, K, R, scale, adapter_scales.shape[0] if multi else 0, adapter_rank,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1))
+            *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), *xa.stride())
     flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi,
                  BLOCK_R=rank_block(R))
 
