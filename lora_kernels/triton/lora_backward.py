@@ -84,11 +84,12 @@ def _lora_dx_kernel(
 
 @triton.jit
 def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_rc, out_ptr, stride_oc, stride_od,
-                      m_start, m_end, C, D, pid_c, seed, dropout_p,
+                      out_scale, m_start, m_end, C, D, pid_c, seed, dropout_p,
                       DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[c, d] = Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c, all d.
-    With DROPOUT, lhs (M, C) is x and its dropped elements are zeroed (the 1/(1-p) is the caller's)."""
+    """out[c, d] = out_scale·Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c,
+    all d, in out's dtype (an fp32 partial sum, or the gradient itself when there is one split).
+    With DROPOUT, lhs (M, C) is x and its dropped elements are zeroed."""
     offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -107,13 +108,13 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
         acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
         offs_m += BLOCK_M
     out_ptrs = out_ptr + offs_c[:, None] * stride_oc + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
+    tl.store(out_ptrs, cast_to(acc * out_scale, out_ptr.dtype.element_ty, UPCAST), mask=mask_c[:, None] & mask_d[None, :])
 
 
 @triton.jit
 def _lora_dadb_kernel(
     g_ptr, x_ptr, dy_ptr, xa_ptr, da_part_ptr, db_part_ptr, seed_ptr,
-    M, N, K, R, rows_per_split, dropout_p,
+    M, N, K, R, rows_per_split, dropout_p, da_scale,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_sm, stride_sr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -126,12 +127,12 @@ def _lora_dadb_kernel(
     seed = tl.load(seed_ptr) if DROPOUT else 0
     if pid < tiles_k:  # dAᵀ tile (BK, R) = dropout(x)ᵀ·g, stored transposed into dA (R, K)
         _reduce_over_rows(x_ptr, stride_xm, stride_xk, g_ptr, stride_gm, stride_gr,
-                          da_part_ptr + split.to(tl.int64) * R * K, 1, K,
+                          da_part_ptr + split.to(tl.int64) * R * K, 1, K, da_scale,
                           m_start, m_end, K, R, pid, seed, dropout_p,
                           DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     else:  # dB tile (BN, R) = dYᵀ·xa
         _reduce_over_rows(dy_ptr, stride_dym, stride_dyn, xa_ptr, stride_sm, stride_sr,
-                          db_part_ptr + split.to(tl.int64) * N * R, R, 1,
+                          db_part_ptr + split.to(tl.int64) * N * R, R, 1, 1.0,
                           m_start, m_end, N, R, pid - tiles_k, seed, dropout_p,
                           False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
@@ -186,15 +187,21 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     splits = _num_splits(M, tiles, block_m)
     rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, rows_per_split)
-    da_part = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
-    db_part = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
+    da_scale = (1.0 if multi else scale) / (1.0 - dropout_p)  # g carries the scale in multi-adapter mode
+    if splits == 1:  # (always at M ≤ 256) the kernel writes the gradients themselves: no reduction launches
+        da_out = torch.empty((R, K), device=dy.device, dtype=lora_A.dtype)
+        db_out = torch.empty((N, R), device=dy.device, dtype=lora_B.dtype)
+    else:  # fp32 partial sums per split, added below in a fixed order (deterministic)
+        da_out = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
+        db_out = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
     _lora_dadb_kernel[(tiles, splits)](
-        g, x_lora, dy, xa, da_part, db_part, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
-        *g.stride(), *x_lora.stride(), *dy.stride(), *xa.stride(),
+        g, x_lora, dy, xa, da_out, db_out, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
+        da_scale if splits == 1 else 1.0, *g.stride(), *x_lora.stride(), *dy.stride(), *xa.stride(),
         DROPOUT=fused_dropout, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
     )
-    # g carries the scale already in multi-adapter mode
-    d_lora_A = da_part.sum(0).mul_((1.0 if multi else scale) / (1.0 - dropout_p)).to(lora_A.dtype)
-    d_lora_B = db_part.sum(0).to(lora_B.dtype)
+    if splits == 1:
+        return dx, da_out, db_out, g
+    d_lora_A = da_out.sum(0).mul_(da_scale).to(lora_A.dtype)
+    d_lora_B = db_out.sum(0).to(lora_B.dtype)
     return dx, d_lora_A, d_lora_B, g
