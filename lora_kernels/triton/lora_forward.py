@@ -12,7 +12,7 @@ memory-bound.
 
 Fused dropout is the exception: every column tile would redraw the whole mask of its rows
 (N/BLOCK_N draws per element of x; on an H100 that made the training step 11× slower at
-M = 1024, N = 4096). There a first, thin pass (_dropout_xa_kernel) draws each element once and
+M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pass (_dropout_xa_kernel) draws each element once and
 stores xa = s·dropout(x)·Aᵀ, and the main kernel loads xa as if the caller had given it.
 """
 from typing import Optional, Tuple
@@ -151,7 +151,7 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     multi = adapter_ids is not None
     if multi and (x_lora is not None or fused_dropout or adapter_scales is None or adapter_rank < 1):
         raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora or dropout")
-    flags = kernel_flags(x.dtype)
+    flags, block_r = kernel_flags(x.dtype), rank_block(R)
     if x_lora is not None:
         xa = (x_lora @ lora_A.t()).mul_(scale)
     else:
@@ -162,13 +162,13 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
         _dropout_xa_kernel[(cdiv(M, block_m),)](
             x, lora_A, xa, seed, M, K, R, scale, dropout_p, *x.stride(), *lora_A.stride(), *xa.stride(),
-            BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=rank_block(R), num_warps=4, num_stages=3, **flags)
+            BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=block_r, num_warps=4, num_stages=3, **flags)
     args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
             adapter_ids if multi else y, adapter_scales if multi else y,
             M, N, K, R, scale, adapter_scales.shape[0] if multi else 0, adapter_rank,
             *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), *xa.stride())
     flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi,
-                 BLOCK_R=rank_block(R))
+                 BLOCK_R=block_r)
 
     def launch(cfg):
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)

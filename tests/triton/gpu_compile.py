@@ -73,19 +73,17 @@ MAX_SHARED = {90: 232448, 80: 166912}
 MAX_STACK_16BIT = 256
 
 
-def resource_usage(cubin: bytes) -> str:
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local bytes per thread of a cubin, as cuobjdump reads them."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    return f"regs {m[1]:>3} stack {m[2]:>4} local {m[4]:>4}" if m else out.strip()[:80]
-
-
-def stack_bytes(usage: str) -> int:
-    m = re.search(r"stack +(\d+)", usage)
-    return int(m[1]) if m else 0
+    if m is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage: {out.strip()[:80]}")
+    return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
 
 
 def recorded_launches(quick):
@@ -145,8 +143,9 @@ def main():
                 kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
                 if kernel.metadata.shared > MAX_SHARED.get(arch, 1 << 30):
                     raise RuntimeError(f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}")
-                usage = resource_usage(kernel.asm["cubin"])
-                if dtype != "fp32" and stack_bytes(usage) > MAX_STACK_16BIT:
+                use = resource_usage(kernel.asm["cubin"])
+                usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
+                if dtype != "fp32" and use["stack"] > MAX_STACK_16BIT:
                     raise RuntimeError(f"spills: {usage}")
                 print(f"ok   {label} | {usage} smem {kernel.metadata.shared}", flush=True)
             except Exception as exc:  # report every failing launch, then fail
