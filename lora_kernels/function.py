@@ -27,7 +27,7 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
 
 
 # backend="auto" on a GPU: the fused Triton kernels up to this many rows of x, above it the
-# cuBLAS-composed reference path. Measured on an H100 (bf16, r = 16, 2026-11-22; see
+# cuBLAS-composed reference path. Measured on an H100 (bf16, r = 16, torch 2.11, 2026-11-22; see
 # bench/results/README.md): at M ≤ 128 the fused kernels beat every unfused form, while at
 # M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
 # three cuBLAS calls beat one fused pass.

@@ -53,7 +53,7 @@ def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype, dropout: bool =
     """Tile sizes for ``kernel`` ("forward" or "dx") by problem size: a table, so a launch costs no
     search (LORA_KERNELS_AUTOTUNE=1 times neighbours of these once per shape instead, see tuned).
     ``dropout``: the dX kernel redraws the mask of its (BLOCK_M, BLOCK_K) tile, which spilled
-    2.8 KB of registers at BLOCK_K = 256 (sm_90, triton 3.8), so K steps stay ≤ 128 there."""
+    2.8 KB of registers at BLOCK_K = 256 (sm_90 cubin, triton 3.8, 2026-11-22), so K steps stay ≤ 128 there."""
     if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
         return _tiles(16, 32, 32, 4, 4, 1)
     if dtype == torch.float32:
@@ -145,8 +145,8 @@ def kernel_flags(dtype: torch.dtype) -> dict:
 
 
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are ConstexprFunction wrappers
-# that cost 1.5 µs a call (triton 3.6 and 3.8, on the 2-core development CPU; ~10 calls per training
-# step), so the wrappers use these plain versions.
+# that cost 1.5 µs a call (triton 3.6 and 3.8, on the 2-core development CPU, 2026-11-22; ~10 calls
+# per training step), so the wrappers use these plain versions.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
