@@ -27,7 +27,7 @@ def cuda_extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="lora_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu"],
+        sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu", "csrc/lora_tensor_core.cu", "csrc/lora_decode.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch picks the C++ standard
     )
     return [ext], {"build_ext": BuildExtension}, None

@@ -1,36 +1,24 @@
-// Tiled GEMM with a fused second (rank-r) product: the one kernel behind every CUDA op.
+// The dispatcher launch_gemm, and the portable SIMT kernel it uses for float32.
 //
-// Each 256-thread block owns a 64×64 tile of C and walks K in steps of 16, staging a 64×16 slab
-// of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per thread in
-// registers. The second product P2·Q2 (the LoRA term, K2 = r) runs through the same loop into a
-// second accumulator, and the epilogue writes alpha·acc + alpha2·acc2 + bias once.
-//
-// This is the portable SIMT version: correct for any strides, dtype and size (64-bit indexing),
-// but it does not use tensor cores. See README "CUDA backend" for what is still to come.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// SIMT kernel: each 256-thread block owns a 64×64 tile of C and walks K in steps of 16, staging a
+// 64×16 slab of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per
+// thread in registers. The second product P2·Q2 (the LoRA term, K2 = r) runs through the same loop
+// into a second accumulator, and the epilogue writes alpha·acc + alpha2·acc2 + bias once. Correct
+// for any strides, dtype and size (64-bit indexing); no tensor cores.
+#include "device.cuh"
 #include "lora_gemm.h"
 
 namespace lora_kernels {
-namespace {
+namespace simt {
 
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 16;
 constexpr int kThreads = 256;  // 16×16 threads, each owning a 4×4 block of the tile
 constexpr int kPerThread = 4;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using PSlab = float[kTileK][kTileM + 1];
+using QSlab = float[kTileK][kTileN + 1];
+constexpr int kSmemBytes = sizeof(PSlab) + sizeof(QSlab);
 
 // Stage a kTileK × kTile slab of a K-major operand view into shared memory: slab[k][i] =
 // src(i0 + i, k0 + k) with zeros outside. Threads step along whichever index is contiguous in
@@ -44,15 +32,14 @@ __device__ __forceinline__ void stage(float (&slab)[kTileK][kTile + 1], const T*
     const int i = i_fastest ? e % kTile : e / kTileK;
     const int k = i_fastest ? e / kTile : e % kTileK;
     const int64_t gi = i0 + i, gk = k0 + k;
-    slab[k][i] = (gi < extent_i && gk < extent_k) ? to_float(src[gi * stride_i + gk * stride_k]) : 0.0f;
+    slab[k][i] = (gi < extent_i && gk < extent_k) ? dev::to_float(src[gi * stride_i + gk * stride_k]) : 0.0f;
   }
 }
 
 // acc += P[m0:m0+64, :K] · Q[:K, n0:n0+64] for this thread's 4×4 outputs.
 template <typename T>
 __device__ void tile_product(const Operand& P, const Operand& Q, int64_t M, int64_t N, int64_t K, int64_t m0,
-                             int64_t n0, float (&acc)[kPerThread][kPerThread],
-                             float (&p_slab)[kTileK][kTileM + 1], float (&q_slab)[kTileK][kTileN + 1]) {
+                             int64_t n0, float (&acc)[kPerThread][kPerThread], PSlab& p_slab, QSlab& q_slab) {
   const T* p = static_cast<const T*>(P.ptr);
   const T* q = static_cast<const T*>(Q.ptr);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
@@ -77,9 +64,10 @@ __device__ void tile_product(const Operand& P, const Operand& Q, int64_t M, int6
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
-  __shared__ float p_slab[kTileK][kTileM + 1];
-  __shared__ float q_slab[kTileK][kTileN + 1];
+__global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
+  LORA_DYNAMIC_SMEM(smem);
+  PSlab& p_slab = *reinterpret_cast<PSlab*>(smem);
+  QSlab& q_slab = *reinterpret_cast<QSlab*>(smem + sizeof(PSlab));
   // Row tiles on grid x (up to 2^31 - 1 blocks), column tiles on grid y.
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
@@ -100,26 +88,51 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
       const int64_t n = n0 + tx + 16 * j;
       if (n >= p.N) continue;
       float v = p.alpha * acc[i][j] + p.alpha2 * acc2[i][j];
-      if (bias != nullptr) v += to_float(bias[n]);
-      c[m * p.stride_cm + n * p.stride_cn] = from_float<T>(v);
+      if (bias != nullptr) v += dev::to_float(bias[n]);
+      c[m * p.stride_cm + n * p.stride_cn] = dev::from_float<T>(v);
     }
   }
 }
 
-}  // namespace
+}  // namespace simt
 
-cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
-  if (params.M == 0 || params.N == 0) return cudaSuccess;
+namespace detail {
+
+cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream) {
+  using namespace simt;
   const int64_t tiles_m = (params.M + kTileM - 1) / kTileM;
   const int64_t tiles_n = (params.N + kTileN - 1) / kTileN;
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
   switch (dtype) {
-    case DType::kFloat32: gemm_kernel<float><<<grid, kThreads, 0, stream>>>(params); break;
-    case DType::kFloat16: gemm_kernel<__half><<<grid, kThreads, 0, stream>>>(params); break;
-    case DType::kBFloat16: gemm_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params); break;
+    case DType::kFloat32: LORA_LAUNCH(simt_gemm<float>, grid, kThreads, kSmemBytes, stream, params); break;
+    case DType::kFloat16: LORA_LAUNCH(simt_gemm<__half>, grid, kThreads, kSmemBytes, stream, params); break;
+    case DType::kBFloat16: LORA_LAUNCH(simt_gemm<__nv_bfloat16>, grid, kThreads, kSmemBytes, stream, params); break;
   }
-  return cudaGetLastError();
+  return dev::last_launch_error();
+}
+
+}  // namespace detail
+
+// Rows of x up to which the decode kernel runs (its per-thread accumulators are one per row).
+constexpr int64_t kDecodeMaxRows = 32;
+
+Kernel choose_kernel(DType dtype, const GemmParams& p) {
+  if (p.M <= kDecodeMaxRows && p.Q.stride_row == 1) return Kernel::kDecode;
+  if (dtype != DType::kFloat32) return Kernel::kTensorCore;
+  return Kernel::kSimt;
+}
+
+cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
+  if (params.M == 0 || params.N == 0) return cudaSuccess;
+  GemmParams p = params;
+  if (p.alpha2 == 0.0f) p.K2 = 0;  // the kernels may divide by alpha2
+  switch (choose_kernel(dtype, p)) {
+    case Kernel::kDecode: return detail::launch_decode(dtype, p, stream);
+    case Kernel::kTensorCore: return detail::launch_tensor_core(dtype, p, stream);
+    case Kernel::kSimt: break;
+  }
+  return detail::launch_simt(dtype, p, stream);
 }
 
 }  // namespace lora_kernels

@@ -1,8 +1,8 @@
 // Host interface of the CUDA kernels. Plain C++ and CUDA runtime types only, so the kernels
-// (lora_gemm.cu) compile without torch headers; bindings.cpp turns tensors into these structs.
+// (csrc/*.cu) compile without torch headers; bindings.cpp turns tensors into these structs.
 #pragma once
 #include <cstdint>
-#include <cuda_runtime.h>
+#include <cuda_runtime_api.h>
 
 namespace lora_kernels {
 
@@ -27,6 +27,21 @@ struct GemmParams {
   float alpha, alpha2;
 };
 
+// The kernels behind launch_gemm, chosen per call from dtype, sizes and layout:
+//   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): one warp streams each row
+//                of W₀ with 16-byte loads, the LoRA term added before the single write (csrc/lora_decode.cu)
+//   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
+//                (csrc/lora_tensor_core.cu)
+//   kSimt        float32: the portable fp32 tiled kernel (csrc/lora_gemm.cu)
+enum class Kernel { kSimt, kTensorCore, kDecode };
+Kernel choose_kernel(DType dtype, const GemmParams& params);
+
 cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
+
+namespace detail {
+cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream);
+cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);
+cudaError_t launch_decode(DType dtype, const GemmParams& params, cudaStream_t stream);
+}  // namespace detail
 
 }  // namespace lora_kernels

@@ -1,0 +1,33 @@
+// The CUDA backend's launch_gemm, built for the CPU with emulator.h: the kernel sources of csrc/
+// unchanged. tests/test_cuda_emulation.py compiles this into a shared library and calls it through
+// ctypes on CPU tensors.
+#include "emulator.h"
+
+#include "../../csrc/lora_decode.cu"
+#include "../../csrc/lora_gemm.cu"
+#include "../../csrc/lora_tensor_core.cu"
+
+using lora_kernels::DType;
+using lora_kernels::GemmParams;
+
+extern "C" {
+
+// dtype: 0 float32, 1 float16, 2 bfloat16. strides[10]: P, Q, P2, Q2 (row, col) then C (row, col).
+// Returns the cudaError_t of launch_gemm.
+int emulated_gemm(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, const void* P, const void* Q,
+                  const void* P2, const void* Q2, const void* bias, void* C, const int64_t* strides, float alpha,
+                  float alpha2) {
+  const GemmParams p{M, N, K, K2, {P, strides[0], strides[1]}, {Q, strides[2], strides[3]},
+                     {P2, strides[4], strides[5]}, {Q2, strides[6], strides[7]}, bias, C, strides[8], strides[9],
+                     alpha, alpha2};
+  return static_cast<int>(lora_kernels::launch_gemm(static_cast<DType>(dtype), p, nullptr));
+}
+
+// Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode).
+int chosen_kernel(int dtype, int64_t M, int64_t q_stride_row) {
+  GemmParams p{};
+  p.M = M;
+  p.Q.stride_row = q_stride_row;
+  return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), p));
+}
+}

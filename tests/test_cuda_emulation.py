@@ -1,0 +1,163 @@
+"""The CUDA kernels of csrc/, run on the CPU by tests/cuda_emulation/emulator.h, against float64.
+
+This is how the CUDA backend's kernels (decode GEMV, tensor-core mma.sync GEMM, SIMT) are checked
+on machines without a GPU: the unchanged kernel sources are compiled with g++, every CUDA thread
+an OS thread, the warp-collective instructions (ldmatrix, mma.sync, shuffles) computed as the PTX
+ISA defines them per lane. Each test runs the six products of one forward + backward exactly as
+csrc/bindings.cpp composes them (same operands, strides and scales), on fresh random inputs, into
+NaN-poisoned outputs. On a GPU, tests/test_cuda_extension.py runs the real thing.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_close
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "csrc").glob("*.c*")) + sorted((ROOT / "csrc").glob("*.h")) + sorted(
+    (ROOT / "tests" / "cuda_emulation").glob("*"))
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SIMT, TENSOR_CORE, DECODE = 0, 1, 2
+
+
+def build_library():
+    """Compile tests/cuda_emulation/emulated_gemm.cpp once per source version (cached in /tmp)."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES if p.is_file())).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / "lora_kernels_emulation" / f"emulated_gemm_{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [shutil.which("g++") or "g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC",
+               f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_emulation" / "emulated_gemm.cpp"),
+               "-o", str(tmp)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        tmp.rename(out)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float]
+    lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if shutil.which("g++") is None or not (CUDA_INCLUDE / "cuda_bf16.h").exists():
+        pytest.skip("needs g++ and the CUDA headers (CUDA_HOME) to build the emulation")
+    return build_library()
+
+
+class Gemm:
+    """C = alpha·P·Q (+ alpha2·P2·Q2) (+ bias) through the emulated launch_gemm; records the kernel used."""
+
+    def __init__(self, lib):
+        self.lib, self.kernels = lib, []
+
+    def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None):
+        dtype = DTYPE_CODE[C.dtype]
+        K2 = 0 if P2 is None else P2.shape[1]
+        strides = [s for t in (P, Q, P2, Q2) for s in (t.stride() if t is not None else (0, 0))] + list(C.stride())
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        err = self.lib.emulated_gemm(dtype, C.shape[0], C.shape[1], P.shape[1], K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2),
+                                     ptr(bias), ptr(C), (ctypes.c_int64 * 10)(*strides), alpha, alpha2)
+        assert err == 0, f"launch_gemm returned cudaError {err}"
+        self.kernels.append(self.lib.chosen_kernel(dtype, C.shape[0], Q.stride(0)))
+        return C
+
+
+def poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def run_forward_backward(gemm, x, w, b, a, bb, s, dy):
+    """csrc/bindings.cpp's forward and backward, product by product."""
+    M, N, R = x.shape[0], w.shape[0], a.shape[0]
+    xa = gemm(poisoned(M, R, dtype=x.dtype), x, a.t(), s)                                  # xa = s·x·Aᵀ
+    y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b)            # y = x·W₀ᵀ + xa·Bᵀ + b
+    g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0)                                   # g = dY·B
+    dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                      # dX = dY·W₀ + s·g·A
+    da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x, s)                              # dA = s·gᵀ·x
+    db = gemm(poisoned(*bb.shape, dtype=x.dtype), dy.t(), xa, 1.0)                         # dB = dYᵀ·xa
+    return xa, y, g, dx, da, db
+
+
+def check_against_float64(gemm, M, K, N, R, dtype, x=None):
+    """Each product against float64 math on the same (rounded) inputs, including the intermediates
+    xa and g the kernels produced, so every check isolates one launch."""
+    x = torch.randn(M, K, dtype=dtype) if x is None else x
+    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
+    b = torch.randn(N).to(dtype)
+    a = (torch.randn(R, K) / K ** 0.5).to(dtype)
+    bb = (torch.randn(N, R) / R ** 0.5).to(dtype)
+    dy = torch.randn(M, N).to(dtype)
+    s = 2.0
+    xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy)
+    d = lambda t: t.double()  # noqa: E731
+    expected = {
+        "xa": (xa, s * d(x) @ d(a).t(), s * d(x).abs() @ d(a).abs().t()),
+        "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
+              d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
+        "g": (g, d(dy) @ d(bb), d(dy).abs() @ d(bb).abs()),
+        "dx": (dx, d(dy) @ d(w) + s * d(g) @ d(a), d(dy).abs() @ d(w).abs() + s * d(g).abs() @ d(a).abs()),
+        "dA": (da, s * d(g).t() @ d(x), s * d(g).abs().t() @ d(x).abs()),
+        "dB": (db, d(dy).t() @ d(xa), d(dy).abs().t() @ d(xa).abs()),
+    }
+    for what, (out, ref, magnitude) in expected.items():
+        assert_close(out, ref, dtype, f"{what} ({M}×{K}→{N}, r={R})", magnitude=magnitude)
+
+
+# (M, K, N, R): decode sizes (M ≤ 32), both tensor-core tile configs, ragged edges everywhere,
+# K not a multiple of 8 (element-wise staging instead of cp.async), r = 1 and r = 4 (unaligned B).
+SHAPES = [
+    (1, 136, 72, 8),      # decode; backward products on 64×64 tensor-core tiles
+    (3, 50, 33, 1),       # decode with K % 8 ≠ 0 (scalar tails), r = 1
+    (16, 264, 40, 16),    # decode, K-split columns (N < 2048)
+    (32, 64, 24, 8),      # decode's largest M
+    (37, 88, 70, 4),      # tensor cores, 64×64 tiles, every edge ragged, r = 4
+    (67, 50, 45, 12),     # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
+    (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_kernels_match_float64(lib, shape, dtype):
+    torch.manual_seed(hash((shape, str(dtype))) % 2**31)
+    gemm = Gemm(lib)
+    check_against_float64(gemm, *shape, dtype)
+    M = shape[0]
+    # the products meant for each kernel got it: forward decode-sized → decode; 16-bit → tensor cores
+    want_forward = DECODE if M <= 32 else (SIMT if dtype == torch.float32 else TENSOR_CORE)
+    assert gemm.kernels[:2] == [want_forward] * 2, gemm.kernels
+    if M > 32 and dtype != torch.float32:
+        assert gemm.kernels == [TENSOR_CORE] * 6, gemm.kernels
+
+
+def test_strided_input_and_transposed_output(lib):
+    """x a column slice of a wider tensor (row stride ≠ K, misaligned start) in every kernel path."""
+    for M in (2, 40):
+        for dtype in (torch.bfloat16, torch.float32):
+            wide = torch.randn(M, 100, dtype=dtype)
+            check_against_float64(Gemm(lib), M, 48, 72, 8, dtype, x=wide[:, 3:51])
+
+
+def test_zero_sized_and_empty_lora(lib):
+    gemm = Gemm(lib)
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    w = torch.randn(40, 24, dtype=torch.bfloat16)
+    out = gemm(poisoned(5, 40, dtype=torch.bfloat16), x, w.t(), 1.0)  # no second product, no bias
+    assert_close(out, x.double() @ w.double().t(), torch.bfloat16, "no LoRA term",
+                 magnitude=x.double().abs() @ w.double().abs().t())
+    empty = torch.empty(0, 24, dtype=torch.bfloat16)
+    assert gemm(poisoned(0, 40, dtype=torch.bfloat16), empty, w.t(), 1.0).shape == (0, 40)
+    zero_k = gemm(poisoned(37, 40, dtype=torch.bfloat16), torch.empty(37, 0, dtype=torch.bfloat16),
+                  torch.empty(0, 40, dtype=torch.bfloat16), 1.0, bias=torch.ones(40, dtype=torch.bfloat16))
+    assert torch.equal(zero_k, torch.ones(37, 40, dtype=torch.bfloat16))  # K = 0: bias alone
