@@ -1,6 +1,7 @@
 // torch binding: the ops torch.ops.lora_kernels.cuda_forward / cuda_backward, registered with TORCH_LIBRARY
 // so the dispatcher (and torch.compile) sees them. Each op turns tensors into GemmParams and
-// launches csrc/lora_gemm.cu on the current stream; no Python runs per call.
+// launches the kernels through launch_gemm (csrc/lora_gemm.cu picks decode, tensor-core or SIMT)
+// on the current stream; no Python runs per call.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -41,7 +42,14 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
           int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr) {
   GemmParams p{out.size(0), out.size(1), K, K2, P, Q, P2, Q2, bias, out.data_ptr(), out.stride(0), out.stride(1),
-               alpha, alpha2};
+               alpha, alpha2, nullptr};
+  // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
+  const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
+  at::Tensor workspace;
+  if (scratch > 0) {
+    workspace = at::empty({scratch}, out.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+  }
   const cudaError_t err = lora_kernels::launch_gemm(dtype_of(out), p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
 }

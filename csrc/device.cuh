@@ -84,6 +84,19 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
 }
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
+// Streaming multiprocessors of the current device (looked up once per device).
+inline int sm_count() {
+  static int cached[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    cached[device] = count > 0 ? count : 132;
+  }
+  return cached[device];
+}
+
 }  // namespace dev
 }  // namespace lora_kernels
 

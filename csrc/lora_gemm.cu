@@ -123,10 +123,23 @@ Kernel choose_kernel(DType dtype, const GemmParams& p) {
   return Kernel::kSimt;
 }
 
-cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
-  if (params.M == 0 || params.N == 0) return cudaSuccess;
+namespace {
+GemmParams normalized(const GemmParams& params) {
   GemmParams p = params;
   if (p.alpha2 == 0.0f) p.K2 = 0;  // the kernels may divide by alpha2
+  return p;
+}
+}  // namespace
+
+int64_t workspace_elems(DType dtype, const GemmParams& params) {
+  const GemmParams p = normalized(params);
+  if (p.M == 0 || p.N == 0 || choose_kernel(dtype, p) != Kernel::kTensorCore) return 0;
+  return detail::tensor_core_workspace_elems(p);
+}
+
+cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
+  if (params.M == 0 || params.N == 0) return cudaSuccess;
+  const GemmParams p = normalized(params);
   switch (choose_kernel(dtype, p)) {
     case Kernel::kDecode: return detail::launch_decode(dtype, p, stream);
     case Kernel::kTensorCore: return detail::launch_tensor_core(dtype, p, stream);

@@ -25,6 +25,8 @@ struct GemmParams {
   void* C;
   int64_t stride_cm, stride_cn;
   float alpha, alpha2;
+  // fp32 scratch of workspace_elems(...) elements for split-K partial sums (null when that is 0).
+  float* workspace;
 };
 
 // The kernels behind launch_gemm, chosen per call from dtype, sizes and layout:
@@ -36,11 +38,16 @@ struct GemmParams {
 enum class Kernel { kSimt, kTensorCore, kDecode };
 Kernel choose_kernel(DType dtype, const GemmParams& params);
 
+// Scratch (fp32 elements) launch_gemm needs for these arguments: non-zero when a product with few
+// output tiles and a long K (x·Aᵀ, dY·B, gᵀ·x, dYᵀ·xa) is split along K over more blocks.
+int64_t workspace_elems(DType dtype, const GemmParams& params);
+
 cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
 
 namespace detail {
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream);
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);
+int64_t tensor_core_workspace_elems(const GemmParams& params);
 cudaError_t launch_decode(DType dtype, const GemmParams& params, cudaStream_t stream);
 }  // namespace detail
 

@@ -10,6 +10,11 @@
 // Pipeline. STAGES shared-memory buffers are filled by cp.async (16-byte copies, zero-filled past
 // the edges of the matrices) STAGES - 1 tiles ahead of the tile being multiplied.
 //
+// Split-K. A skinny product (x·Aᵀ, dY·B, gᵀ·x, dYᵀ·xa: r columns or rows, K up to the batch size)
+// has too few output tiles to fill the GPU, so its K range is split over blockIdx.z; each split
+// writes fp32 partial sums and split_k_reduce adds them in a fixed order (deterministic) and
+// writes alpha·sum + bias.
+//
 // Layouts. Each operand tile is stored in shared memory the way it lies in global memory, so every
 // copy is a contiguous 16-byte chunk: "k-major" ([i][k], the k index contiguous, e.g. x or W₀ for
 // x·W₀ᵀ) or "i-major" ([k][i], e.g. W₀ for dY·W₀ or gᵀ for gᵀ·x). ldmatrix reads k-major tiles
@@ -51,7 +56,11 @@ struct Params {
   GemmParams g;
   bool vec[4];     // P, Q, P2, Q2 can be staged with aligned 16-byte copies
   bool pair_store;  // two neighbouring outputs of a row can be written as one 32-bit store
+  int splits, tiles_per_split;  // split-K: blockIdx.z takes K tiles [z·tiles_per_split, +tiles_per_split)
 };
+
+constexpr int kMinTilesPerSplit = 4;  // 128 of K: enough steps to fill the pipeline
+constexpr int kMaxSplits = 64;
 
 // Element offset of (i, k) inside one operand tile of TILE_I × kBK elements.
 template <int TILE_I, bool K_MAJOR>
@@ -116,10 +125,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   const View P2{g.P2.ptr, g.P2.stride_row, g.P2.stride_col, g.M, g.K2};
   const View Q2{g.Q2.ptr, g.Q2.stride_col, g.Q2.stride_row, g.N, g.K2};
   const int k_tiles = static_cast<int>((g.K + kBK - 1) / kBK);
-  const int total_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
+  const int all_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
+  const int first_tile = blockIdx.z * params.tiles_per_split;  // this split's share of the tiles
+  const int total_tiles =
+      all_tiles - first_tile < params.tiles_per_split ? all_tiles - first_tile : params.tiles_per_split;
 
-  auto load = [&](int t) {
-    T* p_tile = stages + (t % kStages) * (kTileP + kTileQ);
+  auto load = [&](int local) {
+    const int t = first_tile + local;
+    T* p_tile = stages + (local % kStages) * (kTileP + kTileQ);
     T* q_tile = p_tile + kTileP;
     if (t < k_tiles) {
       load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, P, m0, int64_t(t) * kBK, params.vec[0]);
@@ -147,7 +160,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
     __syncthreads();                     // ... for every thread, and tile t - 1's buffer is free
     if (t + kStages - 1 < total_tiles) load(t + kStages - 1);
     dev::cp_async_commit();
-    if (t == k_tiles) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q, scaled by alpha2 at the end
+    if (first_tile + t == k_tiles && g.K2 > 0) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q, scaled by alpha2 at the end
       const float ratio = g.alpha / g.alpha2;
 #pragma unroll
       for (int i = 0; i < kFragsM; ++i)
@@ -197,6 +210,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 
   // Epilogue: accumulator element e of fragment (i, j) is row g + 8·(e / 2), column 2t + e % 2.
+  if (params.splits > 1) {  // raw fp32 partial sums, [split][M][N]; split_k_reduce finishes
+    float* partial = g.workspace + static_cast<int64_t>(blockIdx.z) * g.M * g.N;
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t m = m0 + warp_m0 + i * 16 + lane / 4 + 8 * (e / 2);
+          const int64_t n = n0 + warp_n0 + j * 8 + 2 * (lane % 4) + e % 2;
+          if (m < g.M && n < g.N) partial[m * g.N + n] = acc[i][j][e];
+        }
+    return;
+  }
   const float out_scale = g.K2 > 0 ? g.alpha2 : g.alpha;
   const T* bias = static_cast<const T*>(g.bias);
   T* c = static_cast<T*>(g.C);
@@ -227,6 +254,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 }
 
+// C = alpha · Σ_split partial + bias, the splits added in order.
+template <typename T>
+__global__ void __launch_bounds__(256) split_k_reduce(Params params) {
+  const GemmParams& g = params.g;
+  const int64_t count = g.M * g.N;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; idx < count;
+       idx += static_cast<int64_t>(gridDim.x) * 256) {
+    float sum = 0.0f;
+    for (int z = 0; z < params.splits; ++z) sum += g.workspace[z * count + idx];
+    const int64_t m = idx / g.N, n = idx % g.N;
+    float v = g.alpha * sum;
+    if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(v);
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Can tile loads of `v` in this layout be 16-byte copies? The contiguous index must have unit
@@ -237,16 +280,48 @@ bool vector_loadable(const View& v, bool k_major) {
   return v.ptr != nullptr && unit == 1 && (rows <= 1 || step % 8 == 0) && aligned16(v.ptr);
 }
 
+// 128×128 tiles only when both sides of C span a few of them; else 64×64.
+bool use_large_tiles(const GemmParams& g) { return g.M > 256 && g.N > 256; }
+
+struct Split {
+  int splits, tiles_per_split;
+};
+
+// Enough splits of K for about two blocks per SM, each split at least kMinTilesPerSplit K steps.
+template <typename Cfg>
+Split plan_split(const GemmParams& g) {
+  const int k_tiles = static_cast<int>((g.K + kBK - 1) / kBK);
+  const int all_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
+  const int64_t blocks = ((g.M + Cfg::kBM - 1) / Cfg::kBM) * ((g.N + Cfg::kBN - 1) / Cfg::kBN);
+  const int64_t wanted = (2 * dev::sm_count() + blocks - 1) / blocks;
+  int64_t splits = wanted < k_tiles / kMinTilesPerSplit ? wanted : k_tiles / kMinTilesPerSplit;
+  splits = splits < kMaxSplits ? splits : kMaxSplits;
+  if (g.K2 > 0 || splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
+  const int per_split = static_cast<int>((k_tiles + splits - 1) / splits);
+  return {(k_tiles + per_split - 1) / per_split, per_split};  // no empty split
+}
+
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR>
-cudaError_t launch_with(const Params& params, cudaStream_t stream) {
+cudaError_t launch_with(Params params, cudaStream_t stream) {
   const GemmParams& g = params.g;
   const int64_t tiles_m = (g.M + Cfg::kBM - 1) / Cfg::kBM, tiles_n = (g.N + Cfg::kBN - 1) / Cfg::kBN;
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
+  const Split split = plan_split<Cfg>(g);
+  const bool split_k = split.splits > 1 && g.workspace != nullptr;  // no scratch given: one pass
+  params.splits = split_k ? split.splits : 1;
+  params.tiles_per_split = split_k ? split.tiles_per_split : 2147483647;  // unsplit: one z takes all tiles
   auto kernel = tensor_core_gemm<T, Cfg, P_K_MAJOR, Q_K_MAJOR>;
   const cudaError_t smem_ok = dev::allow_dynamic_smem(kernel, Cfg::kSmemBytes);  // per call: per device
   if (smem_ok != cudaSuccess) return smem_ok;
-  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
+  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(params.splits));
   LORA_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
+  if (split_k) {
+    const cudaError_t err = dev::last_launch_error();
+    if (err != cudaSuccess) return err;
+    const int64_t blocks = (g.M * g.N + 255) / 256;
+    auto reduce = split_k_reduce<T>;
+    LORA_LAUNCH(reduce, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream, params);
+  }
   return dev::last_launch_error();
 }
 
@@ -260,16 +335,19 @@ cudaError_t launch_for_layouts(const Params& params, bool p_k_major, bool q_k_ma
 
 template <typename T>
 cudaError_t launch_typed(const Params& params, bool p_k_major, bool q_k_major, cudaStream_t stream) {
-  const GemmParams& g = params.g;
-  // 128×128 tiles only when they still give a few waves of blocks; else 64×64.
-  const bool large = g.M > 256 && g.N > 256;
-  return large ? launch_for_layouts<T, LargeTiles>(params, p_k_major, q_k_major, stream)
+  return use_large_tiles(params.g) ? launch_for_layouts<T, LargeTiles>(params, p_k_major, q_k_major, stream)
                : launch_for_layouts<T, SmallTiles>(params, p_k_major, q_k_major, stream);
 }
 
 }  // namespace tensor_core
 
 namespace detail {
+
+int64_t tensor_core_workspace_elems(const GemmParams& g) {
+  using namespace tensor_core;
+  const Split split = use_large_tiles(g) ? plan_split<LargeTiles>(g) : plan_split<SmallTiles>(g);
+  return split.splits > 1 ? split.splits * g.M * g.N : 0;
+}
 
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& g, cudaStream_t stream) {
   using namespace tensor_core;
@@ -283,7 +361,7 @@ cudaError_t launch_tensor_core(DType dtype, const GemmParams& g, cudaStream_t st
   const bool q_k_major = !(Q.stride_i == 1 && Q.stride_k != 1);
   Params params{g, {vector_loadable(P, p_k_major), vector_loadable(Q, q_k_major),
                     g.K2 > 0 && vector_loadable(P2, p_k_major), g.K2 > 0 && vector_loadable(Q2, q_k_major)},
-                g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0};
+                g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0, 1, 0};
   switch (dtype) {
     case DType::kFloat16: return launch_typed<__half>(params, p_k_major, q_k_major, stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(params, p_k_major, q_k_major, stream);

@@ -43,8 +43,10 @@ def build_library():
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float]
+                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr]
     lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
+    lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
+    lib.workspace_elems.restype = i64
     return lib
 
 
@@ -56,20 +58,26 @@ def lib():
 
 
 class Gemm:
-    """C = alpha·P·Q (+ alpha2·P2·Q2) (+ bias) through the emulated launch_gemm; records the kernel used."""
+    """C = alpha·P·Q (+ alpha2·P2·Q2) (+ bias) through the emulated launch_gemm, with the split-K
+    scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the kernel
+    used and whether K was split."""
 
     def __init__(self, lib):
-        self.lib, self.kernels = lib, []
+        self.lib, self.kernels, self.split = lib, [], []
 
     def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None):
         dtype = DTYPE_CODE[C.dtype]
         K2 = 0 if P2 is None else P2.shape[1]
         strides = [s for t in (P, Q, P2, Q2) for s in (t.stride() if t is not None else (0, 0))] + list(C.stride())
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        err = self.lib.emulated_gemm(dtype, C.shape[0], C.shape[1], P.shape[1], K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2),
-                                     ptr(bias), ptr(C), (ctypes.c_int64 * 10)(*strides), alpha, alpha2)
+        M, N, K = C.shape[0], C.shape[1], P.shape[1]
+        scratch = self.lib.workspace_elems(dtype, M, N, K, K2, Q.stride(0), alpha2)
+        workspace = torch.full((scratch,), float("nan")) if scratch else None
+        err = self.lib.emulated_gemm(dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),
+                                     (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace))
         assert err == 0, f"launch_gemm returned cudaError {err}"
-        self.kernels.append(self.lib.chosen_kernel(dtype, C.shape[0], Q.stride(0)))
+        self.kernels.append(self.lib.chosen_kernel(dtype, M, Q.stride(0)))
+        self.split.append(scratch > 0)
         return C
 
 
@@ -123,7 +131,8 @@ SHAPES = [
     (32, 64, 24, 8),      # decode's largest M
     (37, 88, 70, 4),      # tensor cores, 64×64 tiles, every edge ragged, r = 4
     (67, 50, 45, 12),     # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
-    (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256)
+    (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256); gᵀ·x and dYᵀ·xa split over M
+    (40, 520, 64, 8),     # x·Aᵀ and dY·B split along K
 ]
 
 
@@ -139,6 +148,10 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
     assert gemm.kernels[:2] == [want_forward] * 2, gemm.kernels
     if M > 32 and dtype != torch.float32:
         assert gemm.kernels == [TENSOR_CORE] * 6, gemm.kernels
+    if shape == (40, 520, 64, 8) and dtype != torch.float32:
+        assert gemm.split == [True, False, False, False, False, False], gemm.split  # x·Aᵀ: K = 520
+    if shape[0] == 300 and dtype != torch.float32:
+        assert gemm.split[4:] == [True, True], gemm.split  # dA, dB: K = M = 300
 
 
 def test_strided_input_and_transposed_output(lib):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_kernels.cuda
-from conftest import DEVICE, assert_close, make_problem, reference_grads
+from conftest import DEVICE, assert_close, backend_contract_vs_float64, make_problem, reference_grads
 
 EXPECT_BUILT = torch.version.cuda is not None and os.environ.get("LORA_KERNELS_SKIP_CUDA_BUILD") != "1"
 
@@ -42,11 +42,51 @@ def test_extension_holds_code_for_every_requested_arch():
     assert all(f"{arch}." in listing for arch in wanted), (wanted, listing)
 
 
-@pytest.mark.skipif(DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (37, 70, 50, 12), (300, 1000, 520, 128), (0, 64, 64, 8)])
-def test_cuda_ops_on_gpu(dtype, shape, poison):
-    x, w, b, a, bb, s = make_problem(*shape, dtype)
+ON_GPU = pytest.mark.skipif(DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded(), reason="needs a GPU")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def contract_vs_float64(*args, **kwargs):
+    backend_contract_vs_float64(lora_kernels.cuda, *args, **kwargs)
+
+
+@ON_GPU
+@pytest.mark.parametrize("r", [1, 2, 16, 17, 64, 100, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_rank_up_to_128(r, dtype, poison):
+    contract_vs_float64(21, 48, 40, r, dtype)
+
+
+# Each kernel path of csrc/: decode (M ≤ 32), 64×64 and 128×128 tensor-core tiles, split-K of the
+# skinny products, element-wise staging (K % 8 ≠ 0), M = 0.
+@ON_GPU
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (3, 50, 33, 1), (32, 1040, 72, 8), (37, 70, 50, 12),
+                                   (131, 100, 90, 8), (300, 520, 264, 16), (300, 1000, 520, 128), (0, 64, 64, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_kernel_paths(shape, dtype, poison):
+    contract_vs_float64(*shape, dtype)
+
+
+@ON_GPU
+@pytest.mark.parametrize("M", [1, 16, 128, 1024, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_shapes(M, dtype, poison):
+    contract_vs_float64(M, 4096, 11008, 16, dtype)
+
+
+@ON_GPU
+@pytest.mark.parametrize("M", [5, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_input_precomputed_xa_and_unfused_dx(M, dtype, poison):
+    contract_vs_float64(M, 72, 56, 8, dtype, strided_x=True)
+    contract_vs_float64(M, 72, 56, 8, dtype, fuse_lora_dx=False, x_lora_given=True)
+
+
+@ON_GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_through_lora_linear_with_autograd(dtype, poison):
+    x, w, b, a, bb, s = make_problem(37, 70, 50, 12, dtype)
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))
     y = lora_kernels.lora_linear(x, w, b, a, bb, s, backend="cuda")
     dy = torch.randn_like(y)

@@ -16,11 +16,19 @@ extern "C" {
 // Returns the cudaError_t of launch_gemm.
 int emulated_gemm(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, const void* P, const void* Q,
                   const void* P2, const void* Q2, const void* bias, void* C, const int64_t* strides, float alpha,
-                  float alpha2) {
+                  float alpha2, float* workspace) {
   const GemmParams p{M, N, K, K2, {P, strides[0], strides[1]}, {Q, strides[2], strides[3]},
                      {P2, strides[4], strides[5]}, {Q2, strides[6], strides[7]}, bias, C, strides[8], strides[9],
-                     alpha, alpha2};
+                     alpha, alpha2, workspace};
   return static_cast<int>(lora_kernels::launch_gemm(static_cast<DType>(dtype), p, nullptr));
+}
+
+// The fp32 scratch launch_gemm wants for the same arguments (bindings.cpp allocates it).
+int64_t workspace_elems(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, int64_t q_stride_row, float alpha2) {
+  GemmParams p{};
+  p.M = M, p.N = N, p.K = K, p.K2 = K2, p.alpha2 = alpha2;
+  p.Q.stride_row = q_stride_row;
+  return lora_kernels::workspace_elems(static_cast<DType>(dtype), p);
 }
 
 // Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode).

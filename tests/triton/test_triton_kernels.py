@@ -4,7 +4,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import reference
-from conftest import DEVICE, KERNEL_BACKENDS, assert_close, make_problem
+from conftest import DEVICE, KERNEL_BACKENDS, assert_close, backend_contract_vs_float64, make_problem
 
 pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton backend unavailable")
 
@@ -14,20 +14,8 @@ if "triton" in KERNEL_BACKENDS:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def contract_vs_float64(M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False):
-    x, w, b, a, bb, s = make_problem(M, K, N, r, dtype)
-    x_lora = x * (torch.rand_like(x) > 0.3).to(dtype) if x_lora_given else None
-    dy = torch.randn(M, N, dtype=dtype, device=DEVICE)
-    y, xa = tk.forward(x, w, b, a, bb, s, x_lora=x_lora)
-    dx, da, db, g = tk.backward(dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx)
-    f64 = [t.double() if t is not None else None for t in (x, w, b, a, bb, dy)]
-    xl64 = f64[0] if x_lora is None else x_lora.double()
-    y_ref, xa_ref = reference.forward(*f64[:5], s, x_lora=xl64)
-    dx_ref, da_ref, db_ref, g_ref = reference.backward(f64[5], xl64, f64[1], f64[3], f64[4], xa_ref, s, fuse_lora_dx)
-    for out, ref, what in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
-                           (db, db_ref, "dB"), (g, g_ref, "g")):
-        assert out.dtype == dtype
-        assert_close(out, ref, dtype, what)
+def contract_vs_float64(*args, **kwargs):
+    backend_contract_vs_float64(tk, *args, **kwargs)
 
 
 @pytest.mark.parametrize("r", [1, 2, 16, 17, 64, 100, 128])
