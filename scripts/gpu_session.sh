@@ -13,6 +13,8 @@
 # and, for kernel work:
 #     bash scripts/gpu_session.sh sweep      # tile-config sweep vs cuBLAS (scripts/sweep_tiles.py)
 #     bash scripts/gpu_session.sh profile    # host time per eager call (scripts/profile_launch.py)
+#     bash scripts/gpu_session.sh cuda       # the CUDA backend: its tests, memcheck + racecheck of its
+#                                            # kernels, and scripts/bench_cuda_kernels.py (per-kernel times)
 # Time boxes and arguments can be changed by environment: TEST_S, TEST_ARGS, LAYER_S, RANKS,
 # FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS.
 set -uo pipefail
@@ -51,5 +53,15 @@ case "${1:-test}" in
     box "${SWEEP_S:-400}" python3 scripts/sweep_tiles.py > "$R/sweep.log" 2>&1; tail -32 "$R/sweep.log"; pack ;;
   profile)
     box 120 python3 scripts/profile_launch.py > "$R/profile.log" 2>&1; head -60 "$R/profile.log" | cut -c1-160; pack ;;
-  *) echo "usage: $0 test|bench|table1|sweep|profile"; exit 2 ;;
+  cuda)
+    box "${TEST_S:-200}" python3 -m pytest tests/test_cuda_extension.py tests/test_compile.py tests/test_function.py \
+      -q -p no:cacheprovider -rfE --tb=short -k "cuda or extension" > "$R/cuda-test.log" 2>&1
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/cuda-test.log" | cut -c1-200 | head -40; pack
+    for tool in memcheck racecheck; do
+      LORA_SANITIZE_BACKENDS=cuda box 90 compute-sanitizer --tool "$tool" --print-limit 20 python3 \
+        scripts/sanitize_workload.py > "$R/cuda-sanitize_$tool.log" 2>&1; tail -2 "$R/cuda-sanitize_$tool.log"; pack
+    done
+    box "${CUDA_BENCH_S:-240}" python3 scripts/bench_cuda_kernels.py > "$R/cuda-bench.log" 2>&1
+    cut -c1-200 "$R/cuda-bench.log" | head -90; pack ;;
+  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda"; exit 2 ;;
 esac

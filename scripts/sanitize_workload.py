@@ -3,7 +3,10 @@ with and without bias, fused dropout and a multi-adapter batch. Exits non-zero o
 
     compute-sanitizer --tool memcheck python3 scripts/sanitize_workload.py
     compute-sanitizer --tool racecheck python3 scripts/sanitize_workload.py
+    LORA_SANITIZE_BACKENDS=cuda compute-sanitizer ...     (one backend only)
 """
+import os
+
 import torch
 
 import lora_kernels
@@ -18,6 +21,8 @@ def check(name, got, want, tol):
 def main():
     torch.manual_seed(0)
     backends = [b for b in lora_kernels.available_backends("cuda") if b != "reference"]
+    if os.environ.get("LORA_SANITIZE_BACKENDS"):  # e.g. "cuda": only that backend's kernels
+        backends = [b for b in backends if b in os.environ["LORA_SANITIZE_BACKENDS"].split(",")]
     for backend in backends:
         # odd shapes; for the CUDA kernels also decode at M = 24, 128×128 tensor-core tiles (M, N > 256)
         # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300)

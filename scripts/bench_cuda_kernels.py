@@ -1,0 +1,93 @@
+"""Where the CUDA backend stands on this GPU: its forward and backward against cuBLAS and the Triton
+backend (CUDA-graph replay and eager, bf16, r = 16, inputs rotated past L2 as in bench/timing.py),
+and, per kernel of csrc/ (decode_gemm, tensor_core_gemm, split_k_reduce, simt_gemm), the GPU time of
+one forward + backward from torch.profiler. Prints two tables; for kernel work, not the benchmark.
+
+    python3 scripts/bench_cuda_kernels.py [--shapes 4096x4096,...] [--rows 1,16,...] [--reps 50]
+"""
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+from timing import input_sets_needed, time_eager, time_graph  # noqa: E402
+
+from lora_kernels import cuda as ck  # noqa: E402
+
+try:
+    from lora_kernels import triton as tk
+except ImportError:
+    tk = None
+
+
+def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
+        a = torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5
+        b = torch.randn(N, r, device="cuda", dtype=dt) / r ** 0.5
+        dy = torch.randn(M, N, device="cuda", dtype=dt)
+        sets.append((x, w, a, b, dy))
+    return sets
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="in x out")
+    ap.add_argument("--rows", default="1,16,32,128,1024,8192")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    s, r = 2.0, args.rank
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 r={r}  times in µs (graph / eager)")
+    print("| in×out | M | cuBLAS fwd | cuda fwd | triton fwd | cuBLAS dX | cuda bwd | triton bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    per_kernel = defaultdict(float)
+    for shape in args.shapes.split(","):
+        K, N = map(int, shape.split("x"))
+        for M in map(int, args.rows.split(",")):
+            n_sets = input_sets_needed(2 * (N * K + M * (K + N)), "cuda")
+            sets = problem(M, K, N, r, n_sets)
+            fns = {
+                "cuBLAS fwd": lambda i: F.linear(sets[i][0], sets[i][1]),
+                "cuda fwd": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                "triton fwd": lambda i: tk.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                "cuBLAS dX": lambda i: sets[i][4] @ sets[i][1],
+                "cuda bwd": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
+                                                  sets[i][0][:, :r], s),
+                "triton bwd": lambda i: tk.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
+                                                    sets[i][0][:, :r].contiguous(), s),
+            }
+            cells = []
+            for name, fn in fns.items():
+                if tk is None and name.startswith("triton"):
+                    cells.append("-")
+                    continue
+                graph = time_graph(fn, n_sets, args.reps, "cuda")
+                eager = time_eager(fn, n_sets, args.reps, 5, "cuda")
+                cells.append(f"{graph.median_ms * 1e3:.1f} / {eager.median_ms * 1e3:.1f}")
+            print(f"| {K}×{N} | {M} | " + " | ".join(cells) + " |", flush=True)
+            # per-kernel GPU time of one CUDA-backend forward + backward
+            x, w, a, b, dy = sets[0]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                y, xa = ck.forward(x, w, None, a, b, s)
+                ck.backward(dy, x, w, a, b, xa, s)
+                torch.cuda.synchronize()
+            for ev in prof.key_averages():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    name = ev.key.split("<")[0].split("(")[0].split("::")[-1]
+                    per_kernel[(shape, M, name)] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            del sets
+    print("\n| in×out | M | kernel | µs (one forward + backward) |")
+    print("|---|---|---|---|")
+    for (shape, M, name), us in per_kernel.items():
+        print(f"| {shape} | {M} | {name} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
