@@ -110,6 +110,8 @@ inline int sm_count() {
 namespace lora_kernels {
 namespace dev {
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 __host__ __device__ __forceinline__ float to_float(float v) { return v; }
 __host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -141,8 +141,6 @@ cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace decode
 
 namespace detail {
@@ -151,8 +149,8 @@ cudaError_t launch_decode(DType dtype, const GemmParams& g, cudaStream_t stream)
   using namespace decode;
   const int64_t vec = dtype == DType::kFloat32 ? 4 : 8;  // elements per 16 bytes
   // Column n of Q starts at Q.ptr + n·stride_col: all of them aligned if the base and stride are.
-  const bool w_vec = aligned16(g.Q.ptr) && (g.N <= 1 || g.Q.stride_col % vec == 0);
-  const bool x_vec = g.P.stride_col == 1 && aligned16(g.P.ptr) && (g.M <= 1 || g.P.stride_row % vec == 0);
+  const bool w_vec = dev::aligned16(g.Q.ptr) && (g.N <= 1 || g.Q.stride_col % vec == 0);
+  const bool x_vec = g.P.stride_col == 1 && dev::aligned16(g.P.ptr) && (g.M <= 1 || g.P.stride_row % vec == 0);
   const Params params{g, w_vec, x_vec};
   switch (dtype) {
     case DType::kFloat32: return launch_typed<float>(params, stream);

@@ -52,6 +52,17 @@ struct View {
   int64_t stride_i, stride_k, extent_i, extent_k;
 };
 
+// The four operands as views; Q (k, n) = ptr[k·stride_row + n·stride_col] is seen as (i = n, k).
+struct Views {
+  View P, Q, P2, Q2;
+};
+__host__ __device__ __forceinline__ Views views_of(const GemmParams& g) {
+  return {{g.P.ptr, g.P.stride_row, g.P.stride_col, g.M, g.K},
+          {g.Q.ptr, g.Q.stride_col, g.Q.stride_row, g.N, g.K},
+          {g.P2.ptr, g.P2.stride_row, g.P2.stride_col, g.M, g.K2},
+          {g.Q2.ptr, g.Q2.stride_col, g.Q2.stride_row, g.N, g.K2}};
+}
+
 struct Params {
   GemmParams g;
   bool vec[4];     // P, Q, P2, Q2 can be staged with aligned 16-byte copies
@@ -119,11 +130,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   const GemmParams& g = params.g;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  // Q (k, n) = ptr[k·stride_row + n·stride_col], seen as (i = n, k).
-  const View P{g.P.ptr, g.P.stride_row, g.P.stride_col, g.M, g.K};
-  const View Q{g.Q.ptr, g.Q.stride_col, g.Q.stride_row, g.N, g.K};
-  const View P2{g.P2.ptr, g.P2.stride_row, g.P2.stride_col, g.M, g.K2};
-  const View Q2{g.Q2.ptr, g.Q2.stride_col, g.Q2.stride_row, g.N, g.K2};
+  const Views v = views_of(g);
   const int k_tiles = static_cast<int>((g.K + kBK - 1) / kBK);
   const int all_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
   const int first_tile = blockIdx.z * params.tiles_per_split;  // this split's share of the tiles
@@ -135,11 +142,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
     T* p_tile = stages + (local % kStages) * (kTileP + kTileQ);
     T* q_tile = p_tile + kTileP;
     if (t < k_tiles) {
-      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, P, m0, int64_t(t) * kBK, params.vec[0]);
-      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, Q, n0, int64_t(t) * kBK, params.vec[1]);
+      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, v.P, m0, int64_t(t) * kBK, params.vec[0]);
+      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, v.Q, n0, int64_t(t) * kBK, params.vec[1]);
     } else {
-      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, P2, m0, int64_t(t - k_tiles) * kBK, params.vec[2]);
-      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, Q2, n0, int64_t(t - k_tiles) * kBK, params.vec[3]);
+      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, v.P2, m0, int64_t(t - k_tiles) * kBK, params.vec[2]);
+      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, v.Q2, n0, int64_t(t - k_tiles) * kBK, params.vec[3]);
     }
   };
 
@@ -270,14 +277,12 @@ __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Can tile loads of `v` in this layout be 16-byte copies? The contiguous index must have unit
 // stride, and every row of the layout must start on a 16-byte boundary.
 bool vector_loadable(const View& v, bool k_major) {
   const int64_t unit = k_major ? v.stride_k : v.stride_i, step = k_major ? v.stride_i : v.stride_k;
   const int64_t rows = k_major ? v.extent_i : v.extent_k;
-  return v.ptr != nullptr && unit == 1 && (rows <= 1 || step % 8 == 0) && aligned16(v.ptr);
+  return v.ptr != nullptr && unit == 1 && (rows <= 1 || step % 8 == 0) && dev::aligned16(v.ptr);
 }
 
 // 128×128 tiles only when both sides of C span a few of them; else 64×64.
@@ -351,16 +356,14 @@ int64_t tensor_core_workspace_elems(const GemmParams& g) {
 
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& g, cudaStream_t stream) {
   using namespace tensor_core;
-  const View P{g.P.ptr, g.P.stride_row, g.P.stride_col, g.M, g.K};
-  const View Q{g.Q.ptr, g.Q.stride_col, g.Q.stride_row, g.N, g.K};
-  const View P2{g.P2.ptr, g.P2.stride_row, g.P2.stride_col, g.M, g.K2};
-  const View Q2{g.Q2.ptr, g.Q2.stride_col, g.Q2.stride_row, g.N, g.K2};
+  const Views v = views_of(g);
+  const View &P = v.P, &Q = v.Q;
   // Each operand is staged in the layout it has in memory (k contiguous: k-major); the LoRA
   // operands share the main product's layouts, falling back to element loads where theirs differ.
   const bool p_k_major = !(P.stride_i == 1 && P.stride_k != 1);
   const bool q_k_major = !(Q.stride_i == 1 && Q.stride_k != 1);
   Params params{g, {vector_loadable(P, p_k_major), vector_loadable(Q, q_k_major),
-                    g.K2 > 0 && vector_loadable(P2, p_k_major), g.K2 > 0 && vector_loadable(Q2, q_k_major)},
+                    g.K2 > 0 && vector_loadable(v.P2, p_k_major), g.K2 > 0 && vector_loadable(v.Q2, q_k_major)},
                 g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0, 1, 0};
   switch (dtype) {
     case DType::kFloat16: return launch_typed<__half>(params, p_k_major, q_k_major, stream);
