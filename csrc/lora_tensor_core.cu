@@ -10,10 +10,10 @@
 // Pipeline. STAGES shared-memory buffers are filled by cp.async (16-byte copies, zero-filled past
 // the edges of the matrices) STAGES - 1 tiles ahead of the tile being multiplied.
 //
-// Split-K. A skinny product (x·Aᵀ, dY·B, gᵀ·x, dYᵀ·xa: r columns or rows, K up to the batch size)
-// has too few output tiles to fill the GPU, so its K range is split over blockIdx.z; each split
-// writes fp32 partial sums and split_k_reduce adds them in a fixed order (deterministic) and
-// writes alpha·sum + bias.
+// Split-K. A product with too few output tiles to fill the GPU (the skinny x·Aᵀ, dY·B, gᵀ·x,
+// dYᵀ·xa, whose K can be the batch size; dY·W₀ at decode sizes) has its stream of K tiles split
+// over blockIdx.z; each split writes its scaled fp32 partial sums and split_k_reduce adds them in a
+// fixed order (deterministic) and writes sum + bias.
 //
 // Layouts. Each operand tile is stored in shared memory the way it lies in global memory, so every
 // copy is a contiguous 16-byte chunk: "k-major" ([i][k], the k index contiguous, e.g. x or W₀ for
@@ -217,7 +217,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 
   // Epilogue: accumulator element e of fragment (i, j) is row g + 8·(e / 2), column 2t + e % 2.
-  if (params.splits > 1) {  // raw fp32 partial sums, [split][M][N]; split_k_reduce finishes
+  // acc holds alpha/alpha2·P·Q + P2·Q2 if this block's tiles reached P2·Q2, else P·Q.
+  const float out_scale = g.K2 > 0 && first_tile + total_tiles > k_tiles ? g.alpha2 : g.alpha;
+  if (params.splits > 1) {  // scaled fp32 partial sums, [split][M][N]; split_k_reduce finishes
     float* partial = g.workspace + static_cast<int64_t>(blockIdx.z) * g.M * g.N;
 #pragma unroll
     for (int i = 0; i < kFragsM; ++i)
@@ -227,11 +229,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
         for (int e = 0; e < 4; ++e) {
           const int64_t m = m0 + warp_m0 + i * 16 + lane / 4 + 8 * (e / 2);
           const int64_t n = n0 + warp_n0 + j * 8 + 2 * (lane % 4) + e % 2;
-          if (m < g.M && n < g.N) partial[m * g.N + n] = acc[i][j][e];
+          if (m < g.M && n < g.N) partial[m * g.N + n] = out_scale * acc[i][j][e];
         }
     return;
   }
-  const float out_scale = g.K2 > 0 ? g.alpha2 : g.alpha;
   const T* bias = static_cast<const T*>(g.bias);
   T* c = static_cast<T*>(g.C);
 #pragma unroll
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 }
 
-// C = alpha · Σ_split partial + bias, the splits added in order.
+// C = Σ_split partial + bias, the splits added in order.
 template <typename T>
 __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
   const GemmParams& g = params.g;
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
     float sum = 0.0f;
     for (int z = 0; z < params.splits; ++z) sum += g.workspace[z * count + idx];
     const int64_t m = idx / g.N, n = idx % g.N;
-    float v = g.alpha * sum;
+    float v = sum;
     if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[n]);
     static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(v);
   }
@@ -292,18 +293,18 @@ struct Split {
   int splits, tiles_per_split;
 };
 
-// Enough splits of K for about two blocks per SM, each split at least kMinTilesPerSplit K steps.
+// Enough splits of the K tiles (those of P·Q then P2·Q2) for about two blocks per SM, each split
+// at least kMinTilesPerSplit K steps.
 template <typename Cfg>
 Split plan_split(const GemmParams& g) {
-  const int k_tiles = static_cast<int>((g.K + kBK - 1) / kBK);
-  const int all_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
+  const int all_tiles = static_cast<int>((g.K + kBK - 1) / kBK + (g.K2 + kBK - 1) / kBK);
   const int64_t blocks = ((g.M + Cfg::kBM - 1) / Cfg::kBM) * ((g.N + Cfg::kBN - 1) / Cfg::kBN);
   const int64_t wanted = (2 * dev::sm_count() + blocks - 1) / blocks;
-  int64_t splits = wanted < k_tiles / kMinTilesPerSplit ? wanted : k_tiles / kMinTilesPerSplit;
+  int64_t splits = wanted < all_tiles / kMinTilesPerSplit ? wanted : all_tiles / kMinTilesPerSplit;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
-  if (g.K2 > 0 || splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
-  const int per_split = static_cast<int>((k_tiles + splits - 1) / splits);
-  return {(k_tiles + per_split - 1) / per_split, per_split};  // no empty split
+  if (splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
+  const int per_split = static_cast<int>((all_tiles + splits - 1) / splits);
+  return {(all_tiles + per_split - 1) / per_split, per_split};  // no empty split
 }
 
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR>

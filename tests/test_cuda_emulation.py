@@ -132,7 +132,9 @@ SHAPES = [
     (37, 88, 70, 4),      # tensor cores, 64×64 tiles, every edge ragged, r = 4
     (67, 50, 45, 12),     # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
     (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256); gᵀ·x and dYᵀ·xa split over M
-    (40, 520, 64, 8),     # x·Aᵀ and dY·B split along K
+    (40, 520, 64, 8),     # x·Aᵀ split along K
+    (8, 64, 264, 8),      # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A
+    (8, 64, 128, 128),    # dX split exactly where dY·W₀'s tiles end and g·A's begin (r = 128)
 ]
 
 
@@ -149,9 +151,11 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
     if M > 32 and dtype != torch.float32:
         assert gemm.kernels == [TENSOR_CORE] * 6, gemm.kernels
     if shape == (40, 520, 64, 8) and dtype != torch.float32:
-        assert gemm.split == [True, False, False, False, False, False], gemm.split  # x·Aᵀ: K = 520
+        assert gemm.split[:2] == [True, True], gemm.split  # x·Aᵀ and y: K = 520
     if shape[0] == 300 and dtype != torch.float32:
         assert gemm.split[4:] == [True, True], gemm.split  # dA, dB: K = M = 300
+    if shape[:2] == (8, 64) and dtype != torch.float32:
+        assert gemm.split[3], gemm.split  # dX
 
 
 def test_strided_input_and_transposed_output(lib):
