@@ -293,13 +293,14 @@ struct Split {
   int splits, tiles_per_split;
 };
 
-// Enough splits of the K tiles (those of P·Q then P2·Q2) for about two blocks per SM, each split
-// at least kMinTilesPerSplit K steps.
+// When the output tiles fill less than one wave of SMs: enough splits of the K tiles (those of P·Q
+// then P2·Q2) for about two blocks per SM, each split at least kMinTilesPerSplit K steps.
 template <typename Cfg>
 Split plan_split(const GemmParams& g) {
   const int all_tiles = static_cast<int>((g.K + kBK - 1) / kBK + (g.K2 + kBK - 1) / kBK);
   const int64_t blocks = ((g.M + Cfg::kBM - 1) / Cfg::kBM) * ((g.N + Cfg::kBN - 1) / Cfg::kBN);
-  const int64_t wanted = (2 * dev::sm_count() + blocks - 1) / blocks;
+  const int sms = dev::sm_count();
+  const int64_t wanted = blocks >= sms ? 1 : (2 * sms + blocks - 1) / blocks;
   int64_t splits = wanted < all_tiles / kMinTilesPerSplit ? wanted : all_tiles / kMinTilesPerSplit;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
   if (splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};

@@ -181,7 +181,7 @@ template <typename Kernel>
 inline cudaError_t allow_dynamic_smem(Kernel, int) { return cudaSuccess; }
 inline cudaError_t last_launch_error() { return cudaSuccess; }
 // A small GPU, so that the split-K paths run on the test's small shapes.
-inline int sm_count() { return 4; }
+inline int sm_count() { return 8; }
 
 }  // namespace dev
 }  // namespace lora_kernels
