@@ -112,6 +112,9 @@ namespace dev {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// ⌈a / b⌉ for tile and block counts.
+__host__ __device__ __forceinline__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 __host__ __device__ __forceinline__ float to_float(float v) { return v; }
 __host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
   for (int r = 0; r < ROWS; ++r) sum[r] = 0.0f;
   if (n < g.N) {
     const T* w = static_cast<const T*>(g.Q.ptr) + n * g.Q.stride_col;  // Q(k, n) = w[k]
-    const int64_t chunks = (g.K + VEC - 1) / VEC;
+    const int64_t chunks = dev::cdiv(g.K, VEC);
     // several 16-byte loads of W₀ in flight per lane, as far as registers allow
 #pragma unroll(ROWS <= 16 ? 4 : 1)
     for (int64_t c = part * 32 + lane; c < chunks; c += 32 * WARPS_PER_COLUMN) {
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
 template <typename T, int ROWS, int WARPS_PER_COLUMN>
 cudaError_t launch_with(const Params& params, cudaStream_t stream) {
   constexpr int kColumns = kWarps / WARPS_PER_COLUMN;
-  const int64_t blocks = (params.g.N + kColumns - 1) / kColumns;
+  const int64_t blocks = dev::cdiv(params.g.N, kColumns);
   if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
   auto kernel = decode_gemm<T, ROWS, WARPS_PER_COLUMN>;
   LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, kWarps * ROWS * sizeof(float), stream, params);

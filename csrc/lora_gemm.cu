@@ -4,7 +4,8 @@
 // 64×16 slab of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per
 // thread in registers. The second product P2·Q2 (the LoRA term, K2 = r) runs through the same loop
 // into a second accumulator, and the epilogue writes alpha·acc + alpha2·acc2 + bias once. Correct
-// for any strides, dtype and size (64-bit indexing); no tensor cores.
+// for any strides and size (64-bit indexing); templated on the element type, launched for float32
+// only (float16/bfloat16 products run on the tensor cores).
 #include "device.cuh"
 #include "lora_gemm.h"
 
@@ -100,15 +101,11 @@ namespace detail {
 
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream) {
   using namespace simt;
-  const int64_t tiles_m = (params.M + kTileM - 1) / kTileM;
-  const int64_t tiles_n = (params.N + kTileN - 1) / kTileN;
+  const int64_t tiles_m = dev::cdiv(params.M, kTileM), tiles_n = dev::cdiv(params.N, kTileN);
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n));
-  switch (dtype) {
-    case DType::kFloat32: LORA_LAUNCH(simt_gemm<float>, grid, kThreads, kSmemBytes, stream, params); break;
-    case DType::kFloat16: LORA_LAUNCH(simt_gemm<__half>, grid, kThreads, kSmemBytes, stream, params); break;
-    case DType::kBFloat16: LORA_LAUNCH(simt_gemm<__nv_bfloat16>, grid, kThreads, kSmemBytes, stream, params); break;
-  }
+  if (dtype != DType::kFloat32) return cudaErrorInvalidValue;  // 16-bit products go to the tensor cores
+  LORA_LAUNCH(simt_gemm<float>, grid, kThreads, kSmemBytes, stream, params);
   return dev::last_launch_error();
 }
 

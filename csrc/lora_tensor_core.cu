@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   const GemmParams& g = params.g;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const Views v = views_of(g);
-  const int k_tiles = static_cast<int>((g.K + kBK - 1) / kBK);
-  const int all_tiles = k_tiles + static_cast<int>((g.K2 + kBK - 1) / kBK);
+  const Views ops = views_of(g);
+  const int k_tiles = static_cast<int>(dev::cdiv(g.K, kBK));
+  const int all_tiles = k_tiles + static_cast<int>(dev::cdiv(g.K2, kBK));
   const int first_tile = blockIdx.z * params.tiles_per_split;  // this split's share of the tiles
   const int total_tiles =
       all_tiles - first_tile < params.tiles_per_split ? all_tiles - first_tile : params.tiles_per_split;
@@ -142,11 +142,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
     T* p_tile = stages + (local % kStages) * (kTileP + kTileQ);
     T* q_tile = p_tile + kTileP;
     if (t < k_tiles) {
-      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, v.P, m0, int64_t(t) * kBK, params.vec[0]);
-      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, v.Q, n0, int64_t(t) * kBK, params.vec[1]);
+      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, ops.P, m0, int64_t(t) * kBK, params.vec[0]);
+      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, ops.Q, n0, int64_t(t) * kBK, params.vec[1]);
     } else {
-      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, v.P2, m0, int64_t(t - k_tiles) * kBK, params.vec[2]);
-      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, v.Q2, n0, int64_t(t - k_tiles) * kBK, params.vec[3]);
+      load_tile<T, kBM, P_K_MAJOR, kThreads>(p_tile, ops.P2, m0, int64_t(t - k_tiles) * kBK, params.vec[2]);
+      load_tile<T, kBN, Q_K_MAJOR, kThreads>(q_tile, ops.Q2, n0, int64_t(t - k_tiles) * kBK, params.vec[3]);
     }
   };
 
@@ -272,9 +272,8 @@ __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
     float sum = 0.0f;
     for (int z = 0; z < params.splits; ++z) sum += g.workspace[z * count + idx];
     const int64_t m = idx / g.N, n = idx % g.N;
-    float v = sum;
-    if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[n]);
-    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(v);
+    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
   }
 }
 
@@ -297,21 +296,21 @@ struct Split {
 // then P2·Q2) for about two blocks per SM, each split at least kMinTilesPerSplit K steps.
 template <typename Cfg>
 Split plan_split(const GemmParams& g) {
-  const int all_tiles = static_cast<int>((g.K + kBK - 1) / kBK + (g.K2 + kBK - 1) / kBK);
-  const int64_t blocks = ((g.M + Cfg::kBM - 1) / Cfg::kBM) * ((g.N + Cfg::kBN - 1) / Cfg::kBN);
+  const int all_tiles = static_cast<int>(dev::cdiv(g.K, kBK) + dev::cdiv(g.K2, kBK));
+  const int64_t blocks = dev::cdiv(g.M, Cfg::kBM) * dev::cdiv(g.N, Cfg::kBN);
   const int sms = dev::sm_count();
-  const int64_t wanted = blocks >= sms ? 1 : (2 * sms + blocks - 1) / blocks;
+  const int64_t wanted = blocks >= sms ? 1 : dev::cdiv(2 * sms, blocks);
   int64_t splits = wanted < all_tiles / kMinTilesPerSplit ? wanted : all_tiles / kMinTilesPerSplit;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
   if (splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
-  const int per_split = static_cast<int>((all_tiles + splits - 1) / splits);
-  return {(all_tiles + per_split - 1) / per_split, per_split};  // no empty split
+  const int per_split = static_cast<int>(dev::cdiv(all_tiles, splits));
+  return {static_cast<int>(dev::cdiv(all_tiles, per_split)), per_split};  // no empty split
 }
 
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR>
 cudaError_t launch_with(Params params, cudaStream_t stream) {
   const GemmParams& g = params.g;
-  const int64_t tiles_m = (g.M + Cfg::kBM - 1) / Cfg::kBM, tiles_n = (g.N + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t tiles_m = dev::cdiv(g.M, Cfg::kBM), tiles_n = dev::cdiv(g.N, Cfg::kBN);
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
   const Split split = plan_split<Cfg>(g);
   const bool split_k = split.splits > 1 && g.workspace != nullptr;  // no scratch given: one pass
@@ -325,7 +324,7 @@ cudaError_t launch_with(Params params, cudaStream_t stream) {
   if (split_k) {
     const cudaError_t err = dev::last_launch_error();
     if (err != cudaSuccess) return err;
-    const int64_t blocks = (g.M * g.N + 255) / 256;
+    const int64_t blocks = dev::cdiv(g.M * g.N, 256);
     auto reduce = split_k_reduce<T>;
     LORA_LAUNCH(reduce, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream, params);
   }
@@ -358,14 +357,14 @@ int64_t tensor_core_workspace_elems(const GemmParams& g) {
 
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& g, cudaStream_t stream) {
   using namespace tensor_core;
-  const Views v = views_of(g);
-  const View &P = v.P, &Q = v.Q;
+  const Views ops = views_of(g);
+  const View &P = ops.P, &Q = ops.Q;
   // Each operand is staged in the layout it has in memory (k contiguous: k-major); the LoRA
   // operands share the main product's layouts, falling back to element loads where theirs differ.
   const bool p_k_major = !(P.stride_i == 1 && P.stride_k != 1);
   const bool q_k_major = !(Q.stride_i == 1 && Q.stride_k != 1);
   Params params{g, {vector_loadable(P, p_k_major), vector_loadable(Q, q_k_major),
-                    g.K2 > 0 && vector_loadable(v.P2, p_k_major), g.K2 > 0 && vector_loadable(v.Q2, q_k_major)},
+                    g.K2 > 0 && vector_loadable(ops.P2, p_k_major), g.K2 > 0 && vector_loadable(ops.Q2, q_k_major)},
                 g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0, 1, 0};
   switch (dtype) {
     case DType::kFloat16: return launch_typed<__half>(params, p_k_major, q_k_major, stream);
