@@ -3,9 +3,12 @@
 This is how the CUDA backend's kernels (decode GEMV, tensor-core mma.sync GEMM, SIMT) are checked
 on machines without a GPU: the unchanged kernel sources are compiled with g++, every CUDA thread
 an OS thread, the warp-collective instructions (ldmatrix, mma.sync, shuffles) computed as the PTX
-ISA defines them per lane. Each test runs the six products of one forward + backward exactly as
-csrc/bindings.cpp composes them (same operands, strides and scales), on fresh random inputs, into
-NaN-poisoned outputs. On a GPU, tests/test_cuda_extension.py runs the real thing.
+ISA defines them per lane, cp.async landing only at its wait. Each test runs the six products of
+one forward + backward exactly as csrc/bindings.cpp composes them (same operands, strides and
+scales), on fresh random inputs, into NaN-poisoned outputs. Every launch must also pass the
+emulator's shared-memory checks (bounds, alignment, races; see emulator.h), and every tensor sits
+between NaN guard regions: a read past its end turns the result into NaN, a write past it changes
+the guard. On a GPU, tests/test_cuda_extension.py runs the real thing.
 """
 import ctypes
 import hashlib
@@ -47,6 +50,7 @@ def build_library():
     lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
     lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.workspace_elems.restype = i64
+    lib.emulation_error.restype = ctypes.c_char_p
     return lib
 
 
@@ -72,17 +76,42 @@ class Gemm:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         M, N, K = C.shape[0], C.shape[1], P.shape[1]
         scratch = self.lib.workspace_elems(dtype, M, N, K, K2, Q.stride(0), alpha2)
-        workspace = torch.full((scratch,), float("nan")) if scratch else None
+        workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
         err = self.lib.emulated_gemm(dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),
                                      (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace))
         assert err == 0, f"launch_gemm returned cudaError {err}"
+        problem = self.lib.emulation_error().decode()
+        assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
+        for out in (C, workspace):
+            assert_guards_intact(out)
         self.kernels.append(self.lib.chosen_kernel(dtype, M, Q.stride(0)))
         self.split.append(scratch > 0)
         return C
 
 
+GUARD = 64  # elements of NaN before and after every tensor (a multiple of 16 bytes in every dtype)
+
+
+def guarded(t):
+    """A copy of ``t`` inside a NaN-filled buffer with GUARD elements on either side, as 16-byte
+    aligned as torch's own allocations: an out-of-bounds read gets NaN, which reaches the result."""
+    buffer = torch.full((t.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    inner = buffer[GUARD:GUARD + t.numel()].view(t.shape)
+    return inner.copy_(t)
+
+
+def assert_guards_intact(t):
+    """No kernel wrote outside ``t`` (contiguous, made by guarded or poisoned): its guards are still NaN."""
+    if t is None:
+        return
+    whole = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+    start, end = t.storage_offset(), t.storage_offset() + t.numel()
+    outside = torch.cat([whole[:start], whole[end:]])
+    assert outside.numel() == 2 * GUARD and outside.isnan().all(), "a kernel wrote past the end of its output"
+
+
 def poisoned(*shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
+    return guarded(torch.full(shape, float("nan"), dtype=dtype))
 
 
 def run_forward_backward(gemm, x, w, b, a, bb, s, dy):
@@ -100,12 +129,12 @@ def run_forward_backward(gemm, x, w, b, a, bb, s, dy):
 def check_against_float64(gemm, M, K, N, R, dtype, x=None):
     """Each product against float64 math on the same (rounded) inputs, including the intermediates
     xa and g the kernels produced, so every check isolates one launch."""
-    x = torch.randn(M, K, dtype=dtype) if x is None else x
-    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
-    b = torch.randn(N).to(dtype)
-    a = (torch.randn(R, K) / K ** 0.5).to(dtype)
-    bb = (torch.randn(N, R) / R ** 0.5).to(dtype)
-    dy = torch.randn(M, N).to(dtype)
+    x = guarded(torch.randn(M, K, dtype=dtype)) if x is None else x
+    w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
+    b = guarded(torch.randn(N).to(dtype))
+    a = guarded((torch.randn(R, K) / K ** 0.5).to(dtype))
+    bb = guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
+    dy = guarded(torch.randn(M, N).to(dtype))
     s = 2.0
     xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy)
     d = lambda t: t.double()  # noqa: E731
@@ -162,14 +191,14 @@ def test_strided_input_and_transposed_output(lib):
     """x a column slice of a wider tensor (row stride ≠ K, misaligned start) in every kernel path."""
     for M in (2, 40):
         for dtype in (torch.bfloat16, torch.float32):
-            wide = torch.randn(M, 100, dtype=dtype)
+            wide = guarded(torch.randn(M, 100, dtype=dtype))
             check_against_float64(Gemm(lib), M, 48, 72, 8, dtype, x=wide[:, 3:51])
 
 
 def test_zero_sized_and_empty_lora(lib):
     gemm = Gemm(lib)
-    x = torch.randn(5, 24, dtype=torch.bfloat16)
-    w = torch.randn(40, 24, dtype=torch.bfloat16)
+    x = guarded(torch.randn(5, 24, dtype=torch.bfloat16))
+    w = guarded(torch.randn(40, 24, dtype=torch.bfloat16))
     out = gemm(poisoned(5, 40, dtype=torch.bfloat16), x, w.t(), 1.0)  # no second product, no bias
     assert_close(out, x.double() @ w.double().t(), torch.bfloat16, "no LoRA term",
                  magnitude=x.double().abs() @ w.double().abs().t())

@@ -31,6 +31,16 @@ int64_t workspace_elems(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, 
   return lora_kernels::workspace_elems(static_cast<DType>(dtype), p);
 }
 
+// The first problem the emulator's memory and launch checks found since the last call ("" if none),
+// then forgets it.
+const char* emulation_error() {
+  static thread_local std::string last;
+  std::lock_guard<std::mutex> lock(emu::error_mutex);
+  last.swap(emu::first_error);
+  emu::first_error.clear();
+  return last.c_str();
+}
+
 // Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode).
 int chosen_kernel(int dtype, int64_t M, int64_t q_stride_row) {
   GemmParams p{};

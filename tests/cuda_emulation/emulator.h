@@ -4,19 +4,38 @@
 // Every CUDA thread of a block is an OS thread; __syncthreads is a barrier across them. The
 // warp-collective instructions of csrc/device.cuh (ldmatrix, mma.sync, the warp sum) exchange
 // operands through a per-warp buffer between two warp barriers and compute exactly what the PTX
-// ISA specifies for each lane. cp.async is a synchronous copy with the same zero-fill rule. Blocks
-// run one after another; shared memory starts as 0xFF bytes (NaN in every float type), so a read
-// of a slot the kernel never wrote shows up in the result.
+// ISA specifies for each lane. Blocks run one after another; shared memory starts as 0xFF bytes
+// (NaN in every float type), so a read of a slot the kernel never wrote shows up in the result.
 //
-// What this cannot see: races and missing cp.async waits (the copies complete at once), timing,
-// register/shared-memory limits. compute-sanitizer on a GPU covers the first; nvcc the last.
+// cp.async is emulated as late as the PTX memory model allows: a copy lands only when the issuing
+// thread's cp.async.wait_group retires its group, so a wait that lets too many groups stay in
+// flight leaves stale data in the tile. Shared memory is also checked like compute-sanitizer
+// would, per 16-byte chunk, for the accesses that go through device.cuh (cp.async writes and
+// ldmatrix reads); each finding is recorded (emu::first_error) and the test fails on it:
+//   - bounds and alignment: cp.async destinations and ldmatrix rows 16-byte aligned inside the
+//     block's dynamic shared memory, cp.async sources 16-byte aligned;
+//   - read-after-write: a chunk read in the same barrier interval in which its copy landed, or
+//     while it is still in flight (a missing wait or __syncthreads);
+//   - write-after-read: a copy issued into a chunk another warp reads in the same interval (the
+//     copy may land before that read; a missing __syncthreads before refilling a stage);
+//   - launch limits: threads per block, grid y/z, and dynamic shared memory over 48 KiB without
+//     allow_dynamic_smem (over 227 KiB at all).
+// What this cannot see: plain loads and stores to shared memory (element-wise staging, the
+// decode and SIMT kernels' reductions) in the race check, timing, registers. compute-sanitizer
+// on a GPU covers the first; nvcc --resource-usage the last.
 #pragma once
 #define LORA_KERNELS_EMULATE 1
 
 #include <barrier>
+#include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -39,11 +58,37 @@ struct Warp {
   float value[32];
 };
 
+// The first problem any check found since the test last asked (emulated_gemm.cpp's emulation_error).
+inline std::mutex error_mutex;
+inline std::string first_error;
+template <typename... Args>
+void report(const char* format, Args... args) {
+  char message[512];
+  std::snprintf(message, sizeof message, format, args...);
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (first_error.empty()) first_error = message;
+}
+
+// What the race check knows of one 16-byte chunk of shared memory. Epochs count a thread's
+// __syncthreads since its block started (the same count in every thread between two barriers).
+struct Chunk {
+  int writer = -1;            // thread that issued the last cp.async into it
+  int landed = -1;            // epoch in which that copy landed; kInFlight until its wait
+  int read_epoch = -1;        // last epoch it was read in, and by which warps (bit per warp)
+  uint64_t readers = 0;
+};
+constexpr int kInFlight = INT_MAX;
+
 struct Block {
-  Block(int threads, size_t smem_bytes) : sync(threads), warps(threads / 32), smem(smem_bytes + 128, 0xFF) {}
+  Block(int threads, size_t smem_bytes)
+      : sync(threads), warps(threads / 32), smem(smem_bytes + 128, 0xFF), smem_bytes(smem_bytes),
+        chunks(smem_bytes / 16 + 1) {}
   std::barrier<> sync;
   std::vector<Warp> warps;
   std::vector<unsigned char> smem;
+  size_t smem_bytes;
+  std::mutex chunks_mutex;
+  std::vector<Chunk> chunks;
   unsigned char* shared() {  // 128-byte aligned, like __align__(128) extern __shared__
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
   }
@@ -51,9 +96,90 @@ struct Block {
 
 inline thread_local Block* block = nullptr;
 inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
+inline thread_local int epoch = 0;
 
 inline int lane() { return static_cast<int>(thread_idx.x % 32); }
 inline Warp& warp() { return block->warps[thread_idx.x / 32]; }
+
+// The chunk index of a 16-byte shared-memory access at p, or -1 (reported) if it is misaligned or
+// outside the block's dynamic shared memory.
+inline int chunk_of(const void* p, const char* what) {
+  const auto* byte = static_cast<const unsigned char*>(p);
+  const ptrdiff_t offset = byte - block->shared();
+  if (offset < 0 || offset + 16 > static_cast<ptrdiff_t>(block->smem_bytes)) {
+    report("%s at shared offset %td, outside the %zu bytes of dynamic shared memory (thread %u, block %u,%u,%u)",
+           what, offset, block->smem_bytes, thread_idx.x, block_idx.x, block_idx.y, block_idx.z);
+    return -1;
+  }
+  if (offset % 16 != 0) {
+    report("%s at shared offset %td is not 16-byte aligned", what, offset);
+    return -1;
+  }
+  return static_cast<int>(offset / 16);
+}
+
+// cp.async copies issued by this thread: the open group, then committed groups oldest first.
+struct Copy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes, chunk;
+};
+inline thread_local std::vector<Copy> open_group;
+inline thread_local std::deque<std::vector<Copy>> committed_groups;
+
+inline void land(const std::vector<Copy>& group) {
+  std::lock_guard<std::mutex> lock(block->chunks_mutex);
+  for (const Copy& c : group) {
+    if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
+    std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
+    block->chunks[c.chunk].landed = epoch;
+  }
+}
+
+inline void record_read(int chunk) {
+  const int my_warp = static_cast<int>(thread_idx.x / 32);
+  std::lock_guard<std::mutex> lock(block->chunks_mutex);
+  Chunk& c = block->chunks[chunk];
+  if (c.writer >= 0 && c.landed >= epoch)
+    report("ldmatrix by warp %d reads shared offset %d, %s by thread %d (missing cp.async wait or __syncthreads)",
+           my_warp, chunk * 16,
+           c.landed == kInFlight ? "still in flight from a cp.async" : "written by a cp.async that landed in this barrier interval",
+           c.writer);
+  if (c.read_epoch != epoch) c.read_epoch = epoch, c.readers = 0;
+  c.readers |= uint64_t(1) << my_warp;
+}
+
+inline void record_write(int chunk) {
+  const int me = static_cast<int>(thread_idx.x), my_warp = me / 32;
+  std::lock_guard<std::mutex> lock(block->chunks_mutex);
+  Chunk& c = block->chunks[chunk];
+  if (c.read_epoch == epoch && (c.readers & ~(uint64_t(1) << my_warp)) != 0)
+    report("cp.async by thread %d overwrites shared offset %d that another warp reads in the same barrier interval "
+           "(missing __syncthreads before refilling a stage)", me, chunk * 16);
+  if (c.writer >= 0 && c.writer != me && c.landed >= epoch)
+    report("cp.async by threads %d and %d write shared offset %d in the same barrier interval", c.writer, me, chunk * 16);
+  c.writer = me;
+  c.landed = kInFlight;
+}
+
+// Launch limits a GPU would refuse (cudaErrorInvalidConfiguration / launch out of resources).
+inline std::mutex attributes_mutex;
+inline std::map<const void*, int> max_dynamic_smem;  // what allow_dynamic_smem opted each kernel into
+inline bool launch_allowed(const void* kernel, dim3 grid, dim3 threads, size_t smem_bytes) {
+  const int n = static_cast<int>(threads.x * threads.y * threads.z);
+  int allowed = 48 * 1024;
+  {
+    std::lock_guard<std::mutex> lock(attributes_mutex);
+    auto it = max_dynamic_smem.find(kernel);
+    if (it != max_dynamic_smem.end()) allowed = it->second;
+  }
+  if (n < 1 || n > 1024 || n % 32 != 0) return report("launch with %d threads per block", n), false;
+  if (grid.x < 1 || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535)
+    return report("launch with grid (%u, %u, %u)", grid.x, grid.y, grid.z), false;
+  if (smem_bytes > static_cast<size_t>(allowed) || smem_bytes > 227 * 1024)
+    return report("launch with %zu bytes of dynamic shared memory, %d allowed", smem_bytes, allowed), false;
+  return true;
+}
 
 inline float half_bits(uint16_t bits, bool bf16) {
   if (bf16) {
@@ -71,6 +197,7 @@ inline float half_bits(uint16_t bits, bool bf16) {
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_bytes, Args... args) {
   const int n = static_cast<int>(threads.x * threads.y * threads.z);
+  if (!launch_allowed(reinterpret_cast<const void*>(kernel), grid, threads, smem_bytes)) return;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -84,6 +211,9 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_
             block_idx = dim3(bx, by, bz);
             block_dim = threads;
             grid_dim = grid;
+            epoch = 0;
+            open_group.clear();
+            committed_groups.clear();
             kernel(args...);
           });
         for (auto& th : pool) th.join();
@@ -97,7 +227,10 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_
 #define blockDim (emu::block_dim)
 #define gridDim (emu::grid_dim)
 
-inline void __syncthreads() { emu::block->sync.arrive_and_wait(); }
+inline void __syncthreads() {
+  emu::block->sync.arrive_and_wait();
+  ++emu::epoch;
+}
 
 #define LORA_DYNAMIC_SMEM(name) unsigned char* name = emu::block->shared()
 #define LORA_LAUNCH(kernel, grid, block_, smem_bytes, stream, ...) \
@@ -110,6 +243,8 @@ inline void ldmatrix_x4_impl(uint32_t (&r)[4], const void* p, bool trans) {
   emu::Warp& w = emu::warp();
   const int t = emu::lane();
   w.address[t] = static_cast<const unsigned char*>(p);
+  const int chunk = emu::chunk_of(p, trans ? "ldmatrix.trans row" : "ldmatrix row");
+  if (chunk >= 0) emu::record_read(chunk);
   w.sync.arrive_and_wait();
   for (int i = 0; i < 4; ++i) {
     uint16_t e[2];
@@ -156,13 +291,27 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)
   for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
+// Issued now, landed by the cp_async_wait that retires its group (see the top of this file).
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
-  if (src_bytes > 0) std::memcpy(dst, src, src_bytes);
-  std::memset(static_cast<unsigned char*>(dst) + src_bytes, 0, 16 - src_bytes);
+  const int chunk = emu::chunk_of(dst, "cp.async destination");
+  if (src_bytes < 0 || src_bytes > 16) emu::report("cp.async with src-size %d", src_bytes);
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    emu::report("cp.async source %p is not 16-byte aligned", src);
+  if (chunk < 0 || src_bytes < 0 || src_bytes > 16) return;
+  emu::record_write(chunk);
+  emu::open_group.push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes, chunk});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  emu::committed_groups.push_back(std::move(emu::open_group));
+  emu::open_group.clear();
+}
 template <int pending>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  while (emu::committed_groups.size() > pending) {
+    emu::land(emu::committed_groups.front());
+    emu::committed_groups.pop_front();
+  }
+}
 
 inline float warp_sum(float v) {
   emu::Warp& w = emu::warp();
@@ -178,7 +327,12 @@ inline float warp_sum(float v) {
 }
 
 template <typename Kernel>
-inline cudaError_t allow_dynamic_smem(Kernel, int) { return cudaSuccess; }
+inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
+  if (bytes > 227 * 1024) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(emu::attributes_mutex);
+  emu::max_dynamic_smem[reinterpret_cast<const void*>(kernel)] = bytes > 48 * 1024 ? bytes : 48 * 1024;
+  return cudaSuccess;
+}
 inline cudaError_t last_launch_error() { return cudaSuccess; }
 // A small GPU, so that the split-K paths run on the test's small shapes.
 inline int sm_count() { return 8; }
