@@ -16,6 +16,7 @@ namespace {
 using lora_kernels::DType;
 using lora_kernels::GemmParams;
 using lora_kernels::Operand;
+using lora_kernels::RowAdapters;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -29,6 +30,7 @@ DType dtype_of(const at::Tensor& t) {
 Operand plain(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 Operand transposed(const at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
 constexpr Operand kNone{nullptr, 0, 0};
+constexpr RowAdapters kNoAdapters{nullptr, nullptr, 0, 0};
 
 void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "lora_kernels: ", name, " must be a CUDA tensor");
@@ -38,11 +40,11 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_
   TORCH_CHECK(t.dim() == dim, "lora_kernels: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
 }
 
-// out = alpha·P·Q (+ alpha2·P2·Q2) (+ bias); the inner sizes are passed explicitly.
+// out = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias); the inner sizes are passed explicitly.
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
-          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr) {
+          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters) {
   GemmParams p{out.size(0), out.size(1), K, K2, P, Q, P2, Q2, bias, out.data_ptr(), out.stride(0), out.stride(1),
-               alpha, alpha2, nullptr};
+               alpha, alpha2, nullptr, adapters};
   // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
   const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
   at::Tensor workspace;
@@ -54,10 +56,28 @@ void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Multi-adapter batches (lora_kernels/multi.py): lora_A (n·rank, K) and lora_B (N, n·rank) stack n
+// adapters; row m uses adapter ids[m] (int32, −1: none) with scale scales[id] (float32). The rank-r
+// products xa and g keep, per row, only that adapter's columns times its scale (lora_gemm.h).
+RowAdapters row_adapters(const std::optional<at::Tensor>& ids, const std::optional<at::Tensor>& scales,
+                         int64_t rank, const at::Tensor& like, int64_t M, int64_t R) {
+  if (!ids) return kNoAdapters;
+  TORCH_CHECK(scales && rank >= 1, "lora_kernels: adapter_ids needs adapter_scales and adapter_rank >= 1");
+  TORCH_CHECK(ids->is_cuda() && ids->device() == like.device() && ids->scalar_type() == at::kInt && ids->dim() == 1 &&
+                  ids->size(0) == M && ids->is_contiguous(),
+              "lora_kernels: adapter_ids must be a contiguous int32 (M,) tensor on ", like.device());
+  TORCH_CHECK(scales->is_cuda() && scales->device() == like.device() && scales->scalar_type() == at::kFloat &&
+                  scales->dim() == 1 && scales->is_contiguous() && scales->size(0) * rank == R,
+              "lora_kernels: adapter_scales must be a contiguous float32 (n,) tensor with n·adapter_rank = r = ", R);
+  return {ids->data_ptr<int32_t>(), scales->data_ptr<float>(), scales->size(0), rank};
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                            const at::Tensor& lora_B, double scale,
-                                           const std::optional<at::Tensor>& x_lora) {
+                                           const std::optional<at::Tensor>& x_lora,
+                                           const std::optional<at::Tensor>& adapter_ids,
+                                           const std::optional<at::Tensor>& adapter_scales, int64_t adapter_rank) {
   check(x, "x", x, 2);
   check(weight, "weight", x, 2);
   check(lora_A, "lora_A", x, 2);
@@ -71,10 +91,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   }
   const at::Tensor& lora_in = x_lora ? *x_lora : x;
   check(lora_in, "x_lora", x, 2);
+  const RowAdapters adapters = row_adapters(adapter_ids, adapter_scales, adapter_rank, x, M, R);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xa = at::empty({M, R}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale));
+  gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
   gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(lora_B), R, 1.0f,
        bias ? bias->data_ptr() : nullptr);
   return {y, xa};
@@ -83,7 +104,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x_lora,
                                                                     const at::Tensor& weight, const at::Tensor& lora_A,
                                                                     const at::Tensor& lora_B, const at::Tensor& xa,
-                                                                    double scale, bool fuse_lora_dx) {
+                                                                    double scale, bool fuse_lora_dx,
+                                                                    const std::optional<at::Tensor>& adapter_ids,
+                                                                    const std::optional<at::Tensor>& adapter_scales,
+                                                                    int64_t adapter_rank) {
   check(dy, "dy", dy, 2);
   check(x_lora, "x_lora", dy, 2);
   check(weight, "weight", dy, 2);
@@ -94,12 +118,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   TORCH_CHECK(weight.size(0) == N && x_lora.size(0) == M && x_lora.size(1) == K && lora_A.size(1) == K &&
                   lora_B.size(0) == N && lora_B.size(1) == R && xa.size(0) == M && xa.size(1) == R,
               "lora_kernels.cuda_backward: inconsistent shapes");
+  const RowAdapters adapters = row_adapters(adapter_ids, adapter_scales, adapter_rank, dy, M, R);
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor g = at::empty({M, R}, dy.options());
   at::Tensor dx = at::empty({M, K}, dy.options());
   at::Tensor d_lora_A = at::empty({R, K}, dy.options());
   at::Tensor d_lora_B = at::empty({N, R}, dy.options());
-  gemm(g, plain(dy), plain(lora_B), N, 1.0f);                                      // g  = dY·B
+  gemm(g, plain(dy), plain(lora_B), N, 1.0f, kNone, kNone, 0, 0.0f, nullptr, adapters);  // g = dY·B (masked)
   if (fuse_lora_dx) {
     gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(lora_A), R, static_cast<float>(scale));
   } else {
@@ -113,10 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
-  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora)"
-        " -> (Tensor, Tensor)");
+  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora,"
+        " *, Tensor? adapter_ids=None, Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor)");
   m.def("cuda_backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
-        " bool fuse_lora_dx) -> (Tensor, Tensor, Tensor, Tensor)");
+        " bool fuse_lora_dx, *, Tensor? adapter_ids=None, Tensor? adapter_scales=None, int adapter_rank=0)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
     for (int r = 0; r < ROWS; ++r) partial[warp * ROWS + r] = sum[r];
   }
   __syncthreads();
-  // One thread per (column, row) adds the K slices, the bias, and writes.
+  // One thread per (column, row) adds the K slices, applies the adapter mask and the bias, and writes.
   const int t = threadIdx.x;
   if (t < kColumns * ROWS) {
     const int column = t / ROWS, r = t % ROWS;
@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
       float v = 0.0f;
 #pragma unroll
       for (int s = 0; s < WARPS_PER_COLUMN; ++s) v += partial[(column * WARPS_PER_COLUMN + s) * ROWS + r];
+      v *= adapter_keep(g.adapters, r, out_n);
       if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[out_n]);
       static_cast<T*>(g.C)[r * g.stride_cm + out_n * g.stride_cn] = dev::from_float<T>(v);
     }

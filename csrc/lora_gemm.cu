@@ -3,7 +3,7 @@
 // SIMT kernel: each 256-thread block owns a 64×64 tile of C and walks K in steps of 16, staging a
 // 64×16 slab of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per
 // thread in registers. The second product P2·Q2 (the LoRA term, K2 = r) runs through the same loop
-// into a second accumulator, and the epilogue writes alpha·acc + alpha2·acc2 + bias once. Correct
+// into a second accumulator, and the epilogue writes keep·(alpha·acc + alpha2·acc2) + bias once. Correct
 // for any strides and size (64-bit indexing); templated on the element type, launched for float32
 // only (float16/bfloat16 products run on the tensor cores).
 #include "device.cuh"
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t n = n0 + tx + 16 * j;
       if (n >= p.N) continue;
-      float v = p.alpha * acc[i][j] + p.alpha2 * acc2[i][j];
+      float v = adapter_keep(p.adapters, m, n) * (p.alpha * acc[i][j] + p.alpha2 * acc2[i][j]);
       if (bias != nullptr) v += dev::to_float(bias[n]);
       c[m * p.stride_cm + n * p.stride_cn] = dev::from_float<T>(v);
     }

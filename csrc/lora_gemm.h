@@ -16,8 +16,18 @@ struct Operand {
   int64_t stride_col;
 };
 
-// C (M×N) = alpha·P(M×K)·Q(K×N) + alpha2·P2(M×K2)·Q2(K2×N) + bias, accumulated in fp32 and
-// written once in the operands' dtype. K2 = 0 disables the second product; bias may be null.
+// Multi-adapter batches: n adapters of rank `rank` stacked along C's columns (adapter a owns
+// columns [a·rank, (a+1)·rank)); row m belongs to adapter ids[m] (−1 or out of range: none). Row m
+// keeps its own adapter's columns, times scales[ids[m]], and is 0 in all others. ids null: off.
+struct RowAdapters {
+  const int32_t* ids;
+  const float* scales;
+  int64_t count, rank;
+};
+
+// C (M×N) = keep ⊙ (alpha·P(M×K)·Q(K×N) + alpha2·P2(M×K2)·Q2(K2×N)) + bias, accumulated in fp32
+// and written once in the operands' dtype. K2 = 0 disables the second product; bias may be null;
+// keep is 1 unless `adapters` is set.
 struct GemmParams {
   int64_t M, N, K, K2;
   Operand P, Q, P2, Q2;
@@ -27,7 +37,15 @@ struct GemmParams {
   float alpha, alpha2;
   // fp32 scratch of workspace_elems(...) elements for split-K partial sums (null when that is 0).
   float* workspace;
+  RowAdapters adapters;
 };
+
+// The factor `keep` of element (m, n) of C, applied by every kernel's epilogue.
+__host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, int64_t n) {
+  if (a.ids == nullptr) return 1.0f;
+  const int64_t id = a.ids[m];
+  return id >= 0 && id < a.count && n / a.rank == id ? a.scales[id] : 0.0f;
+}
 
 // The kernels behind launch_gemm, chosen per call from dtype, sizes and layout:
 //   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): one warp streams each row

@@ -1,5 +1,6 @@
 // Tensor-core GEMM with the fused LoRA term, for float16 and bfloat16:
 //     C = alpha·P·Q + alpha2·P2·Q2 + bias      (P2·Q2: the rank-r product, K2 = r)
+// (times the multi-adapter mask of lora_gemm.h, where one is given).
 //
 // Tiling. A block owns a BM×BN tile of C; its warps form a WARPS_M × WARPS_N grid and each warp
 // owns a (BM/WARPS_M) × (BN/WARPS_N) piece, computed with mma.sync m16n8k16 (fp32 accumulators in
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
         float v[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          v[e] = out_scale * acc[i][j][2 * half + e];
+          v[e] = out_scale * adapter_keep(g.adapters, m, n + e) * acc[i][j][2 * half + e];
           if (bias != nullptr && n + e < g.N) v[e] += dev::to_float(bias[n + e]);
         }
         T* out = c + m * g.stride_cm + n * g.stride_cn;
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 }
 
-// C = Σ_split partial + bias, the splits added in order.
+// C = keep ⊙ Σ_split partial + bias, the splits added in order.
 template <typename T>
 __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
   const GemmParams& g = params.g;
@@ -272,6 +273,7 @@ __global__ void __launch_bounds__(256) split_k_reduce(Params params) {
     float sum = 0.0f;
     for (int z = 0; z < params.splits; ++z) sum += g.workspace[z * count + idx];
     const int64_t m = idx / g.N, n = idx % g.N;
+    sum *= adapter_keep(g.adapters, m, n);
     if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[n]);
     static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
   }

@@ -33,12 +33,18 @@ def unavailable_reason(x: torch.Tensor):
     return None
 
 
-def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
-    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``."""
+def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None, adapter_ids=None, adapter_scales=None,
+            adapter_rank=0):
+    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``; multi-adapter
+    batches as in :mod:`lora_kernels.ops`."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
-    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora, adapter_ids=adapter_ids,
+                                               adapter_scales=adapter_scales, adapter_rank=adapter_rank)
 
 
-def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
+def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True, adapter_ids=None, adapter_scales=None,
+             adapter_rank=0):
     """Backend contract: returns ``(dx, dA, dB, g)``."""
-    return torch.ops.lora_kernels.cuda_backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)
+    return torch.ops.lora_kernels.cuda_backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx,
+                                                adapter_ids=adapter_ids, adapter_scales=adapter_scales,
+                                                adapter_rank=adapter_rank)

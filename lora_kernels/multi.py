@@ -19,17 +19,18 @@ from .function import _BACKENDS, _backend, rows
 
 class LoRALinearMultiFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scales, adapter_ids):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend):
         n, r, K = lora_A.shape
         N = weight.shape[0]
-        ops = _BACKENDS["triton"]
+        ops = _BACKENDS[backend]
         x2d = rows(x)
         ids = adapter_ids.reshape(-1).to(device=x.device, dtype=torch.int32).contiguous()
         a_all = lora_A.reshape(n * r, K)
         b_all = lora_B.permute(1, 0, 2).reshape(N, n * r)  # (out, n·r): a copy of n·r·out elements
-        y2d, xa = ops.forward(x2d, weight, bias, a_all, b_all, 1.0, None, 0.0, None, ids, scales, r)
+        y2d, xa = ops.forward(x2d, weight, bias, a_all, b_all, 1.0, adapter_ids=ids, adapter_scales=scales,
+                              adapter_rank=r)
         ctx.save_for_backward(x2d, weight, a_all, b_all, xa, ids, scales)
-        ctx.shapes = (x.shape, n, r)
+        ctx.shapes, ctx.backend = (x.shape, n, r), backend
         return y2d.reshape(*x.shape[:-1], N)
 
     @staticmethod
@@ -37,12 +38,12 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         x2d, weight, a_all, b_all, xa, ids, scales = ctx.saved_tensors
         x_shape, n, r = ctx.shapes
         dy2d = rows(dy)
-        dx, d_a, d_b, _ = _BACKENDS["triton"].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True, 0.0, None,
-                                                      ids, scales, r)
+        dx, d_a, d_b, _ = _BACKENDS[ctx.backend].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True,
+                                                          adapter_ids=ids, adapter_scales=scales, adapter_rank=r)
         d_lora_A = d_a.reshape(n, r, -1)
         d_lora_B = d_b.reshape(-1, n, r).permute(1, 0, 2)
         d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
-        return dx.reshape(x_shape), None, d_bias, d_lora_A, d_lora_B, None, None
+        return dx.reshape(x_shape), None, d_bias, d_lora_A, d_lora_B, None, None, None
 
 
 def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend="auto"):
@@ -50,8 +51,8 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     (−1: base only). ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scales`` n numbers (or an
     (n,) tensor), ``adapter_ids`` integers of shape ``x.shape[:-1]``. Gradients flow to x, A, B and bias.
 
-    Backends: ``"triton"`` (fused), ``"reference"`` (a loop over adapters), ``"auto"`` (Triton on
-    CUDA tensors). The CUDA extension has no multi-adapter kernel yet.
+    Backends: ``"triton"`` and ``"cuda"`` (fused), ``"reference"`` (a loop over adapters),
+    ``"auto"`` (Triton on CUDA tensors).
     """
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 3:
         raise ValueError(f"lora_A must be a (n_adapters, r, in_features) tensor, got "
@@ -77,9 +78,7 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     resolved = _backend(backend, x, by_size=False)
     if resolved == "reference":
         return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
-    if resolved != "triton":
-        raise RuntimeError(f"backend={backend!r} has no multi-adapter kernel; use 'triton' or 'reference'")
-    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
+    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, resolved)
 
 
 def stack_adapters(lora_As, lora_Bs):

@@ -46,7 +46,7 @@ def build_library():
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr]
+                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, i64]
     lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
     lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.workspace_elems.restype = i64
@@ -62,14 +62,15 @@ def lib():
 
 
 class Gemm:
-    """C = alpha·P·Q (+ alpha2·P2·Q2) (+ bias) through the emulated launch_gemm, with the split-K
-    scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the kernel
-    used and whether K was split."""
+    """C = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias) through the emulated launch_gemm, with the
+    split-K scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the
+    kernel used and whether K was split. keep: the multi-adapter mask of ``adapters`` = (ids int32,
+    scales float32, rank), or 1."""
 
     def __init__(self, lib):
         self.lib, self.kernels, self.split = lib, [], []
 
-    def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None):
+    def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None, adapters=None):
         dtype = DTYPE_CODE[C.dtype]
         K2 = 0 if P2 is None else P2.shape[1]
         strides = [s for t in (P, Q, P2, Q2) for s in (t.stride() if t is not None else (0, 0))] + list(C.stride())
@@ -77,8 +78,10 @@ class Gemm:
         M, N, K = C.shape[0], C.shape[1], P.shape[1]
         scratch = self.lib.workspace_elems(dtype, M, N, K, K2, Q.stride(0), alpha2)
         workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
+        ids, scales, rank = adapters if adapters is not None else (None, None, 0)
         err = self.lib.emulated_gemm(dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),
-                                     (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace))
+                                     (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace), ptr(ids),
+                                     ptr(scales), 0 if scales is None else scales.numel(), rank)
         assert err == 0, f"launch_gemm returned cudaError {err}"
         problem = self.lib.emulation_error().decode()
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
@@ -94,8 +97,10 @@ GUARD = 64  # elements of NaN before and after every tensor (a multiple of 16 by
 
 def guarded(t):
     """A copy of ``t`` inside a NaN-filled buffer with GUARD elements on either side, as 16-byte
-    aligned as torch's own allocations: an out-of-bounds read gets NaN, which reaches the result."""
-    buffer = torch.full((t.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    aligned as torch's own allocations: an out-of-bounds read gets NaN, which reaches the result
+    (integer tensors: the most negative value)."""
+    poison = float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min
+    buffer = torch.full((t.numel() + 2 * GUARD,), poison, dtype=t.dtype)
     inner = buffer[GUARD:GUARD + t.numel()].view(t.shape)
     return inner.copy_(t)
 
@@ -114,21 +119,22 @@ def poisoned(*shape, dtype):
     return guarded(torch.full(shape, float("nan"), dtype=dtype))
 
 
-def run_forward_backward(gemm, x, w, b, a, bb, s, dy):
-    """csrc/bindings.cpp's forward and backward, product by product."""
+def run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters=None):
+    """csrc/bindings.cpp's forward and backward, product by product (multi-adapter: xa and g masked)."""
     M, N, R = x.shape[0], w.shape[0], a.shape[0]
-    xa = gemm(poisoned(M, R, dtype=x.dtype), x, a.t(), s)                                  # xa = s·x·Aᵀ
+    xa = gemm(poisoned(M, R, dtype=x.dtype), x, a.t(), s, adapters=adapters)              # xa = s·x·Aᵀ
     y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b)            # y = x·W₀ᵀ + xa·Bᵀ + b
-    g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0)                                   # g = dY·B
+    g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0, adapters=adapters)               # g = dY·B
     dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                      # dX = dY·W₀ + s·g·A
     da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x, s)                              # dA = s·gᵀ·x
     db = gemm(poisoned(*bb.shape, dtype=x.dtype), dy.t(), xa, 1.0)                         # dB = dYᵀ·xa
     return xa, y, g, dx, da, db
 
 
-def check_against_float64(gemm, M, K, N, R, dtype, x=None):
+def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0):
     """Each product against float64 math on the same (rounded) inputs, including the intermediates
-    xa and g the kernels produced, so every check isolates one launch."""
+    xa and g the kernels produced, so every check isolates one launch. n_adapters > 0: R is
+    n_adapters stacked adapters and each row of x has a random one (or none)."""
     x = guarded(torch.randn(M, K, dtype=dtype)) if x is None else x
     w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
     b = guarded(torch.randn(N).to(dtype))
@@ -136,13 +142,20 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None):
     bb = guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
     dy = guarded(torch.randn(M, N).to(dtype))
     s = 2.0
-    xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy)
+    keep, adapters = torch.ones(M, R, dtype=torch.float64), None
+    if n_adapters:
+        rank = R // n_adapters
+        ids = guarded(torch.randint(-1, n_adapters, (M,), dtype=torch.int32))
+        scales = guarded(torch.rand(n_adapters) + 0.5)
+        keep = torch.where((torch.arange(R) // rank)[None, :] == ids[:, None].long(), scales.double()[ids.long()][:, None], 0.0)
+        adapters = (ids, scales, rank)
+    xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters)
     d = lambda t: t.double()  # noqa: E731
     expected = {
-        "xa": (xa, s * d(x) @ d(a).t(), s * d(x).abs() @ d(a).abs().t()),
+        "xa": (xa, keep * (s * d(x) @ d(a).t()), keep.abs() * (s * d(x).abs() @ d(a).abs().t())),
         "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
               d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
-        "g": (g, d(dy) @ d(bb), d(dy).abs() @ d(bb).abs()),
+        "g": (g, keep * (d(dy) @ d(bb)), keep.abs() * (d(dy).abs() @ d(bb).abs())),
         "dx": (dx, d(dy) @ d(w) + s * d(g) @ d(a), d(dy).abs() @ d(w).abs() + s * d(g).abs() @ d(a).abs()),
         "dA": (da, s * d(g).t() @ d(x), s * d(g).abs().t() @ d(x).abs()),
         "dB": (db, d(dy).t() @ d(xa), d(dy).abs().t() @ d(xa).abs()),
@@ -185,6 +198,27 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
         assert gemm.split[4:] == [True, True], gemm.split  # dA, dB: K = M = 300
     if shape[:2] == (8, 64) and dtype != torch.float32:
         assert gemm.split[3], gemm.split  # dX
+
+
+# (M, K, N, n_adapters · rank, n_adapters): the mask in each kernel's epilogue (decode, tensor cores
+# unsplit and in split_k_reduce, SIMT for fp32)
+MULTI_ADAPTER_SHAPES = [
+    (3, 72, 40, 12, 3),     # decode: xa, y; g and the rest on the tensor cores
+    (70, 88, 72, 16, 4),    # tensor cores, ragged tiles
+    (40, 520, 264, 24, 3),  # x·Aᵀ and dY·B split along K: the mask applied in split_k_reduce
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", MULTI_ADAPTER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
+    """Row m of xa and g keeps only its adapter's columns times its scale (−1: none)."""
+    torch.manual_seed(hash((shape, str(dtype))) % 2**31)
+    gemm = Gemm(lib)
+    *dims, n_adapters = shape
+    check_against_float64(gemm, *dims, dtype, n_adapters=n_adapters)
+    if shape[0] == 40 and dtype != torch.float32:
+        assert gemm.split[0] and gemm.split[2], gemm.split  # the masked xa and g went through split_k_reduce
 
 
 def test_strided_input_and_transposed_output(lib):
