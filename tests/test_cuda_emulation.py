@@ -204,7 +204,7 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
 # unsplit and in split_k_reduce, SIMT for fp32)
 MULTI_ADAPTER_SHAPES = [
     (3, 72, 40, 12, 3),     # decode: xa, y; g and the rest on the tensor cores
-    (70, 88, 72, 16, 4),    # tensor cores, ragged tiles
+    (70, 88, 72, 15, 5),    # tensor cores, ragged tiles; rank 3, so an adapter boundary splits a column pair
     (40, 520, 264, 24, 3),  # x·Aᵀ and dY·B split along K: the mask applied in split_k_reduce
 ]
 
