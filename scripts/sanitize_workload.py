@@ -41,15 +41,17 @@ def main():
                 check(f"{backend} M={M} K={K} N={N} r={r} {dtype}", y, ref, tol)
                 if backend == "triton":
                     lora_kernels.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.1, backend=backend).sum().backward()
-        if backend == "triton":
-            x = torch.randn(33, 64, device="cuda")
+        for M in (5, 33):  # multi-adapter batches: decode-sized and tensor-core/SIMT
+            x = torch.randn(M, 64, device="cuda", requires_grad=True)
             w = torch.randn(40, 64, device="cuda")
-            A, B = torch.randn(4, 8, 64, device="cuda"), torch.randn(4, 40, 8, device="cuda")
-            ids = torch.randint(-1, 4, (33,), device="cuda")
+            A = torch.randn(4, 8, 64, device="cuda", requires_grad=True)
+            B = torch.randn(4, 40, 8, device="cuda", requires_grad=True)
+            ids = torch.randint(-1, 4, (M,), device="cuda")
             y = lora_kernels.lora_linear_multi(x, w, None, A, B, [1.0, 2.0, 0.5, 1.5], ids, backend=backend)
+            y.backward(torch.ones_like(y))
             ref = lora_kernels.lora_linear_multi_reference(x.double(), w.double(), None, A.double(), B.double(),
                                                            [1.0, 2.0, 0.5, 1.5], ids)
-            check("triton multi-adapter", y, ref, 1e-5)
+            check(f"{backend} multi-adapter M={M}", y, ref, 1e-5)
     torch.cuda.synchronize()
     print("sanitize workload done:", backends)
 

@@ -80,6 +80,12 @@ def test_opcheck(backend, forward_op, backward_op, dtype):
     dy = torch.randn_like(y)
     torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, True))
     torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, False))
+    # multi-adapter batches: two stacked adapters of rank 4, row ids in [-1, 2)
+    adapters = {"adapter_ids": torch.randint(-1, 2, (9,), dtype=torch.int32, device=DEVICE),
+                "adapter_scales": torch.tensor([0.5, 2.0], device=DEVICE), "adapter_rank": 4}
+    torch.library.opcheck(forward_op, (x, w, b, a, bb, s, None), adapters)
+    y, xa = forward_op(x, w, b, a, bb, s, None, **adapters)
+    torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, True), adapters)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

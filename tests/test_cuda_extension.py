@@ -94,3 +94,26 @@ def test_through_lora_linear_with_autograd(dtype, poison):
     y_ref, dx_ref, da_ref, db_ref, _ = reference_grads(x, w, b, a, bb, s, dy)
     for out, ref, what in ((y, y_ref, "y"), (x.grad, dx_ref, "dx"), (a.grad, da_ref, "dA"), (bb.grad, db_ref, "dB")):
         assert_close(out, ref, dtype, what)
+
+
+@ON_GPU
+@pytest.mark.parametrize("M", [4, 600])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_multi_adapter_serving_shapes(M, dtype, poison):
+    """8 adapters of rank 16 at 1024 → 1040: decode-sized and tensor-core batches, the masked g
+    split along K (tests/test_multi.py covers the small and odd shapes on every backend)."""
+    n, r, K, N = 8, 16, 1024, 1040
+    x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(N, K, dtype=dtype, device="cuda") / K ** 0.5
+    a = (torch.randn(n, r, K, dtype=dtype, device="cuda") / K ** 0.5).requires_grad_()
+    bb = (torch.randn(n, N, r, dtype=dtype, device="cuda") / r ** 0.5).requires_grad_()
+    scales = torch.rand(n).add(0.5).tolist()
+    ids = torch.randint(-1, n, (M,), device="cuda")
+    y = lora_kernels.lora_linear_multi(x, w, None, a, bb, scales, ids, backend="cuda")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    ref = lora_kernels.lora_linear_multi_reference(x64, w.double(), None, a64, b64, scales, ids)
+    ref.backward(dy.double())
+    for out, want, what in ((y, ref, "y"), (x.grad, x64.grad, "dx"), (a.grad, a64.grad, "dA"), (bb.grad, b64.grad, "dB")):
+        assert_close(out, want, dtype, what)
