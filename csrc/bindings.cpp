@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -42,9 +44,10 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_
 
 // out = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias); the inner sizes are passed explicitly.
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
-          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters) {
+          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters,
+          bool overlap_prior = false) {
   GemmParams p{out.size(0), out.size(1), K, K2, P, Q, P2, Q2, bias, out.data_ptr(), out.stride(0), out.stride(1),
-               alpha, alpha2, nullptr, adapters};
+               alpha, alpha2, nullptr, adapters, overlap_prior};
   // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
   const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
   at::Tensor workspace;
@@ -72,6 +75,13 @@ RowAdapters row_adapters(const std::optional<at::Tensor>& ids, const std::option
   return {ids->data_ptr<int32_t>(), scales->data_ptr<float>(), scales->size(0), rank};
 }
 
+// May y's kernel overlap the xa kernel before it (programmatic dependent launch, where the GPU has
+// it)? Yes unless LORA_KERNELS_PDL=0, read per call so a benchmark can compare both in one process.
+bool overlap_allowed() {
+  const char* env = std::getenv("LORA_KERNELS_PDL");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                            const at::Tensor& lora_B, double scale,
@@ -97,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   at::Tensor y = at::empty({M, N}, x.options());
   gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
   gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(lora_B), R, 1.0f,
-       bias ? bias->data_ptr() : nullptr);
+       bias ? bias->data_ptr() : nullptr, kNoAdapters, R > 0 && overlap_allowed());  // R = 0: no xa kernel ran
   return {y, xa};
 }
 

@@ -1,5 +1,5 @@
 // The few GPU instructions the kernels use beyond plain CUDA C++, each behind one small function:
-// tensor-core mma.sync, ldmatrix, cp.async and a warp sum. Kernels call only these (and
+// tensor-core mma.sync, ldmatrix, cp.async, a warp sum and programmatic dependent launch. Kernels call only these (and
 // __syncthreads), so tests/cuda_emulation/emulator.h can give the same names a CPU meaning and
 // run the unchanged kernel sources on a machine without a GPU (see that file).
 #pragma once
@@ -76,6 +76,36 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+; both are no-ops on older GPUs). A kernel started with
+// launch_overlapping_prior may begin while the kernel before it in the stream is still running: it
+// must call wait_for_prior_grid() before reading anything that kernel writes. A kernel calling
+// allow_dependents_early() lets such a successor start as soon as all its blocks have called it.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependents_early() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+template <typename... Params, typename... Args>
+inline cudaError_t launch_overlapping_prior(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                            cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = overlap;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // Kernels that need more than 48 KiB of dynamic shared memory must say so once.
 template <typename Kernel>
 inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
@@ -95,6 +125,19 @@ inline int sm_count() {
     cached[device] = count > 0 ? count : 132;
   }
   return cached[device];
+}
+
+// Programmatic dependent launch needs compute capability 9.0 (looked up once per device).
+inline bool supports_overlapping_launch() {
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cached[device] = major >= 9 ? 2 : 1;
+  }
+  return cached[device] == 2;
 }
 
 }  // namespace dev

@@ -8,6 +8,10 @@
 // P2·Q2 (r terms per output) is added in the same sums before the warp's butterfly reduction, and
 // each output is written once.
 //
+// In the forward, y's kernel is launched to overlap the xa kernel before it (programmatic dependent
+// launch on sm_90+, GemmParams::overlap_prior): it streams W₀ while xa is computed and waits for
+// xa only before the LoRA term.
+//
 // A block has 8 warps. For wide outputs each warp owns its own column (8 columns per block); for
 // narrow ones (N < 2048, e.g. x·Aᵀ with N = r) the 8 warps split the K range of one column and
 // add their partial sums through shared memory, so even N = 16 keeps 128 warps busy.
@@ -50,6 +54,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
   LORA_DYNAMIC_SMEM(smem);
   float* partial = reinterpret_cast<float*>(smem);  // [kWarps][ROWS]
 
+  dev::allow_dependents_early();  // y's decode kernel may start streaming W₀ while this one (xa) runs
   const GemmParams& g = params.g;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int part = warp % WARPS_PER_COLUMN;  // which slice of K (and of r) this warp sums
@@ -79,6 +84,11 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
         sum[r] = fmaf(g.alpha, s, sum[r]);
       }
     }
+  }
+  // P2 (xa) may come from the kernel still running before this one (overlap_prior). Every thread
+  // waits for it, so this grid cannot end before that one.
+  dev::wait_for_prior_grid();
+  if (n < g.N) {
     // The LoRA term: alpha2 · Σ_j P2(r, j)·Q2(j, n), j < r_lora (a few dozen terms).
     const T* p2 = static_cast<const T*>(g.P2.ptr);
     const T* q2 = static_cast<const T*>(g.Q2.ptr);
@@ -120,7 +130,12 @@ cudaError_t launch_with(const Params& params, cudaStream_t stream) {
   const int64_t blocks = dev::cdiv(params.g.N, kColumns);
   if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
   auto kernel = decode_gemm<T, ROWS, WARPS_PER_COLUMN>;
-  LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, kWarps * ROWS * sizeof(float), stream, params);
+  const size_t smem_bytes = kWarps * ROWS * sizeof(float);
+  if (params.g.overlap_prior && dev::supports_overlapping_launch()) {
+    return dev::launch_overlapping_prior(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem_bytes,
+                                         stream, params);
+  }
+  LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem_bytes, stream, params);
   return dev::last_launch_error();
 }
 

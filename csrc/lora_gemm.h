@@ -38,6 +38,10 @@ struct GemmParams {
   // fp32 scratch of workspace_elems(...) elements for split-K partial sums (null when that is 0).
   float* workspace;
   RowAdapters adapters;
+  // P2 was written by the previous kernel in the stream, and nothing else of this product was: the
+  // decode kernel may then start before that kernel ends (programmatic dependent launch, on sm_90+)
+  // and stream P·Q meanwhile, waiting for it only before it reads P2.
+  bool overlap_prior;
 };
 
 // The factor `keep` of element (m, n) of C, applied by every kernel's epilogue.

@@ -45,8 +45,8 @@ def main():
     args = ap.parse_args()
     s, r = 2.0, args.rank
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 r={r}  times in µs (graph / eager)")
-    print("| in×out | M | cuBLAS fwd | cuda fwd | triton fwd | cuBLAS dX | cuda bwd | triton bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | triton fwd | cuBLAS dX | cuda bwd | triton bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     per_kernel = defaultdict(float)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
@@ -56,6 +56,8 @@ def main():
             fns = {
                 "cuBLAS fwd": lambda i: F.linear(sets[i][0], sets[i][1]),
                 "cuda fwd": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                # y's decode kernel launched after xa's ends instead of overlapping it (LORA_KERNELS_PDL=0)
+                "cuda fwd, no PDL": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "triton fwd": lambda i: tk.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "cuBLAS dX": lambda i: sets[i][4] @ sets[i][1],
                 "cuda bwd": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
@@ -68,8 +70,11 @@ def main():
                 if tk is None and name.startswith("triton"):
                     cells.append("-")
                     continue
+                if name.endswith("no PDL"):
+                    os.environ["LORA_KERNELS_PDL"] = "0"
                 graph = time_graph(fn, n_sets, args.reps, "cuda")
                 eager = time_eager(fn, n_sets, args.reps, 5, "cuda")
+                os.environ.pop("LORA_KERNELS_PDL", None)
                 cells.append(f"{graph.median_ms * 1e3:.1f} / {eager.median_ms * 1e3:.1f}")
             print(f"| {K}×{N} | {M} | " + " | ".join(cells) + " |", flush=True)
             # per-kernel GPU time of one CUDA-backend forward + backward

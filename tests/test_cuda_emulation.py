@@ -46,7 +46,8 @@ def build_library():
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, i64]
+                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, i64,
+                                  ctypes.c_bool]
     lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
     lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.workspace_elems.restype = i64
@@ -70,7 +71,7 @@ class Gemm:
     def __init__(self, lib):
         self.lib, self.kernels, self.split = lib, [], []
 
-    def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None, adapters=None):
+    def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None, adapters=None, overlap_prior=False):
         dtype = DTYPE_CODE[C.dtype]
         K2 = 0 if P2 is None else P2.shape[1]
         strides = [s for t in (P, Q, P2, Q2) for s in (t.stride() if t is not None else (0, 0))] + list(C.stride())
@@ -81,7 +82,7 @@ class Gemm:
         ids, scales, rank = adapters if adapters is not None else (None, None, 0)
         err = self.lib.emulated_gemm(dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),
                                      (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace), ptr(ids),
-                                     ptr(scales), 0 if scales is None else scales.numel(), rank)
+                                     ptr(scales), 0 if scales is None else scales.numel(), rank, overlap_prior)
         assert err == 0, f"launch_gemm returned cudaError {err}"
         problem = self.lib.emulation_error().decode()
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
@@ -123,7 +124,8 @@ def run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters=None):
     """csrc/bindings.cpp's forward and backward, product by product (multi-adapter: xa and g masked)."""
     M, N, R = x.shape[0], w.shape[0], a.shape[0]
     xa = gemm(poisoned(M, R, dtype=x.dtype), x, a.t(), s, adapters=adapters)              # xa = s·x·Aᵀ
-    y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b)            # y = x·W₀ᵀ + xa·Bᵀ + b
+    y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b,            # y = x·W₀ᵀ + xa·Bᵀ + b
+             overlap_prior=True)  # as bindings.cpp launches it on sm_90+
     g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0, adapters=adapters)               # g = dY·B
     dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                      # dX = dY·W₀ + s·g·A
     da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x, s)                              # dA = s·gᵀ·x

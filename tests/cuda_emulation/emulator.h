@@ -326,6 +326,16 @@ inline float warp_sum(float v) {
   return v;
 }
 
+// Blocks and launches run in order, so the prior grid has always finished.
+inline void wait_for_prior_grid() {}
+inline void allow_dependents_early() {}
+template <typename... Params, typename... Args>
+inline cudaError_t launch_overlapping_prior(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                            cudaStream_t, Args... args) {
+  emu::launch(kernel, grid, block, smem_bytes, args...);
+  return cudaSuccess;
+}
+
 template <typename Kernel>
 inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
   if (bytes > 227 * 1024) return cudaErrorInvalidValue;
@@ -336,6 +346,7 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
 inline cudaError_t last_launch_error() { return cudaSuccess; }
 // A small GPU, so that the split-K paths run on the test's small shapes.
 inline int sm_count() { return 8; }
+inline bool supports_overlapping_launch() { return true; }  // so launch_overlapping_prior runs too
 
 }  // namespace dev
 }  // namespace lora_kernels
