@@ -54,7 +54,7 @@ case "${1:-test}" in
   profile)
     box 120 python3 scripts/profile_launch.py > "$R/profile.log" 2>&1; head -60 "$R/profile.log" | cut -c1-160; pack ;;
   cuda)
-    box "${TEST_S:-200}" python3 -m pytest tests/test_cuda_extension.py tests/test_compile.py tests/test_function.py \
+    box "${TEST_S:-200}" python3 -m pytest tests/test_cuda_extension.py tests/test_compile.py tests/test_function.py tests/test_multi.py \
       -q -p no:cacheprovider -rfE --tb=short -k "cuda or extension" > "$R/cuda-test.log" 2>&1
     grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/cuda-test.log" | cut -c1-200 | head -40; pack
     for tool in memcheck racecheck; do
