@@ -1,7 +1,7 @@
 // The few GPU instructions the kernels use beyond plain CUDA C++, each behind one small function:
-// tensor-core mma.sync, ldmatrix, cp.async, a warp sum and programmatic dependent launch. Kernels call only these (and
-// __syncthreads), so tests/cuda_emulation/emulator.h can give the same names a CPU meaning and
-// run the unchanged kernel sources on a machine without a GPU (see that file).
+// tensor-core mma.sync, ldmatrix, cp.async, a warp sum and programmatic dependent launch. Kernels
+// call only these (and __syncthreads), so tests/cuda_emulation/emulator.h can give the same names a
+// CPU meaning and run the unchanged kernel sources on a machine without a GPU (see that file).
 #pragma once
 #include <cstdint>
 #include <cstring>

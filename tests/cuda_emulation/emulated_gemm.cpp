@@ -13,7 +13,8 @@ using lora_kernels::GemmParams;
 extern "C" {
 
 // dtype: 0 float32, 1 float16, 2 bfloat16. strides[10]: P, Q, P2, Q2 (row, col) then C (row, col).
-// adapter_ids null: no multi-adapter mask. overlap_prior: launched as y's kernel is on sm_90+. Returns the cudaError_t of launch_gemm.
+// adapter_ids null: no multi-adapter mask. overlap_prior: launched as y's kernel is on sm_90+.
+// Returns the cudaError_t of launch_gemm.
 int emulated_gemm(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, const void* P, const void* Q,
                   const void* P2, const void* Q2, const void* bias, void* C, const int64_t* strides, float alpha,
                   float alpha2, float* workspace, const int32_t* adapter_ids, const float* adapter_scales,

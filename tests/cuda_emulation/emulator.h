@@ -143,7 +143,8 @@ inline void record_read(int chunk) {
   if (c.writer >= 0 && c.landed >= epoch)
     report("ldmatrix by warp %d reads shared offset %d, %s by thread %d (missing cp.async wait or __syncthreads)",
            my_warp, chunk * 16,
-           c.landed == kInFlight ? "still in flight from a cp.async" : "written by a cp.async that landed in this barrier interval",
+           c.landed == kInFlight ? "still in flight from a cp.async"
+                                 : "written by a cp.async that landed in this barrier interval",
            c.writer);
   if (c.read_epoch != epoch) c.read_epoch = epoch, c.readers = 0;
   c.readers |= uint64_t(1) << my_warp;
@@ -157,7 +158,8 @@ inline void record_write(int chunk) {
     report("cp.async by thread %d overwrites shared offset %d that another warp reads in the same barrier interval "
            "(missing __syncthreads before refilling a stage)", me, chunk * 16);
   if (c.writer >= 0 && c.writer != me && c.landed >= epoch)
-    report("cp.async by threads %d and %d write shared offset %d in the same barrier interval", c.writer, me, chunk * 16);
+    report("cp.async by threads %d and %d write shared offset %d in the same barrier interval", c.writer, me,
+           chunk * 16);
   c.writer = me;
   c.landed = kInFlight;
 }
@@ -299,7 +301,8 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
     emu::report("cp.async source %p is not 16-byte aligned", src);
   if (chunk < 0 || src_bytes < 0 || src_bytes > 16) return;
   emu::record_write(chunk);
-  emu::open_group.push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes, chunk});
+  emu::open_group.push_back(
+      {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes, chunk});
 }
 inline void cp_async_commit() {
   emu::committed_groups.push_back(std::move(emu::open_group));
