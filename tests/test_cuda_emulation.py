@@ -13,6 +13,7 @@ the guard. On a GPU, tests/test_cuda_extension.py runs the real thing.
 import ctypes
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -243,3 +244,27 @@ def test_zero_sized_and_empty_lora(lib):
     zero_k = gemm(poisoned(37, 40, dtype=torch.bfloat16), torch.empty(37, 0, dtype=torch.bfloat16),
                   torch.empty(0, 40, dtype=torch.bfloat16), 1.0, bias=torch.ones(40, dtype=torch.bfloat16))
     assert torch.equal(zero_k, torch.ones(37, 40, dtype=torch.bfloat16))  # K = 0: bias alone
+
+
+def test_random_shapes_strides_and_adapters(lib):
+    """A dozen random problems per run (a new seed each time, printed on failure): sizes around the
+    tile, vector and decode boundaries, strided x, every dtype, with and without adapters."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for _ in range(12):
+        M = rng.choice([1, 2, 5, 16, 31, 32, 33, 47, 64, 65, 100, 129, 257, 300])
+        K = rng.choice([1, 7, 8, 15, 16, 24, 33, 64, 72, 100, 136, 257, 520])
+        N = rng.choice([1, 3, 8, 9, 40, 64, 65, 130, 257, 300])
+        R = rng.choice([1, 2, 3, 4, 8, 12, 16, 17, 32, 64])
+        dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        n_adapters = rng.choice([n for n in (0, 0, 1, 2, 3, 4) if R % max(n, 1) == 0])
+        x = None
+        if rng.random() < 0.25:  # a column slice of a wider tensor, possibly misaligned
+            offset = rng.choice([0, 1, 3, 8])
+            x = guarded(torch.randn(M, K + offset + rng.choice([0, 5, 8]), dtype=dtype))[:, offset:offset + K]
+        case = f"seed {seed}: M={M} K={K} N={N} R={R} {dtype} adapters={n_adapters} strided={x is not None}"
+        try:
+            check_against_float64(Gemm(lib), M, K, N, R, dtype, x=x, n_adapters=n_adapters)
+        except AssertionError as e:
+            raise AssertionError(f"{case}: {e}") from e
