@@ -27,6 +27,8 @@ def pytest_generate_tests(metafunc):
                  ("dropout", "peft-style p=0.1"),
                  ("multi", f"lora_kernels[{ours}] 1 adapter"), ("multi", f"lora_kernels[{ours}] {N_ADAPTERS} adapters"),
                  ("multi", f"peft mixed batch, {N_ADAPTERS} adapters")]
+        if info.device == "cuda" and lora_kernels.cuda.extension_loaded():  # the CUDA backend's own kernels
+            cases.insert(5, ("multi", f"lora_kernels[cuda] {N_ADAPTERS} adapters"))
         metafunc.parametrize("feature_case", cases, ids=[f"{c}-{i}" for c, i in cases])
 
 
