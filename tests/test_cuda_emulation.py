@@ -150,7 +150,8 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0):
         rank = R // n_adapters
         ids = guarded(torch.randint(-1, n_adapters, (M,), dtype=torch.int32))
         scales = guarded(torch.rand(n_adapters) + 0.5)
-        keep = torch.where((torch.arange(R) // rank)[None, :] == ids[:, None].long(), scales.double()[ids.long()][:, None], 0.0)
+        own_columns = (torch.arange(R) // rank)[None, :] == ids[:, None].long()  # never true for id −1
+        keep = torch.where(own_columns, scales.double()[ids.long()][:, None], 0.0)
         adapters = (ids, scales, rank)
     xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters)
     d = lambda t: t.double()  # noqa: E731
