@@ -10,7 +10,6 @@ The training step is forward + gradients for x, A, B (base: for x only, W₀ fro
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -1,7 +1,5 @@
 """A model with LoRALinear layers trains under DDP and FSDP2 (2 processes, gloo, CPU) to the same
 loss as one process on the same global batch."""
-import os
-import sys
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 gradients must match the float64 reference within the dtype's bound, relative to the magnitude of
 the terms each output sums (shapes like K = N = r = 1 make single outputs cancel to ~0, where a
 plain relative error means nothing). 500 examples per run."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import reference
-from conftest import DEVICE, KERNEL_BACKENDS, assert_close, backend_contract_vs_float64, make_problem
+from conftest import DEVICE, KERNEL_BACKENDS, backend_contract_vs_float64, make_problem
 
 pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton backend unavailable")
 
