@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Iterable, List, Union
+from typing import Iterable, List, NamedTuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,15 @@ def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
     """PEFT's default: Kaiming-uniform A, zero B, so a fresh adapter changes nothing."""
     nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
     nn.init.zeros_(lora_B.weight)
+
+
+class Adapter(NamedTuple):
+    """One adapter of a LoRA layer, as :meth:`LoRAMixin.adapter` returns it."""
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    r: int
+    alpha: float
+    use_rslora: bool
 
 
 class LoRAMixin:
@@ -111,14 +120,14 @@ class LoRAMixin:
         return lora_linear(*tensors, self.scaling, p, self.backend)
 
     def adapter(self, name="default"):
-        """(lora_A, lora_B, r, alpha, use_rslora) of the adapter called ``name``."""
+        """The :class:`Adapter` (lora_A, lora_B, r, alpha, use_rslora) called ``name``."""
         if name == "default":
-            return self.lora_A, self.lora_B, self.r, self.lora_alpha, self.use_rslora
+            return Adapter(self.lora_A, self.lora_B, self.r, self.lora_alpha, self.use_rslora)
         if name not in self.extra_adapters:
             raise KeyError(f"no adapter {name!r}; this layer has {['default', *self.extra_adapters]}")
         cfg = self.extra_config[name]
-        return (self.extra_adapters[name]["lora_A"], self.extra_adapters[name]["lora_B"], cfg["r"], cfg["alpha"],
-                cfg["use_rslora"])
+        return Adapter(self.extra_adapters[name]["lora_A"], self.extra_adapters[name]["lora_B"], cfg["r"],
+                       cfg["alpha"], cfg["use_rslora"])
 
     @torch.no_grad()
     def _delta_weight(self):

@@ -32,7 +32,8 @@ def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
     lora_linear_multi call; None where it cannot be fused (PEFT's loop then runs)."""
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
-    if _backend(self.lora_kernels_backend, x, by_size=False) == "cuda":  # no multi-adapter CUDA kernel yet
+    # The CUDA backend's multi-adapter path has not run on a GPU yet: PEFT's own loop keeps these.
+    if _backend(self.lora_kernels_backend, x, by_size=False) == "cuda":
         return None
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
         return None
@@ -155,24 +156,24 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str 
         raise ValueError(f"model has no LoRA layers with adapter {adapter_name!r} to save (use inject_lora first)")
     dropouts = {m.lora_dropout for m in model.modules() if isinstance(m, LoRAMixin)}
     first = next(iter(layers.values()))
-    if len({a[4] for a in layers.values()}) > 1 or len(dropouts) > 1:
+    if len({a.use_rslora for a in layers.values()}) > 1 or len(dropouts) > 1:
         raise ValueError("PEFT's format has one use_rslora and one dropout per adapter; the layers differ")
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": first[2], "lora_alpha": first[3], "lora_dropout": dropouts.pop(),
-        "use_rslora": first[4], "target_modules": sorted(layers), "bias": "none",
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropouts.pop(),
+        "use_rslora": first.use_rslora, "target_modules": sorted(layers), "bias": "none",
         "fan_in_fan_out": all(model.get_submodule(n).fan_in_fan_out for n in layers), "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
-        "rank_pattern": {n: a[2] for n, a in layers.items() if a[2] != first[2]},
-        "alpha_pattern": {n: a[3] for n, a in layers.items() if a[3] != first[3]},
+        "rank_pattern": {n: a.r for n, a in layers.items() if a.r != first.r},
+        "alpha_pattern": {n: a.alpha for n, a in layers.items() if a.alpha != first.alpha},
     }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     tensors = {}
-    for name, (lora_A, lora_B, *_) in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.weight.detach().contiguous()
+    for name, a in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.lora_A.weight.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = a.lora_B.weight.detach().contiguous()
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     return sorted(layers)
 
@@ -224,10 +225,10 @@ def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapte
             module.scaling = lora_scale(r, alpha, use_rslora)
         elif adapter_name not in module.extra_adapters:
             module.add_adapter(adapter_name, r, alpha, use_rslora)
-        target_A, target_B, target_r, *_ = module.adapter(adapter_name)
-        if target_r != r:
-            raise ValueError(f"{name}: adapter {adapter_name!r} has rank {target_r}; {path} holds rank {r}")
+        target = module.adapter(adapter_name)
+        if target.r != r:
+            raise ValueError(f"{name}: adapter {adapter_name!r} has rank {target.r}; {path} holds rank {r}")
         with torch.no_grad():
-            target_A.weight.copy_(lora_A)
-            target_B.weight.copy_(lora_B)
+            target.lora_A.weight.copy_(lora_A)
+            target.lora_B.weight.copy_(lora_B)
     return names
