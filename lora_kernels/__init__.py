@@ -36,5 +36,6 @@ def available_backends(device="cuda"):
 __all__ = [
     "LoRALinear", "LoRALinearFunction", "LoRAMixin", "available_backends", "inject_lora", "load_peft_adapter",
     "lora_linear", "lora_linear_multi", "lora_linear_multi_reference", "lora_linear_reference", "lora_scale",
-    "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "patch_peft", "save_peft_adapter", "unmerge_lora", "unpatch_peft", "wrap_with_lora",
+    "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "patch_peft", "save_peft_adapter",
+    "unmerge_lora", "unpatch_peft", "wrap_with_lora",
 ]

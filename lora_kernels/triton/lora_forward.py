@@ -12,8 +12,9 @@ memory-bound.
 
 Fused dropout is the exception: every column tile would redraw the whole mask of its rows
 (N/BLOCK_N draws per element of x; on an H100 that made the training step 11× slower at
-M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pass (_dropout_xa_kernel) draws each element once and
-stores xa = s·dropout(x)·Aᵀ, and the main kernel loads xa as if the caller had given it.
+M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pass
+(_dropout_xa_kernel) draws each element once and stores xa = s·dropout(x)·Aᵀ, and the main kernel
+loads xa as if the caller had given it.
 """
 from typing import Optional, Tuple
 
@@ -129,8 +130,8 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
     Dropout is fused: with ``dropout_p > 0`` a first pass drops elements of x for the LoRA branch
     with a counter-based RNG keyed by ``seed`` (an int64 tensor of one element) while it computes
-    xa, and nothing of the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is multiplied by cuBLAS
-    and only added in the kernel.
+    xa, and nothing of the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is
+    multiplied by cuBLAS and only added in the kernel.
 
     Multi-adapter batches: with ``adapter_ids`` (M,) int32, lora_A (n·r, K) and lora_B (N, n·r)
     hold n stacked rank-``adapter_rank`` adapters; row m uses adapter ``adapter_ids[m]`` (−1: none)
