@@ -157,6 +157,134 @@ cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+// ---- The same products on the tensor cores: float16/bfloat16, 16-byte aligned rows, N ≥ 256 ----
+//
+// At M > 1 the loop above re-reads every 16-byte chunk of x once per column, so x's traffic
+// through L1 grows with M·N and the fp32 FMAs with it. Here C's transpose is computed with
+// mma.sync m16n8k16 instead: A is 16 rows of W₀ (16 columns of C), B is 8 rows of x (up to 4 such
+// tiles for M ≤ 32), and each lane loads its fragments straight from global memory, no shared
+// memory staging. An mma's sum over its 16 k may take the k in any order as long as A and B agree,
+// so two k-steps (32 of K) are arranged for 16-byte loads: lane (g = lane/4, t = lane%4) loads
+// elements [8t, 8t+8) of the 32-wide slice of W₀ rows g and g+8 and of x row g (+8 per x tile),
+// and step s feeds it elements 4s..4s+3 of each chunk in the places of k = 2t, 2t+1, 2t+8, 2t+9.
+// A block owns 16 columns; its 8 warps take every 8th slice of K and add their sums through shared
+// memory, where one thread per output then adds the LoRA term, the mask and the bias.
+constexpr int kMmaColumns = 16;       // rows of W₀ per block: one A tile
+constexpr int kMmaSlice = 32;         // K per load: two mma k-steps
+constexpr int64_t kMmaMinColumns = 256;  // below, the K-split SIMT kernel keeps more SMs busy
+
+// Elements [k, k+8) of a row whose 16-byte chunks are aligned, zeros past `extent` or if !valid.
+template <typename T>
+__device__ __forceinline__ uint4 load_eight(const T* row, int64_t k, int64_t extent, bool valid) {
+  uint4 v = {0u, 0u, 0u, 0u};
+  if (!valid || k >= extent) return v;
+  if (k + 8 <= extent) return *reinterpret_cast<const uint4*>(row + k);
+  T e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = k + i < extent ? row[k + i] : dev::from_float<T>(0.0f);
+  memcpy(&v, e, 16);
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+template <typename T, int X_TILES>
+__global__ void __launch_bounds__(kThreads) decode_mma_gemm(GemmParams g) {
+  constexpr int kRows = 8 * X_TILES;
+  constexpr int kUnroll = X_TILES <= 2 ? 4 : 2;  // K slices loaded before any is multiplied
+  LORA_DYNAMIC_SMEM(smem);
+  float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kMmaColumns][kRows]
+
+  dev::allow_dependents_early();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane / 4, tid = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaColumns;
+  const T* w = static_cast<const T*>(g.Q.ptr);  // Q(k, n) = w[n·stride_col + k]
+  const T* x = static_cast<const T*>(g.P.ptr);
+  const bool has_lo = n0 + gid < g.N, has_hi = n0 + gid + 8 < g.N;
+  const T* w_lo = w + (has_lo ? n0 + gid : 0) * g.Q.stride_col;
+  const T* w_hi = w + (has_hi ? n0 + gid + 8 : 0) * g.Q.stride_col;
+  const T* x_row[X_TILES];
+  bool has_x[X_TILES];
+#pragma unroll
+  for (int xt = 0; xt < X_TILES; ++xt) {
+    has_x[xt] = gid + 8 * xt < g.M;
+    x_row[xt] = x + (has_x[xt] ? gid + 8 * xt : 0) * g.P.stride_row;
+  }
+
+  float acc[X_TILES][4] = {};
+  const int64_t slices = dev::cdiv(g.K, kMmaSlice);
+  for (int64_t first = warp; first < slices; first += kWarps * kUnroll) {  // the same trip count in a warp
+    uint4 lo[kUnroll], hi[kUnroll], xv[kUnroll][X_TILES];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t slice = first + u * kWarps, k = slice * kMmaSlice + 8 * tid;
+      const bool in = slice < slices;
+      lo[u] = load_eight(w_lo, k, g.K, in && has_lo);
+      hi[u] = load_eight(w_hi, k, g.K, in && has_hi);
+#pragma unroll
+      for (int xt = 0; xt < X_TILES; ++xt) xv[u][xt] = load_eight(x_row[xt], k, g.K, in && has_x[xt]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t a[4] = {word(lo[u], 2 * s), word(hi[u], 2 * s), word(lo[u], 2 * s + 1), word(hi[u], 2 * s + 1)};
+#pragma unroll
+        for (int xt = 0; xt < X_TILES; ++xt) {
+          const uint32_t b[2] = {word(xv[u][xt], 2 * s), word(xv[u][xt], 2 * s + 1)};
+          dev::mma_16816<T>(acc[xt], a, b);
+        }
+      }
+  }
+  // acc[xt][e]: column n0 + gid + 8·(e/2) of C, row 8·xt + 2·tid + e%2.
+#pragma unroll
+  for (int xt = 0; xt < X_TILES; ++xt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      partial[(warp * kMmaColumns + gid + 8 * (e / 2)) * kRows + 8 * xt + 2 * tid + e % 2] = acc[xt][e];
+  __syncthreads();
+  dev::wait_for_prior_grid();  // P2 (xa) may come from the kernel still running before this one
+  const T* p2 = static_cast<const T*>(g.P2.ptr);
+  const T* q2 = static_cast<const T*>(g.Q2.ptr);
+  for (int o = threadIdx.x; o < kMmaColumns * kRows; o += kThreads) {
+    const int column = o % kMmaColumns, m = o / kMmaColumns;  // neighbouring threads, neighbouring n
+    const int64_t n = n0 + column;
+    if (m >= g.M || n >= g.N) continue;
+    float base = 0.0f, lora = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kWarps; ++s) base += partial[(s * kMmaColumns + column) * kRows + m];
+    for (int64_t j = 0; j < g.K2; ++j)
+      lora = fmaf(dev::to_float(p2[m * g.P2.stride_row + j * g.P2.stride_col]),
+                  dev::to_float(q2[j * g.Q2.stride_row + n * g.Q2.stride_col]), lora);
+    float v = adapter_keep(g.adapters, m, n) * (g.alpha * base + g.alpha2 * lora);
+    if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(v);
+  }
+}
+
+template <typename T, int X_TILES>
+cudaError_t launch_mma_with(const GemmParams& g, cudaStream_t stream) {
+  const int64_t blocks = dev::cdiv(g.N, kMmaColumns);
+  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
+  auto kernel = decode_mma_gemm<T, X_TILES>;
+  const size_t smem_bytes = kWarps * kMmaColumns * 8 * X_TILES * sizeof(float);
+  if (g.overlap_prior && dev::supports_overlapping_launch()) {
+    return dev::launch_overlapping_prior(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem_bytes,
+                                         stream, g);
+  }
+  LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem_bytes, stream, g);
+  return dev::last_launch_error();
+}
+
+template <typename T>
+cudaError_t launch_mma(const GemmParams& g, cudaStream_t stream) {
+  if (g.M <= 8) return launch_mma_with<T, 1>(g, stream);
+  if (g.M <= 16) return launch_mma_with<T, 2>(g, stream);
+  if (g.M <= 24) return launch_mma_with<T, 3>(g, stream);
+  if (g.M <= 32) return launch_mma_with<T, 4>(g, stream);
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace decode
 
 namespace detail {
@@ -168,10 +296,13 @@ cudaError_t launch_decode(DType dtype, const GemmParams& g, cudaStream_t stream)
   const bool w_vec = dev::aligned16(g.Q.ptr) && (g.N <= 1 || g.Q.stride_col % vec == 0);
   const bool x_vec = g.P.stride_col == 1 && dev::aligned16(g.P.ptr) && (g.M <= 1 || g.P.stride_row % vec == 0);
   const Params params{g, w_vec, x_vec};
+  const bool on_tensor_cores = w_vec && x_vec && g.N >= kMmaMinColumns;
   switch (dtype) {
     case DType::kFloat32: return launch_typed<float>(params, stream);
-    case DType::kFloat16: return launch_typed<__half>(params, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(params, stream);
+    case DType::kFloat16:
+      return on_tensor_cores ? launch_mma<__half>(g, stream) : launch_typed<__half>(params, stream);
+    case DType::kBFloat16:
+      return on_tensor_cores ? launch_mma<__nv_bfloat16>(g, stream) : launch_typed<__nv_bfloat16>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

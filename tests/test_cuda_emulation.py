@@ -179,8 +179,11 @@ SHAPES = [
     (67, 50, 45, 12),     # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
     (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256); gᵀ·x and dYᵀ·xa split over M
     (40, 520, 64, 8),     # x·Aᵀ split along K
-    (8, 64, 264, 8),      # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A
+    (8, 64, 264, 8),      # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A; y on tensor cores
     (8, 64, 128, 128),    # dX split exactly where dY·W₀'s tiles end and g·A's begin (r = 128)
+    (2, 520, 270, 4),     # decode on tensor cores (16-bit, N ≥ 256): one x tile, 17 K slices
+    (19, 136, 300, 8),    # decode on tensor cores: three x tiles, the last K slice 8 wide
+    (32, 264, 257, 16),   # decode on tensor cores: four x tiles, a block with one column
 ]
 
 
