@@ -8,15 +8,15 @@
 # ~40 s per shape at r = 16; Table 1 fp16 ~115 s; each device command also pays ~1 min of start.
 # A 30-minute session fits three commands:
 #     bash scripts/gpu_session.sh test       # all tests (time-boxed, no -x) + memcheck + racecheck
-#     bash scripts/gpu_session.sh bench      # layer suite (r = 16, 64), features, Table 1 fp16
-#     bash scripts/gpu_session.sh table1     # Table 1 fp32 (and whatever TABLE1_DTYPES names)
+#     bash scripts/gpu_session.sh bench      # layer suite (r = 16, 64; ~100 s per shape), features
+#     bash scripts/gpu_session.sh table1     # Table 1 in fp16 and fp32 (TABLE1_DTYPES)
 # and, for kernel work:
 #     bash scripts/gpu_session.sh sweep      # tile-config sweep vs cuBLAS (scripts/sweep_tiles.py)
 #     bash scripts/gpu_session.sh profile    # host time per eager call (scripts/profile_launch.py)
 #     bash scripts/gpu_session.sh cuda       # the CUDA backend: its tests, memcheck + racecheck of its
 #                                            # kernels, and scripts/bench_cuda_kernels.py (per-kernel times)
 # Time boxes and arguments can be changed by environment: TEST_S, TEST_ARGS, LAYER_S, RANKS,
-# FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS.
+# REPS, FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS, CUDA_BENCH_S, CUDA_BENCH_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_kernels_out}
 R=/tmp/lora_kernels_results
@@ -43,12 +43,12 @@ case "${1:-test}" in
     done ;;
   bench)
     for shape in 4096x4096 4096x11008 11008x4096; do
-      TAIL=40 bench "layer-$shape" "${LAYER_S:-110}" --suite layer --shapes "$shape" --ranks "${RANKS:-16,64}"
+      TAIL=40 bench "layer-$shape" "${LAYER_S:-110}" --suite layer --shapes "$shape" --ranks "${RANKS:-16,64}" \
+        --reps "${REPS:-30}"
     done
-    bench features "${FEATURES_S:-60}" --suite features
-    bench table1-fp16 "${TABLE1_S:-130}" --suite table1 --table1-dtypes fp16 --trials "${TRIALS:-100}" ;;
+    bench features "${FEATURES_S:-60}" --suite features ;;
   table1)
-    bench table1 "${TABLE1_S:-500}" --suite table1 --table1-dtypes "${TABLE1_DTYPES:-fp32}" --trials "${TRIALS:-100}" ;;
+    bench table1 "${TABLE1_S:-500}" --suite table1 --table1-dtypes "${TABLE1_DTYPES:-fp16,fp32}" --trials "${TRIALS:-100}" ;;
   sweep)
     box "${SWEEP_S:-400}" python3 scripts/sweep_tiles.py > "$R/sweep.log" 2>&1; tail -32 "$R/sweep.log"; pack ;;
   profile)
@@ -61,7 +61,7 @@ case "${1:-test}" in
       LORA_SANITIZE_BACKENDS=cuda box 90 compute-sanitizer --tool "$tool" --print-limit 20 python3 \
         scripts/sanitize_workload.py > "$R/cuda-sanitize_$tool.log" 2>&1; tail -2 "$R/cuda-sanitize_$tool.log"; pack
     done
-    box "${CUDA_BENCH_S:-240}" python3 scripts/bench_cuda_kernels.py > "$R/cuda-bench.log" 2>&1
+    box "${CUDA_BENCH_S:-240}" python3 scripts/bench_cuda_kernels.py ${CUDA_BENCH_ARGS:-} > "$R/cuda-bench.log" 2>&1
     cut -c1-200 "$R/cuda-bench.log" | head -90; pack ;;
   *) echo "usage: $0 test|bench|table1|sweep|profile|cuda"; exit 2 ;;
 esac
