@@ -26,24 +26,43 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
     _TRITON_MISSING = f"triton is not importable ({_exc}); pip install triton"
 
 
-# backend="auto" on a GPU: the fused Triton kernels up to this many rows of x, above it the
-# cuBLAS-composed reference path. Measured on an H100 (bf16, r = 16, torch 2.11, 2026-11-22; see
-# bench/results/README.md): at M ≤ 128 the fused kernels beat every unfused form, while at
-# M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
-# three cuBLAS calls beat one fused pass.
+# backend="auto" on a GPU, from H100 measurements (torch 2.11, triton 3.6; bench/results/README.md):
+# - fp16/bf16: the fused Triton kernels up to AUTO_TRITON_MAX_ROWS rows of x, above it the
+#   cuBLAS-composed reference path. At M ≤ 128 the fused kernels beat every unfused form, while at
+#   M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
+#   three cuBLAS calls beat one fused pass.
+# - fp16/bf16 inference (no autograd) at M ≤ AUTO_CUDA_MAX_ROWS: the CUDA extension's decode kernel
+#   on the tensor cores, which needs N ≥ 256 and K % 8 == 0. Measured at M = 1 and 4 (bf16, r = 16
+#   and 64): 0.99–1.13× cuBLAS x·W₀ᵀ in graph replay against Triton's 1.14–1.29×, and ~60–90 µs
+#   eager against Triton's ~135–170 µs. Not in training: its backward is 2–3× Triton's.
+# - fp32: Triton only up to AUTO_TRITON_MAX_ROWS_FP32 rows. Its exact fp32 dot (no TF32) lost to
+#   cuBLAS at 128 rows (Table 1, batch 1/128: +39.9% over the merged model against PEFT-style
+#   code's +5.8%); 16 rows and fewer were not measured and keep the fused kernels.
 AUTO_TRITON_MAX_ROWS = 512
+AUTO_TRITON_MAX_ROWS_FP32 = 16
+AUTO_CUDA_MAX_ROWS = 4
 
 
-def _backend(name: str, x: torch.Tensor, by_size: bool = True) -> str:
+def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int) -> str:
+    if (by_size and inference and x.dtype in (torch.float16, torch.bfloat16)
+            and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1] and out_features >= 256 and x.shape[-1] % 8 == 0
+            and cuda.unavailable_reason(x) is None):
+        return "cuda"
+    usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
+    limit = AUTO_TRITON_MAX_ROWS_FP32 if x.dtype == torch.float32 else AUTO_TRITON_MAX_ROWS
+    small = not by_size or x.numel() <= limit * x.shape[-1]
+    return "triton" if usable and small else "reference"
+
+
+def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0) -> str:
     """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
     saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
-    batches, whose reference path is a loop over adapters)."""
+    batches, whose reference path is a loop over adapters, and dropout). ``inference``: no backward
+    will follow (auto may then pick the CUDA decode kernel)."""
     if name == "reference" or (name == "auto" and x.device.type != "cuda"):
         return "reference"
-    if name == "auto":  # the CUDA extension's portable kernel has no tensor cores yet: never auto
-        usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
-        small = not by_size or x.numel() <= AUTO_TRITON_MAX_ROWS * x.shape[-1]
-        return "triton" if usable and small else "reference"
+    if name == "auto":
+        return _auto(x, by_size, inference, out_features)
     reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
@@ -55,11 +74,11 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inference=False):
     """The forward pass shared by the autograd Function and the inference path.
     Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
-    backend = _backend(backend, x, by_size=dropout_p == 0.0)
+    backend = _backend(backend, x, by_size=dropout_p == 0.0, inference=inference, out_features=weight.shape[0])
     ops = _BACKENDS[backend]
     x2d = rows(x)
     mask = seed = None
@@ -107,7 +126,7 @@ def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
-    return _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)[0]
+    return _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inference=True)[0]
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="auto"):
@@ -120,8 +139,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
         lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout).
         scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
         dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
-        backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x or with dropout,
-            else the cuBLAS-composed reference path; the reference path on CPU), ``"reference"``,
+        backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x (fp32: 16) or
+            with dropout, else the cuBLAS-composed reference path; for fp16/bf16 inference at up to
+            4 rows the CUDA decode kernel; the reference path on CPU), ``"reference"``,
             ``"triton"`` or ``"cuda"``.
     """
     scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)

@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .function import _backend, lora_linear
+from .function import lora_linear
 from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
 from .layers import LoRAMixin, replace_module, wrap_with_lora
 from .reference import lora_scale
@@ -32,9 +32,6 @@ def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
     lora_linear_multi call; None where it cannot be fused (PEFT's loop then runs)."""
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
-    # The CUDA backend's multi-adapter path has not run on a GPU yet: PEFT's own loop keeps these.
-    if _backend(self.lora_kernels_backend, x, by_size=False) == "cuda":
-        return None
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
         return None
     if any(n in getattr(self, "lora_variant", {}) for n in names):

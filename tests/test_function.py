@@ -148,11 +148,21 @@ def test_offsets_beyond_2_pow_31(backend):
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or "triton" not in KERNEL_BACKENDS, reason="auto picks among GPU backends")
-def test_auto_uses_triton_up_to_512_rows_or_with_dropout():
-    from lora_kernels.function import AUTO_TRITON_MAX_ROWS, _backend
+def test_auto_follows_the_measured_policy():
+    from lora_kernels.function import AUTO_CUDA_MAX_ROWS, AUTO_TRITON_MAX_ROWS, AUTO_TRITON_MAX_ROWS_FP32, _backend
 
-    small = torch.empty(2, AUTO_TRITON_MAX_ROWS // 2, 64, device="cuda")
-    large = torch.empty(AUTO_TRITON_MAX_ROWS + 1, 64, device="cuda")
-    assert _backend("auto", small) == "triton"
-    assert _backend("auto", large) == "reference"
-    assert _backend("auto", large, by_size=False) == "triton"  # dropout, multi-adapter batches
+    def pick(rows, dtype=torch.bfloat16, **kw):
+        return _backend("auto", torch.empty(rows, 64, device="cuda", dtype=dtype), **kw)
+
+    assert pick(AUTO_TRITON_MAX_ROWS) == "triton"
+    assert pick(AUTO_TRITON_MAX_ROWS + 1) == "reference"
+    assert pick(AUTO_TRITON_MAX_ROWS + 1, by_size=False) == "triton"  # dropout, multi-adapter batches
+    assert pick(AUTO_TRITON_MAX_ROWS_FP32, torch.float32) == "triton"
+    assert pick(AUTO_TRITON_MAX_ROWS_FP32 + 1, torch.float32) == "reference"
+    # inference at decode sizes: the CUDA decode kernel where it is built and its shape rules hold
+    decode = "cuda" if "cuda" in KERNEL_BACKENDS else "triton"
+    assert pick(AUTO_CUDA_MAX_ROWS, inference=True, out_features=4096) == decode
+    assert pick(AUTO_CUDA_MAX_ROWS, inference=True, out_features=128) == "triton"
+    assert pick(AUTO_CUDA_MAX_ROWS + 1, inference=True, out_features=4096) == "triton"
+    assert pick(1, torch.float32, inference=True, out_features=4096) == "triton"
+    assert pick(1, out_features=4096) == "triton"  # training: the CUDA backward is slower

@@ -99,8 +99,7 @@ def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-# patch_peft leaves mixed batches on the CUDA backend to PEFT's loop (peft_compat._mixed_batch)
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
     model = peft_model(kind)
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[kind],
