@@ -28,33 +28,40 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
 
 # backend="auto" on a GPU, from H100 measurements (torch 2.11, triton 3.6; bench/results/README.md):
 # - fp16/bf16: the fused Triton kernels up to AUTO_TRITON_MAX_ROWS rows of x, above it the
-#   cuBLAS-composed reference path. At M ≤ 128 the fused kernels beat every unfused form, while at
+#   cuBLAS-composed reference path. At M ≤ 128 the fused kernels beat every unfused form on
+#   4096×4096 and come within 0.1× of Unsloth-style addmm on the 11008-wide shapes, while at
 #   M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
-#   three cuBLAS calls beat one fused pass.
+#   three cuBLAS calls beat one fused pass. At r > 16 the fused kernels only up to
+#   AUTO_TRITON_MAX_ROWS_HIGH_RANK rows: at r = 64 and M = 128 they were 1.48–2.09× cuBLAS x·W₀ᵀ
+#   against 1.26–1.63× for the composed path (Unsloth-style addmm), while at M ≤ 16 they still
+#   won or tied (forward 1.14–1.48× vs 1.25–1.58×; training 1.36–1.55× vs 1.48–2.15×).
 # - fp16/bf16 inference (no autograd) at M ≤ AUTO_CUDA_MAX_ROWS: the CUDA extension's decode kernel
 #   on the tensor cores, which needs N ≥ 256 and K % 8 == 0. Measured at M = 1 and 4 (bf16, r = 16
-#   and 64): 0.99–1.13× cuBLAS x·W₀ᵀ in graph replay against Triton's 1.14–1.29×, and ~60–90 µs
-#   eager against Triton's ~135–170 µs. Not in training: its backward is 2–3× Triton's.
+#   and 64): 0.99–1.24× cuBLAS x·W₀ᵀ in graph replay against Triton's 1.14–1.29×, and ~60–95 µs
+#   eager against Triton's ~135–200 µs. Not in training: its backward is 2–3× Triton's.
 # - fp32: Triton only up to AUTO_TRITON_MAX_ROWS_FP32 rows. Its exact fp32 dot (no TF32) lost to
 #   cuBLAS at 128 rows (Table 1, batch 1/128: +39.9% over the merged model against PEFT-style
 #   code's +5.8%); 16 rows and fewer were not measured and keep the fused kernels.
 AUTO_TRITON_MAX_ROWS = 512
+AUTO_TRITON_MAX_ROWS_HIGH_RANK = 16
 AUTO_TRITON_MAX_ROWS_FP32 = 16
 AUTO_CUDA_MAX_ROWS = 4
 
 
-def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int) -> str:
+def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> str:
     if (by_size and inference and x.dtype in (torch.float16, torch.bfloat16)
             and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1] and out_features >= 256 and x.shape[-1] % 8 == 0
             and cuda.unavailable_reason(x) is None):
         return "cuda"
     usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
-    limit = AUTO_TRITON_MAX_ROWS_FP32 if x.dtype == torch.float32 else AUTO_TRITON_MAX_ROWS
+    limit = (AUTO_TRITON_MAX_ROWS_FP32 if x.dtype == torch.float32
+             else AUTO_TRITON_MAX_ROWS_HIGH_RANK if rank > 16 else AUTO_TRITON_MAX_ROWS)
     small = not by_size or x.numel() <= limit * x.shape[-1]
     return "triton" if usable and small else "reference"
 
 
-def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0) -> str:
+def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
+             rank: int = 0) -> str:
     """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
     saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
     batches, whose reference path is a loop over adapters, and dropout). ``inference``: no backward
@@ -62,7 +69,7 @@ def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool =
     if name == "reference" or (name == "auto" and x.device.type != "cuda"):
         return "reference"
     if name == "auto":
-        return _auto(x, by_size, inference, out_features)
+        return _auto(x, by_size, inference, out_features, rank)
     reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
@@ -78,7 +85,8 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inferen
     """The forward pass shared by the autograd Function and the inference path.
     Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
-    backend = _backend(backend, x, by_size=dropout_p == 0.0, inference=inference, out_features=weight.shape[0])
+    backend = _backend(backend, x, by_size=dropout_p == 0.0, inference=inference, out_features=weight.shape[0],
+                       rank=lora_A.shape[0])
     ops = _BACKENDS[backend]
     x2d = rows(x)
     mask = seed = None
@@ -139,8 +147,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
         lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout).
         scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
         dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
-        backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x (fp32: 16) or
-            with dropout, else the cuBLAS-composed reference path; for fp16/bf16 inference at up to
+        backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x (fp32 or
+            r > 16: 16 rows) or with dropout, else the cuBLAS-composed reference path; for fp16/bf16 inference at up to
             4 rows the CUDA decode kernel; the reference path on CPU), ``"reference"``,
             ``"triton"`` or ``"cuda"``.
     """

@@ -149,7 +149,8 @@ def test_offsets_beyond_2_pow_31(backend):
 
 @pytest.mark.skipif(DEVICE != "cuda" or "triton" not in KERNEL_BACKENDS, reason="auto picks among GPU backends")
 def test_auto_follows_the_measured_policy():
-    from lora_kernels.function import AUTO_CUDA_MAX_ROWS, AUTO_TRITON_MAX_ROWS, AUTO_TRITON_MAX_ROWS_FP32, _backend
+    from lora_kernels.function import (AUTO_CUDA_MAX_ROWS, AUTO_TRITON_MAX_ROWS, AUTO_TRITON_MAX_ROWS_FP32,
+                                       AUTO_TRITON_MAX_ROWS_HIGH_RANK, _backend)
 
     def pick(rows, dtype=torch.bfloat16, **kw):
         return _backend("auto", torch.empty(rows, 64, device="cuda", dtype=dtype), **kw)
@@ -159,6 +160,9 @@ def test_auto_follows_the_measured_policy():
     assert pick(AUTO_TRITON_MAX_ROWS + 1, by_size=False) == "triton"  # dropout, multi-adapter batches
     assert pick(AUTO_TRITON_MAX_ROWS_FP32, torch.float32) == "triton"
     assert pick(AUTO_TRITON_MAX_ROWS_FP32 + 1, torch.float32) == "reference"
+    assert pick(AUTO_TRITON_MAX_ROWS_HIGH_RANK, rank=64) == "triton"
+    assert pick(AUTO_TRITON_MAX_ROWS_HIGH_RANK + 1, rank=64) == "reference"
+    assert pick(AUTO_TRITON_MAX_ROWS_HIGH_RANK + 1, rank=16) == "triton"
     # inference at decode sizes: the CUDA decode kernel where it is built and its shape rules hold
     decode = "cuda" if "cuda" in KERNEL_BACKENDS else "triton"
     assert pick(AUTO_CUDA_MAX_ROWS, inference=True, out_features=4096) == decode
