@@ -170,3 +170,15 @@ def test_auto_follows_the_measured_policy():
     assert pick(AUTO_CUDA_MAX_ROWS + 1, inference=True, out_features=4096) == "triton"
     assert pick(1, torch.float32, inference=True, out_features=4096) == "triton"
     assert pick(1, out_features=4096) == "triton"  # training: the CUDA backward is slower
+
+
+@pytest.mark.skipif("cuda" not in KERNEL_BACKENDS, reason="needs the CUDA extension on a GPU")
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_auto_inference_at_decode_sizes_runs_the_cuda_kernel(M, dtype):
+    """No autograd, ≤ 4 rows, out ≥ 256: auto runs (bit for bit) what backend="cuda" runs."""
+    x, w, b, a, bb, s = make_problem(M, 264, 300, 8, dtype)
+    with torch.no_grad():
+        y = lora_kernels.lora_linear(x, w, b, a, bb, s)
+        assert torch.equal(y, lora_kernels.lora_linear(x, w, b, a, bb, s, backend="cuda"))
+    assert_close(y, reference_grads(x, w, b, a, bb, s, torch.ones_like(y))[0], dtype, "y")
