@@ -207,12 +207,13 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
         assert gemm.split[3], gemm.split  # dX
 
 
-# (M, K, N, n_adapters · rank, n_adapters): the mask in each kernel's epilogue (decode, tensor cores
-# unsplit and in split_k_reduce, SIMT for fp32)
+# (M, K, N, n_adapters · rank, n_adapters): the mask in each kernel's epilogue (both decode variants,
+# tensor cores unsplit and in split_k_reduce, SIMT for fp32)
 MULTI_ADAPTER_SHAPES = [
     (3, 72, 40, 12, 3),     # decode: xa, y; g and the rest on the tensor cores
     (70, 88, 72, 15, 5),    # tensor cores, ragged tiles; rank 3, so an adapter boundary splits a column pair
     (40, 520, 264, 24, 3),  # x·Aᵀ and dY·B split along K: the mask applied in split_k_reduce
+    (6, 72, 40, 256, 32),   # 32 adapters × rank 8: xa (N = 256) on decode's tensor-core variant
 ]
 
 
