@@ -1,7 +1,9 @@
 // Decode-sized products (M ≤ 32 rows of x), where the cost is reading W₀ once from memory:
 //     C = alpha·P·Q + alpha2·P2·Q2 + bias,    Q's columns contiguous in k (Q = W₀ᵀ or Aᵀ)
+// Two kernels: decode_gemm below (SIMT; any dtype, layout and width) and, further down,
+// decode_mma_gemm (tensor cores; 16-bit, aligned rows, N ≥ 256), which launch_decode prefers.
 //
-// Each output column n is one row of W₀, K contiguous elements. A warp streams that row with
+// decode_gemm: each output column n is one row of W₀, K contiguous elements. A warp streams that row with
 // 16-byte loads (8 bf16/fp16 or 4 fp32 per lane, 32 lanes side by side, so a warp reads 512
 // contiguous bytes per step) and multiplies every chunk with the same chunk of all M rows of x
 // (read through L1, shared by the block's warps), keeping one fp32 sum per row. The LoRA term
@@ -186,7 +188,10 @@ __device__ __forceinline__ uint4 load_eight(const T* row, int64_t k, int64_t ext
   return v;
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+// 32-bit word i of a 16-byte chunk: elements 2i and 2i + 1.
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
 
 template <typename T, int X_TILES>
 __global__ void __launch_bounds__(kThreads) decode_mma_gemm(GemmParams g) {

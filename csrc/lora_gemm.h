@@ -52,8 +52,10 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 }
 
 // The kernels behind launch_gemm, chosen per call from dtype, sizes and layout:
-//   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): one warp streams each row
-//                of W₀ with 16-byte loads, the LoRA term added before the single write (csrc/lora_decode.cu)
+//   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): W₀ streamed once with
+//                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
+//                rows, else one warp per row of W₀; the LoRA term added before the single write
+//                (csrc/lora_decode.cu)
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
 //                (csrc/lora_tensor_core.cu)
 //   kSimt        float32: the portable fp32 tiled kernel (csrc/lora_gemm.cu)

@@ -1,7 +1,7 @@
 """Where the CUDA backend stands on this GPU: its forward and backward against cuBLAS and the Triton
 backend (CUDA-graph replay and eager, bf16, r = 16, inputs rotated past L2 as in bench/timing.py),
-and, per kernel of csrc/ (decode_gemm, tensor_core_gemm, split_k_reduce, simt_gemm), the GPU time of
-one forward + backward from torch.profiler. Prints two tables; for kernel work, not the benchmark.
+and, per kernel of csrc/ (decode_gemm, decode_mma_gemm, tensor_core_gemm, split_k_reduce,
+simt_gemm), the GPU time of one forward + backward from torch.profiler. Prints two tables; for kernel work, not the benchmark.
 
     python3 scripts/bench_cuda_kernels.py [--shapes 4096x4096,...] [--rows 1,16,...] [--reps 50]
 """
