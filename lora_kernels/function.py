@@ -38,7 +38,7 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
 # - fp16/bf16 inference (no autograd) at M ≤ AUTO_CUDA_MAX_ROWS: the CUDA extension's decode kernel
 #   on the tensor cores, which needs N ≥ 256 and K % 8 == 0. Measured at M = 1 and 4 (bf16, r = 16
 #   and 64): 0.99–1.24× cuBLAS x·W₀ᵀ in graph replay against Triton's 1.14–1.29×, and ~60–95 µs
-#   eager against Triton's ~135–200 µs. Not in training: its backward is 2–3× Triton's.
+#   eager against Triton's ~135–200 µs. Not in training: its backward is 2–3.3× Triton's.
 # - fp32: Triton only up to AUTO_TRITON_MAX_ROWS_FP32 rows. Its exact fp32 dot (no TF32) lost to
 #   cuBLAS at 128 rows (Table 1, batch 1/128: +39.9% over the merged model against PEFT-style
 #   code's +5.8%); 16 rows and fewer were not measured and keep the fused kernels.
@@ -148,9 +148,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
         scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
         dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
         backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x (fp32 or
-            r > 16: 16 rows) or with dropout, else the cuBLAS-composed reference path; for fp16/bf16 inference at up to
-            4 rows the CUDA decode kernel; the reference path on CPU), ``"reference"``,
-            ``"triton"`` or ``"cuda"``.
+            r > 16: 16 rows) or with dropout, else the cuBLAS-composed reference path; for
+            fp16/bf16 inference at up to 4 rows the CUDA decode kernel; on CPU the reference
+            path), ``"reference"``, ``"triton"`` or ``"cuda"``.
     """
     scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
     return _apply(x, weight, bias, lora_A, lora_B, scale, float(dropout_p), backend)
