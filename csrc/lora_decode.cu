@@ -169,11 +169,28 @@ cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
 // so two k-steps (32 of K) are arranged for 16-byte loads: lane (g = lane/4, t = lane%4) loads
 // elements [8t, 8t+8) of the 32-wide slice of W₀ rows g and g+8 and of x row g (+8 per x tile),
 // and step s feeds it elements 4s..4s+3 of each chunk in the places of k = 2t, 2t+1, 2t+8, 2t+9.
-// A block owns 16 columns; its 8 warps take every 8th slice of K and add their sums through shared
-// memory, where one thread per output then adds the LoRA term, the mask and the bias.
-constexpr int kMmaColumns = 16;       // rows of W₀ per block: one A tile
+//
+// A block's 8 warps are WARPS_K slices of K × 8/WARPS_K tiles of 16 columns, in two arrangements:
+// - M ≤ 8 (WARPS_K = 8): a block owns 16 columns and its warps take every 8th slice of K. Measured
+//   on an H100 at M = 1 and 4: level with cuBLAS's x·W₀ᵀ.
+// - M > 8 (WARPS_K = 1, where a workspace is given): a block owns 128 columns, one A tile per warp,
+//   and all 8 warps read the same x fragments at the same time, so L1 can serve 7 of the 8 reads.
+//   K is split over blockIdx.y instead, so that enough blocks stream W₀. The first arrangement
+//   re-read x from L2 once per 16 columns (at M = 32 and 4096², twice W₀'s bytes) and measured
+//   1.25–2.9× cuBLAS at M = 16–32; this one is not measured yet.
+// The warps' sums meet in shared memory; one thread per output then adds the LoRA term, the mask
+// and the bias and writes C, or, when K is split, writes its split's fp32 partial sum (the LoRA
+// term in split 0) for split_k_reduce.
+constexpr int kMmaTile = 16;          // rows of W₀ per A tile
 constexpr int kMmaSlice = 32;         // K per load: two mma k-steps
 constexpr int64_t kMmaMinColumns = 256;  // below, the K-split SIMT kernel keeps more SMs busy
+constexpr int kMmaMinSlicesPerSplit = 8;
+constexpr int kMmaMaxSplits = 16;
+
+struct MmaParams {
+  GemmParams g;
+  int64_t slices_per_split;  // K slices of blockIdx.y's share
+};
 
 // Elements [k, k+8) of a row whose 16-byte chunks are aligned, zeros past `extent` or if !valid.
 template <typename T>
@@ -193,16 +210,19 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <typename T, int X_TILES>
-__global__ void __launch_bounds__(kThreads) decode_mma_gemm(GemmParams g) {
+template <typename T, int X_TILES, int WARPS_K>
+__global__ void __launch_bounds__(kThreads) decode_mma_gemm(MmaParams params) {
   constexpr int kRows = 8 * X_TILES;
-  constexpr int kUnroll = X_TILES <= 2 ? 4 : 2;  // K slices loaded before any is multiplied
+  constexpr int kTiles = kWarps / WARPS_K;           // A tiles (16 columns each) per block
+  constexpr int kUnroll = X_TILES <= 2 ? 4 : 2;      // K slices loaded before any is multiplied
   LORA_DYNAMIC_SMEM(smem);
-  float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kMmaColumns][kRows]
+  float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kMmaTile][kRows]
 
   dev::allow_dependents_early();
+  const GemmParams& g = params.g;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane / 4, tid = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaColumns;
+  const int tile = warp / WARPS_K, k_part = warp % WARPS_K;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTiles * kMmaTile + tile * kMmaTile;
   const T* w = static_cast<const T*>(g.Q.ptr);  // Q(k, n) = w[n·stride_col + k]
   const T* x = static_cast<const T*>(g.P.ptr);
   const bool has_lo = n0 + gid < g.N, has_hi = n0 + gid + 8 < g.N;
@@ -217,13 +237,15 @@ __global__ void __launch_bounds__(kThreads) decode_mma_gemm(GemmParams g) {
   }
 
   float acc[X_TILES][4] = {};
-  const int64_t slices = dev::cdiv(g.K, kMmaSlice);
-  for (int64_t first = warp; first < slices; first += kWarps * kUnroll) {  // the same trip count in a warp
+  const int64_t slices = dev::cdiv(g.K, kMmaSlice), begin = blockIdx.y * params.slices_per_split;
+  const int64_t end = begin + params.slices_per_split < slices ? begin + params.slices_per_split : slices;
+  // the same trip count in a warp; a slice past `end` loads zeros
+  for (int64_t first = begin + k_part; first < end; first += WARPS_K * kUnroll) {
     uint4 lo[kUnroll], hi[kUnroll], xv[kUnroll][X_TILES];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t slice = first + u * kWarps, k = slice * kMmaSlice + 8 * tid;
-      const bool in = slice < slices;
+      const int64_t slice = first + u * WARPS_K, k = slice * kMmaSlice + 8 * tid;
+      const bool in = slice < end;
       lo[u] = load_eight(w_lo, k, g.K, in && has_lo);
       hi[u] = load_eight(w_hi, k, g.K, in && has_hi);
 #pragma unroll
@@ -246,53 +268,105 @@ __global__ void __launch_bounds__(kThreads) decode_mma_gemm(GemmParams g) {
   for (int xt = 0; xt < X_TILES; ++xt)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      partial[(warp * kMmaColumns + gid + 8 * (e / 2)) * kRows + 8 * xt + 2 * tid + e % 2] = acc[xt][e];
+      partial[(warp * kMmaTile + gid + 8 * (e / 2)) * kRows + 8 * xt + 2 * tid + e % 2] = acc[xt][e];
   __syncthreads();
   dev::wait_for_prior_grid();  // P2 (xa) may come from the kernel still running before this one
   const T* p2 = static_cast<const T*>(g.P2.ptr);
   const T* q2 = static_cast<const T*>(g.Q2.ptr);
-  for (int o = threadIdx.x; o < kMmaColumns * kRows; o += kThreads) {
-    const int column = o % kMmaColumns, m = o / kMmaColumns;  // neighbouring threads, neighbouring n
-    const int64_t n = n0 + column;
+  const bool lora_here = blockIdx.y == 0;  // split 0 (or the only one) adds the LoRA term
+  for (int o = threadIdx.x; o < kTiles * kMmaTile * kRows; o += kThreads) {
+    const int column = o % (kTiles * kMmaTile), m = o / (kTiles * kMmaTile);  // neighbouring threads, neighbouring n
+    const int64_t n = static_cast<int64_t>(blockIdx.x) * kTiles * kMmaTile + column;
     if (m >= g.M || n >= g.N) continue;
+    const int col_tile = column / kMmaTile, in_tile = column % kMmaTile;
     float base = 0.0f, lora = 0.0f;
 #pragma unroll
-    for (int s = 0; s < kWarps; ++s) base += partial[(s * kMmaColumns + column) * kRows + m];
-    for (int64_t j = 0; j < g.K2; ++j)
+    for (int s = 0; s < WARPS_K; ++s) base += partial[((col_tile * WARPS_K + s) * kMmaTile + in_tile) * kRows + m];
+    for (int64_t j = 0; lora_here && j < g.K2; ++j)
       lora = fmaf(dev::to_float(p2[m * g.P2.stride_row + j * g.P2.stride_col]),
                   dev::to_float(q2[j * g.Q2.stride_row + n * g.Q2.stride_col]), lora);
-    float v = adapter_keep(g.adapters, m, n) * (g.alpha * base + g.alpha2 * lora);
-    if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[n]);
-    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(v);
+    const float v = g.alpha * base + g.alpha2 * lora;
+    if (gridDim.y > 1) {  // [split][M][N] partial sums; split_k_reduce applies the mask and the bias
+      g.workspace[(static_cast<int64_t>(blockIdx.y) * g.M + m) * g.N + n] = v;
+      continue;
+    }
+    float out = adapter_keep(g.adapters, m, n) * v;
+    if (g.bias != nullptr) out += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(out);
   }
+}
+
+struct MmaPlan {
+  int warps_k, splits;  // warps_k: kWarps at M ≤ 8, else 1
+  int64_t slices_per_split;
+};
+
+// M ≤ 8: 16 columns per block, K split over its warps. M > 8: 128 columns per block and, when a
+// workspace for the partial sums exists, K split over blocks: enough splits for about two blocks
+// per SM, each at least kMmaMinSlicesPerSplit slices.
+MmaPlan plan_mma(const GemmParams& g, bool have_workspace) {
+  const int64_t slices = g.K > 0 ? dev::cdiv(g.K, kMmaSlice) : 1;
+  if (g.M <= 8) return {kWarps, 1, slices};
+  const int64_t blocks = dev::cdiv(g.N, kWarps * kMmaTile), sms = dev::sm_count();
+  int64_t splits = !have_workspace || blocks >= 2 * sms ? 1 : dev::cdiv(2 * sms, blocks);
+  splits = splits < slices / kMmaMinSlicesPerSplit ? splits : slices / kMmaMinSlicesPerSplit;
+  splits = splits < kMmaMaxSplits ? splits : kMmaMaxSplits;
+  if (splits < 1) splits = 1;
+  const int64_t per_split = dev::cdiv(slices, splits);
+  return {1, static_cast<int>(dev::cdiv(slices, per_split)), per_split};  // no empty split
+}
+
+template <typename T, int X_TILES, int WARPS_K>
+cudaError_t launch_mma_with(const MmaParams& params, int splits, DType dtype, cudaStream_t stream) {
+  const GemmParams& g = params.g;
+  const int64_t blocks = dev::cdiv(g.N, (kWarps / WARPS_K) * kMmaTile);
+  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
+  auto kernel = decode_mma_gemm<T, X_TILES, WARPS_K>;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
+  const size_t smem_bytes = kWarps * kMmaTile * 8 * X_TILES * sizeof(float);
+  cudaError_t err;
+  if (g.overlap_prior && dev::supports_overlapping_launch()) {
+    err = dev::launch_overlapping_prior(kernel, grid, dim3(kThreads), smem_bytes, stream, params);
+  } else {
+    LORA_LAUNCH(kernel, grid, kThreads, smem_bytes, stream, params);
+    err = dev::last_launch_error();
+  }
+  if (err != cudaSuccess || splits == 1) return err;
+  return detail::launch_split_k_reduce(dtype, g, splits, stream);
 }
 
 template <typename T, int X_TILES>
-cudaError_t launch_mma_with(const GemmParams& g, cudaStream_t stream) {
-  const int64_t blocks = dev::cdiv(g.N, kMmaColumns);
-  if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
-  auto kernel = decode_mma_gemm<T, X_TILES>;
-  const size_t smem_bytes = kWarps * kMmaColumns * 8 * X_TILES * sizeof(float);
-  if (g.overlap_prior && dev::supports_overlapping_launch()) {
-    return dev::launch_overlapping_prior(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem_bytes,
-                                         stream, g);
+cudaError_t launch_mma_rows(const GemmParams& g, DType dtype, cudaStream_t stream) {
+  const MmaPlan plan = plan_mma(g, g.workspace != nullptr);
+  const MmaParams params{g, plan.slices_per_split};
+  if constexpr (X_TILES == 1) {  // M ≤ 8: always the K-split-over-warps arrangement
+    return launch_mma_with<T, 1, kWarps>(params, 1, dtype, stream);
+  } else {
+    return launch_mma_with<T, X_TILES, 1>(params, plan.splits, dtype, stream);
   }
-  LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem_bytes, stream, g);
-  return dev::last_launch_error();
 }
 
 template <typename T>
-cudaError_t launch_mma(const GemmParams& g, cudaStream_t stream) {
-  if (g.M <= 8) return launch_mma_with<T, 1>(g, stream);
-  if (g.M <= 16) return launch_mma_with<T, 2>(g, stream);
-  if (g.M <= 24) return launch_mma_with<T, 3>(g, stream);
-  if (g.M <= 32) return launch_mma_with<T, 4>(g, stream);
+cudaError_t launch_mma(const GemmParams& g, DType dtype, cudaStream_t stream) {
+  if (g.M <= 8) return launch_mma_rows<T, 1>(g, dtype, stream);
+  if (g.M <= 16) return launch_mma_rows<T, 2>(g, dtype, stream);
+  if (g.M <= 24) return launch_mma_rows<T, 3>(g, dtype, stream);
+  if (g.M <= 32) return launch_mma_rows<T, 4>(g, dtype, stream);
   return cudaErrorInvalidValue;
 }
 
 }  // namespace decode
 
 namespace detail {
+
+int64_t decode_workspace_elems(DType dtype, const GemmParams& g) {
+  using namespace decode;
+  // The tensor-core variant splits K at M > 8 (plan_mma); whether its alignment rules hold is
+  // decided at launch, so the scratch is sized as if they did.
+  if (dtype == DType::kFloat32 || g.N < kMmaMinColumns) return 0;
+  const MmaPlan plan = plan_mma(g, true);
+  return plan.splits > 1 ? plan.splits * g.M * g.N : 0;
+}
 
 cudaError_t launch_decode(DType dtype, const GemmParams& g, cudaStream_t stream) {
   using namespace decode;
@@ -305,9 +379,10 @@ cudaError_t launch_decode(DType dtype, const GemmParams& g, cudaStream_t stream)
   switch (dtype) {
     case DType::kFloat32: return launch_typed<float>(params, stream);
     case DType::kFloat16:
-      return on_tensor_cores ? launch_mma<__half>(g, stream) : launch_typed<__half>(params, stream);
+      return on_tensor_cores ? launch_mma<__half>(g, dtype, stream) : launch_typed<__half>(params, stream);
     case DType::kBFloat16:
-      return on_tensor_cores ? launch_mma<__nv_bfloat16>(g, stream) : launch_typed<__nv_bfloat16>(params, stream);
+      return on_tensor_cores ? launch_mma<__nv_bfloat16>(g, dtype, stream)
+                             : launch_typed<__nv_bfloat16>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

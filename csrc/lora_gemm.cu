@@ -1,4 +1,4 @@
-// The dispatcher launch_gemm, and the portable SIMT kernel it uses for float32.
+// The dispatcher launch_gemm, the portable SIMT kernel it uses for float32, and split_k_reduce.
 //
 // SIMT kernel: each 256-thread block owns a 64×64 tile of C and walks K in steps of 16, staging a
 // 64×16 slab of P and a 16×64 slab of Q in shared memory (as fp32) and accumulating 4×4 outputs per
@@ -95,9 +95,36 @@ __global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
   }
 }
 
+// C = keep ⊙ Σ_split partial + bias, the splits added in order: the second pass of the products
+// that the tensor-core and decode kernels split along K.
+template <typename T>
+__global__ void __launch_bounds__(256) split_k_reduce(GemmParams g, int splits) {
+  const int64_t count = g.M * g.N;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; idx < count;
+       idx += static_cast<int64_t>(gridDim.x) * 256) {
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += g.workspace[z * count + idx];
+    const int64_t m = idx / g.N, n = idx % g.N;
+    sum *= adapter_keep(g.adapters, m, n);
+    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
+  }
+}
+
 }  // namespace simt
 
 namespace detail {
+
+cudaError_t launch_split_k_reduce(DType dtype, const GemmParams& g, int splits, cudaStream_t stream) {
+  const int64_t blocks = dev::cdiv(g.M * g.N, 256);
+  const unsigned grid = static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
+  switch (dtype) {
+    case DType::kFloat32: LORA_LAUNCH(simt::split_k_reduce<float>, grid, 256, 0, stream, g, splits); break;
+    case DType::kFloat16: LORA_LAUNCH(simt::split_k_reduce<__half>, grid, 256, 0, stream, g, splits); break;
+    case DType::kBFloat16: LORA_LAUNCH(simt::split_k_reduce<__nv_bfloat16>, grid, 256, 0, stream, g, splits); break;
+  }
+  return dev::last_launch_error();
+}
 
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream) {
   using namespace simt;
@@ -130,8 +157,13 @@ GemmParams normalized(const GemmParams& params) {
 
 int64_t workspace_elems(DType dtype, const GemmParams& params) {
   const GemmParams p = normalized(params);
-  if (p.M == 0 || p.N == 0 || choose_kernel(dtype, p) != Kernel::kTensorCore) return 0;
-  return detail::tensor_core_workspace_elems(p);
+  if (p.M == 0 || p.N == 0) return 0;
+  switch (choose_kernel(dtype, p)) {
+    case Kernel::kTensorCore: return detail::tensor_core_workspace_elems(p);
+    case Kernel::kDecode: return detail::decode_workspace_elems(dtype, p);
+    case Kernel::kSimt: break;
+  }
+  return 0;
 }
 
 cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {

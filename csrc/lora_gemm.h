@@ -63,7 +63,8 @@ enum class Kernel { kSimt, kTensorCore, kDecode };
 Kernel choose_kernel(DType dtype, const GemmParams& params);
 
 // Scratch (fp32 elements) launch_gemm needs for these arguments: non-zero when a product with few
-// output tiles and a long K (x·Aᵀ, dY·B, gᵀ·x, dYᵀ·xa) is split along K over more blocks.
+// output tiles and a long K (x·Aᵀ, dY·B, gᵀ·x, dYᵀ·xa; x·W₀ᵀ at 9–32 rows) is split along K over
+// more blocks.
 int64_t workspace_elems(DType dtype, const GemmParams& params);
 
 cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
@@ -73,6 +74,10 @@ cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stre
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);
 int64_t tensor_core_workspace_elems(const GemmParams& params);
 cudaError_t launch_decode(DType dtype, const GemmParams& params, cudaStream_t stream);
+int64_t decode_workspace_elems(DType dtype, const GemmParams& params);
+// C = keep ⊙ Σ_split workspace[split] + bias: the second pass of a product split along K, whose
+// `splits` blocks each wrote scaled fp32 partial sums [split][M][N] into params.workspace.
+cudaError_t launch_split_k_reduce(DType dtype, const GemmParams& params, int splits, cudaStream_t stream);
 }  // namespace detail
 
 }  // namespace lora_kernels

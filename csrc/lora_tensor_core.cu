@@ -13,8 +13,8 @@
 //
 // Split-K. A product with too few output tiles to fill the GPU (the skinny x·Aᵀ, dY·B, gᵀ·x,
 // dYᵀ·xa, whose K can be the batch size; dY·W₀ at decode sizes) has its stream of K tiles split
-// over blockIdx.z; each split writes its scaled fp32 partial sums and split_k_reduce adds them in a
-// fixed order (deterministic) and writes sum + bias.
+// over blockIdx.z; each split writes its scaled fp32 partial sums and split_k_reduce (lora_gemm.cu)
+// adds them in a fixed order (deterministic) and writes sum + bias.
 //
 // Layouts. Each operand tile is stored in shared memory the way it lies in global memory, so every
 // copy is a contiguous 16-byte chunk: "k-major" ([i][k], the k index contiguous, e.g. x or W₀ for
@@ -66,6 +66,7 @@ __host__ __device__ __forceinline__ Views views_of(const GemmParams& g) {
 
 struct Params {
   GemmParams g;
+  DType dtype;
   bool vec[4];     // P, Q, P2, Q2 can be staged with aligned 16-byte copies
   bool pair_store;  // two neighbouring outputs of a row can be written as one 32-bit store
   int splits, tiles_per_split;  // split-K: blockIdx.z takes K tiles [z·tiles_per_split, +tiles_per_split)
@@ -263,22 +264,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 }
 
-// C = keep ⊙ Σ_split partial + bias, the splits added in order.
-template <typename T>
-__global__ void __launch_bounds__(256) split_k_reduce(Params params) {
-  const GemmParams& g = params.g;
-  const int64_t count = g.M * g.N;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; idx < count;
-       idx += static_cast<int64_t>(gridDim.x) * 256) {
-    float sum = 0.0f;
-    for (int z = 0; z < params.splits; ++z) sum += g.workspace[z * count + idx];
-    const int64_t m = idx / g.N, n = idx % g.N;
-    sum *= adapter_keep(g.adapters, m, n);
-    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[n]);
-    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
-  }
-}
-
 // Can tile loads of `v` in this layout be 16-byte copies? The contiguous index must have unit
 // stride, and every row of the layout must start on a 16-byte boundary.
 bool vector_loadable(const View& v, bool k_major) {
@@ -323,14 +308,9 @@ cudaError_t launch_with(Params params, cudaStream_t stream) {
   if (smem_ok != cudaSuccess) return smem_ok;
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(params.splits));
   LORA_LAUNCH(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
-  if (split_k) {
-    const cudaError_t err = dev::last_launch_error();
-    if (err != cudaSuccess) return err;
-    const int64_t blocks = dev::cdiv(g.M * g.N, 256);
-    auto reduce = split_k_reduce<T>;
-    LORA_LAUNCH(reduce, static_cast<unsigned>(blocks < 4096 ? blocks : 4096), 256, 0, stream, params);
-  }
-  return dev::last_launch_error();
+  const cudaError_t err = dev::last_launch_error();
+  if (err != cudaSuccess || !split_k) return err;
+  return detail::launch_split_k_reduce(params.dtype, g, params.splits, stream);
 }
 
 template <typename T, typename Cfg>
@@ -365,7 +345,7 @@ cudaError_t launch_tensor_core(DType dtype, const GemmParams& g, cudaStream_t st
   // operands share the main product's layouts, falling back to element loads where theirs differ.
   const bool p_k_major = !(P.stride_i == 1 && P.stride_k != 1);
   const bool q_k_major = !(Q.stride_i == 1 && Q.stride_k != 1);
-  Params params{g, {vector_loadable(P, p_k_major), vector_loadable(Q, q_k_major),
+  Params params{g, dtype, {vector_loadable(P, p_k_major), vector_loadable(Q, q_k_major),
                     g.K2 > 0 && vector_loadable(ops.P2, p_k_major), g.K2 > 0 && vector_loadable(ops.Q2, q_k_major)},
                 g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0, 1, 0};
   switch (dtype) {

@@ -182,8 +182,9 @@ SHAPES = [
     (8, 64, 264, 8),      # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A; y on tensor cores
     (8, 64, 128, 128),    # dX split exactly where dY·W₀'s tiles end and g·A's begin (r = 128)
     (2, 520, 270, 4),     # decode on tensor cores (16-bit, N ≥ 256): one x tile, 17 K slices
-    (19, 136, 300, 8),    # decode on tensor cores: three x tiles, the last K slice 8 wide
+    (19, 136, 300, 8),    # decode on tensor cores: three x tiles, 128 columns per block, the last K slice 8 wide
     (32, 264, 257, 16),   # decode on tensor cores: four x tiles, a block with one column
+    (24, 1040, 264, 8),   # decode on tensor cores at M > 8 split along K over 4 blocks, then split_k_reduce
 ]
 
 
@@ -205,6 +206,8 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
         assert gemm.split[4:] == [True, True], gemm.split  # dA, dB: K = M = 300
     if shape[:2] == (8, 64) and dtype != torch.float32:
         assert gemm.split[3], gemm.split  # dX
+    if shape == (24, 1040, 264, 8) and dtype != torch.float32:
+        assert gemm.split[1], gemm.split  # y: decode on tensor cores, K split over blocks
 
 
 # (M, K, N, n_adapters · rank, n_adapters): the mask in each kernel's epilogue (both decode variants,
