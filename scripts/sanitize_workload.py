@@ -25,10 +25,10 @@ def main():
         backends = [b for b in backends if b in os.environ["LORA_SANITIZE_BACKENDS"].split(",")]
     for backend in backends:
         # odd shapes; for the CUDA kernels also decode at M = 24, 128×128 tensor-core tiles (M, N > 256)
-        # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores (N = 300)
+        # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores (N ≥ 256; K split at M = 24)
         for M, K, N, r, bias in [(1, 64, 48, 16, True), (37, 70, 50, 12, False), (130, 96, 80, 1, True),
                                  (24, 1040, 72, 8, True), (300, 520, 264, 16, False),
-                                 (19, 136, 300, 8, True)]:
+                                 (19, 136, 300, 8, True), (24, 1040, 264, 8, False)]:
             for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
                 x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
                 w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5

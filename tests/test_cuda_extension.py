@@ -57,11 +57,13 @@ def test_every_rank_up_to_128(r, dtype, poison):
     contract_vs_float64(21, 48, 40, r, dtype)
 
 
-# Each kernel path of csrc/: decode (M ≤ 32), 64×64 and 128×128 tensor-core tiles, split-K of the
-# skinny products, element-wise staging (K % 8 ≠ 0), M = 0.
+# Each kernel path of csrc/: decode (M ≤ 32; on tensor cores at N ≥ 256, K split over blocks at
+# M > 8), 64×64 and 128×128 tensor-core tiles, split-K of the skinny products, element-wise staging
+# (K % 8 ≠ 0), M = 0.
 @ON_GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (3, 50, 33, 1), (32, 1040, 72, 8), (37, 70, 50, 12),
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (3, 50, 33, 1), (32, 1040, 72, 8), (24, 1040, 264, 8),
+                                   (13, 4096, 4096, 16), (37, 70, 50, 12),
                                    (131, 100, 90, 8), (300, 520, 264, 16), (300, 1000, 520, 128), (0, 64, 64, 8)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_kernel_paths(shape, dtype, poison):
