@@ -25,7 +25,8 @@ def main():
         backends = [b for b in backends if b in os.environ["LORA_SANITIZE_BACKENDS"].split(",")]
     for backend in backends:
         # odd shapes; for the CUDA kernels also decode at M = 24, 128×128 tensor-core tiles (M, N > 256)
-        # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores (N ≥ 256; K split at M = 24)
+        # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores
+        # (N ≥ 256; K split over blocks at M = 24)
         for M, K, N, r, bias in [(1, 64, 48, 16, True), (37, 70, 50, 12, False), (130, 96, 80, 1, True),
                                  (24, 1040, 72, 8, True), (300, 520, 264, 16, False),
                                  (19, 136, 300, 8, True), (24, 1040, 264, 8, False)]:
