@@ -95,6 +95,10 @@ __global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
   }
 }
 
+}  // namespace simt
+
+namespace split_k {
+
 // C = keep ⊙ Σ_split partial + bias, the splits added in order: the second pass of the products
 // that the tensor-core and decode kernels split along K.
 template <typename T>
@@ -111,7 +115,7 @@ __global__ void __launch_bounds__(256) split_k_reduce(GemmParams g, int splits) 
   }
 }
 
-}  // namespace simt
+}  // namespace split_k
 
 namespace detail {
 
@@ -119,9 +123,9 @@ cudaError_t launch_split_k_reduce(DType dtype, const GemmParams& g, int splits, 
   const int64_t blocks = dev::cdiv(g.M * g.N, 256);
   const unsigned grid = static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
   switch (dtype) {
-    case DType::kFloat32: LORA_LAUNCH(simt::split_k_reduce<float>, grid, 256, 0, stream, g, splits); break;
-    case DType::kFloat16: LORA_LAUNCH(simt::split_k_reduce<__half>, grid, 256, 0, stream, g, splits); break;
-    case DType::kBFloat16: LORA_LAUNCH(simt::split_k_reduce<__nv_bfloat16>, grid, 256, 0, stream, g, splits); break;
+    case DType::kFloat32: LORA_LAUNCH(split_k::split_k_reduce<float>, grid, 256, 0, stream, g, splits); break;
+    case DType::kFloat16: LORA_LAUNCH(split_k::split_k_reduce<__half>, grid, 256, 0, stream, g, splits); break;
+    case DType::kBFloat16: LORA_LAUNCH(split_k::split_k_reduce<__nv_bfloat16>, grid, 256, 0, stream, g, splits); break;
   }
   return dev::last_launch_error();
 }
