@@ -32,6 +32,19 @@ struct Params {
   bool w_vec, x_vec;  // 16-byte loads of Q's columns / P's rows are aligned
 };
 
+// Launches one of this file's kernels (kThreads per block): as a programmatic dependent launch that
+// overlaps the kernel before it where the product allows it (GemmParams::overlap_prior) and the GPU
+// has it (sm_90+), else as an ordinary launch.
+template <typename KernelParams>
+cudaError_t launch_block_kernel(void (*kernel)(KernelParams), dim3 grid, size_t smem_bytes, bool overlap_prior,
+                                cudaStream_t stream, const KernelParams& params) {
+  if (overlap_prior && dev::supports_overlapping_launch()) {
+    return dev::launch_overlapping_prior(kernel, grid, dim3(kThreads), smem_bytes, stream, params);
+  }
+  LORA_LAUNCH(kernel, grid, kThreads, smem_bytes, stream, params);
+  return dev::last_launch_error();
+}
+
 // v[0..VEC) = row[k..k+VEC) (element stride `stride`), zeros past `extent`.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_chunk(float (&v)[VEC], const T* row, int64_t k, int64_t extent, int64_t stride,
@@ -131,14 +144,9 @@ cudaError_t launch_with(const Params& params, cudaStream_t stream) {
   constexpr int kColumns = kWarps / WARPS_PER_COLUMN;
   const int64_t blocks = dev::cdiv(params.g.N, kColumns);
   if (blocks > 2147483647LL) return cudaErrorInvalidConfiguration;
-  auto kernel = decode_gemm<T, ROWS, WARPS_PER_COLUMN>;
   const size_t smem_bytes = kWarps * ROWS * sizeof(float);
-  if (params.g.overlap_prior && dev::supports_overlapping_launch()) {
-    return dev::launch_overlapping_prior(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem_bytes,
-                                         stream, params);
-  }
-  LORA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem_bytes, stream, params);
-  return dev::last_launch_error();
+  return launch_block_kernel(decode_gemm<T, ROWS, WARPS_PER_COLUMN>, dim3(static_cast<unsigned>(blocks)), smem_bytes,
+                             params.g.overlap_prior, stream, params);
 }
 
 template <typename T, int ROWS>
@@ -324,13 +332,7 @@ cudaError_t launch_mma_with(const MmaParams& params, int splits, DType dtype, cu
   auto kernel = decode_mma_gemm<T, X_TILES, WARPS_K>;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   const size_t smem_bytes = kWarps * kMmaTile * 8 * X_TILES * sizeof(float);
-  cudaError_t err;
-  if (g.overlap_prior && dev::supports_overlapping_launch()) {
-    err = dev::launch_overlapping_prior(kernel, grid, dim3(kThreads), smem_bytes, stream, params);
-  } else {
-    LORA_LAUNCH(kernel, grid, kThreads, smem_bytes, stream, params);
-    err = dev::last_launch_error();
-  }
+  const cudaError_t err = launch_block_kernel(kernel, grid, smem_bytes, g.overlap_prior, stream, params);
   if (err != cudaSuccess || splits == 1) return err;
   return detail::launch_split_k_reduce(dtype, g, splits, stream);
 }
