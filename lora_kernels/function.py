@@ -26,7 +26,8 @@ except ImportError as _exc:  # triton is optional on CPU-only installs
     _TRITON_MISSING = f"triton is not importable ({_exc}); pip install triton"
 
 
-# backend="auto" on a GPU, from H100 measurements (torch 2.11, triton 3.6; bench/results/README.md):
+# backend="auto" on a GPU, from H100 measurements (torch 2.11, triton 3.6, CUDA 13.0, 2026-11-22;
+# bench/results/README.md):
 # - fp16/bf16: the fused Triton kernels up to AUTO_TRITON_MAX_ROWS rows of x, above it the
 #   cuBLAS-composed reference path. At M ≤ 128 the fused kernels beat every unfused form on
 #   4096×4096 and come within 0.1× of Unsloth-style addmm on the 11008-wide shapes, while at
