@@ -2,13 +2,22 @@
 
 Environment switches:
   LORA_KERNELS_SKIP_CUDA_BUILD=1   install the pure-Python package (Triton and reference backends)
-  TORCH_CUDA_ARCH_LIST             target GPUs (default "8.0;9.0": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST             target GPUs (default "8.0;9.0a": A100 and H100/H200). The wgmma
+                                   kernel (csrc/lora_wgmma.cu) is built when the list has 9.0a and
+                                   not plain 9.0 (which H100s would then run instead).
   MAX_JOBS                         parallel compile jobs for ninja
 Install with ``pip install --no-build-isolation .`` so the build sees the torch you run with.
 """
 import os
 
 from setuptools import find_packages, setup
+
+
+def has_sm90a(arch_list):
+    """Whether a compute capability 9.0 GPU will run sm_90a code from this build: the list names 9.0a
+    (or sm_90a) and not plain 9.0, whose code the GPU could load instead."""
+    archs = {a.strip().lower().removesuffix("+ptx").replace("sm_", "") for a in arch_list.replace(" ", ";").split(";")}
+    return bool(archs & {"9.0a", "90a"}) and not archs & {"9.0", "90"}
 
 
 def cuda_extension():
@@ -24,11 +33,15 @@ def cuda_extension():
         return [], {}, f"torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None:
         return [], {}, "nvcc was not found (set CUDA_HOME)"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    nvcc_flags = ["-O3", "-lineinfo"]  # torch picks the C++ standard
+    if has_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"]):
+        nvcc_flags.append("-DLORA_KERNELS_HAS_SM90A")
     ext = CUDAExtension(
         name="lora_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu", "csrc/lora_tensor_core.cu", "csrc/lora_decode.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch picks the C++ standard
+        sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu", "csrc/lora_tensor_core.cu", "csrc/lora_wgmma.cu",
+                 "csrc/lora_decode.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}, None
 

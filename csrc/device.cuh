@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,6 +56,96 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Warpgroup MMA (wgmma, sm_90a only; lora_wgmma.cu). Four consecutive warps, starting at a warp
+// index divisible by 4, issue it together: d (64×256, fp32, 128 registers per thread) += A (64×16)
+// · B (16×256), both read by the tensor cores straight from shared memory as described by 64-bit
+// matrix descriptors (sw128_descriptor). It runs asynchronously: wgmma_commit closes a group of
+// them, wgmma_wait<n> waits until at most n groups are in flight, and only then may d be read or
+// the shared memory be overwritten. TRANS_A / TRANS_B: the operand is stored MN-major (m or n
+// contiguous) rather than K-major. Register layout of d: d[4j + e] is row 16·(warp % 4) + lane/4 +
+// 8·(e/2), column 8j + 2·(lane % 4) + e % 2 (mma.sync's C fragment, one per 8 columns).
+//
+// Elsewhere (sm_80, plain sm_90) these compile to nothing; supports_wgmma() keeps the host from
+// launching a kernel that uses them there.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LORA_KERNELS_WGMMA_ASM 1
+#endif
+
+// Orders this thread's ordinary (generic-proxy) writes to shared memory, cp.async's included, before
+// later reads by the tensor cores (the async proxy); a __syncthreads must follow for other threads.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+#endif
+}
+// After wgmma_wait: the compiler must not move reads of the accumulators above the wait (nothing
+// in the wait names them), so each gets a new definition here, after it.
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#ifdef LORA_KERNELS_WGMMA_ASM
+#define LORA_WGMMA_M64N256K16(TYPE)                                                                  \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {"                               \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                       \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "             \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "             \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "             \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "             \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "             \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"\
+      "}, %128, %129, p, 1, 1, %131, %132;\n}\n"                                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),  \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),  \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),  \
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),  \
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),  \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),  \
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                                                      \
+      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
+#endif
+
+template <typename T, bool TRANS_A, bool TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    LORA_WGMMA_M64N256K16("bf16");
+  } else {
+    LORA_WGMMA_M64N256K16("f16");
+  }
+#endif
 }
 
 // Asynchronous 16-byte copy global → shared that reads only the first src_bytes (0..16) and
@@ -140,6 +231,25 @@ inline bool supports_overlapping_launch() {
   return cached[device] == 2;
 }
 
+// wgmma kernels exist in this build (setup.py defines LORA_KERNELS_HAS_SM90A when it compiles for
+// sm_90a and not plain sm_90) and the device is a compute capability 9.0 GPU, which then runs them.
+inline bool supports_wgmma() {
+#ifdef LORA_KERNELS_HAS_SM90A
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cached[device] = major == 9 && minor == 0 ? 2 : 1;
+  }
+  return cached[device] == 2;
+#else
+  return false;
+#endif
+}
+
 }  // namespace dev
 }  // namespace lora_kernels
 
@@ -171,6 +281,19 @@ __host__ __device__ __forceinline__ __half from_float<__half>(float v) { return 
 template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Matrix descriptor of a wgmma operand in shared memory laid out with the 128-byte swizzle (what
+// wgmma's "swizzle mode 1" reads): rows of 128 bytes in atoms of 8 rows (1024 bytes, which must start
+// on a 1024-byte boundary of the shared address space), the 16-byte chunk c of row r stored at
+// chunk c ^ (r % 8). `address` is the shared-memory byte address of the operand's first element;
+// the byte offsets are the distances between neighbouring atoms along the two dimensions:
+// leading = along the contiguous dimension (unused by K-major operands, whose 16 k fit in a row),
+// stride = along the other (the next 8 rows).
+__host__ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t leading_bytes,
+                                                              uint32_t stride_bytes) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16 |
+         static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32 | static_cast<uint64_t>(1) << 62;
 }
 
 }  // namespace dev

@@ -6,6 +6,9 @@
 // into a second accumulator, and the epilogue writes keep·(alpha·acc + alpha2·acc2) + bias once. Correct
 // for any strides and size (64-bit indexing); templated on the element type, launched for float32
 // only (float16/bfloat16 products run on the tensor cores).
+#include <cstdlib>
+#include <cstring>
+
 #include "device.cuh"
 #include "lora_gemm.h"
 
@@ -145,10 +148,18 @@ cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stre
 // Rows of x up to which the decode kernel runs (its per-thread accumulators are one per row).
 constexpr int64_t kDecodeMaxRows = 32;
 
+// wgmma is used only when asked for (LORA_KERNELS_WGMMA=1, read per call so that one process can
+// compare both kernels) and where it can run.
+bool wgmma_requested() {
+  const char* env = std::getenv("LORA_KERNELS_WGMMA");
+  return env != nullptr && std::strcmp(env, "1") == 0 && dev::supports_wgmma();
+}
+
 Kernel choose_kernel(DType dtype, const GemmParams& p) {
   if (p.M <= kDecodeMaxRows && p.Q.stride_row == 1) return Kernel::kDecode;
-  if (dtype != DType::kFloat32) return Kernel::kTensorCore;
-  return Kernel::kSimt;
+  if (dtype == DType::kFloat32) return Kernel::kSimt;
+  if (p.M > 256 && p.N > 256 && wgmma_requested()) return Kernel::kWgmma;
+  return Kernel::kTensorCore;
 }
 
 namespace {
@@ -164,6 +175,7 @@ int64_t workspace_elems(DType dtype, const GemmParams& params) {
   if (p.M == 0 || p.N == 0) return 0;
   switch (choose_kernel(dtype, p)) {
     case Kernel::kTensorCore: return detail::tensor_core_workspace_elems(p);
+    case Kernel::kWgmma: return detail::wgmma_workspace_elems(p);
     case Kernel::kDecode: return detail::decode_workspace_elems(dtype, p);
     case Kernel::kSimt: break;
   }
@@ -176,6 +188,7 @@ cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stre
   switch (choose_kernel(dtype, p)) {
     case Kernel::kDecode: return detail::launch_decode(dtype, p, stream);
     case Kernel::kTensorCore: return detail::launch_tensor_core(dtype, p, stream);
+    case Kernel::kWgmma: return detail::launch_wgmma(dtype, p, stream);
     case Kernel::kSimt: break;
   }
   return detail::launch_simt(dtype, p, stream);

@@ -56,10 +56,13 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
 //                (csrc/lora_decode.cu)
+//   kWgmma       float16/bfloat16 with both sides of C over 256, on an sm_90a build running on a
+//                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores
+//                (csrc/lora_wgmma.cu). Opt-in until it has been checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
 //                (csrc/lora_tensor_core.cu)
 //   kSimt        float32: the portable fp32 tiled kernel (csrc/lora_gemm.cu)
-enum class Kernel { kSimt, kTensorCore, kDecode };
+enum class Kernel { kSimt, kTensorCore, kDecode, kWgmma };
 Kernel choose_kernel(DType dtype, const GemmParams& params);
 
 // Scratch (fp32 elements) launch_gemm needs for these arguments: non-zero when a product with few
@@ -73,6 +76,8 @@ namespace detail {
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream);
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);
 int64_t tensor_core_workspace_elems(const GemmParams& params);
+cudaError_t launch_wgmma(DType dtype, const GemmParams& params, cudaStream_t stream);
+int64_t wgmma_workspace_elems(const GemmParams& params);
 cudaError_t launch_decode(DType dtype, const GemmParams& params, cudaStream_t stream);
 int64_t decode_workspace_elems(DType dtype, const GemmParams& params);
 // C = keep ⊙ Σ_split workspace[split] + bias: the second pass of a product split along K, whose

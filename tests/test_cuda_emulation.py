@@ -29,7 +29,7 @@ SOURCES = sorted((ROOT / "csrc").glob("*.c*")) + sorted((ROOT / "csrc").glob("*.
     (ROOT / "tests" / "cuda_emulation").glob("*"))
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SIMT, TENSOR_CORE, DECODE = 0, 1, 2
+SIMT, TENSOR_CORE, DECODE, WGMMA = 0, 1, 2, 3
 
 
 def build_library():
@@ -49,7 +49,7 @@ def build_library():
     lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
                                   ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, i64,
                                   ctypes.c_bool]
-    lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64]
+    lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64, i64]
     lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.workspace_elems.restype = i64
     lib.emulation_error.restype = ctypes.c_char_p
@@ -89,7 +89,7 @@ class Gemm:
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
         for out in (C, workspace):
             assert_guards_intact(out)
-        self.kernels.append(self.lib.chosen_kernel(dtype, M, Q.stride(0)))
+        self.kernels.append(self.lib.chosen_kernel(dtype, M, N, Q.stride(0)))
         self.split.append(scratch > 0)
         return C
 
@@ -230,6 +230,47 @@ def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
     check_against_float64(gemm, *dims, dtype, n_adapters=n_adapters)
     if shape[0] == 40 and dtype != torch.float32:
         assert gemm.split[0] and gemm.split[2], gemm.split  # the masked xa and g went through split_k_reduce
+
+
+# (M, K, N, R, emulated SMs): the products of C with both sides over 256 on the wgmma kernel.
+WGMMA_SHAPES = [
+    (300, 72, 264, 16, 8),     # y: K-major operands, one ragged K tile then the LoRA tile
+    (290, 264, 270, 16, 8),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma)
+    (260, 136, 520, 4, 8),     # r = 4: B and A staged element by element; three ragged column tiles
+    (300, 520, 264, 8, 64),    # a 64-SM GPU: y and dX split along K, then split_k_reduce
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_wgmma_matches_float64(lib, shape, dtype, monkeypatch):
+    """LORA_KERNELS_WGMMA=1 (on an sm_90a build running on an H100): the large products on wgmma."""
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    *dims, sms = shape
+    monkeypatch.setenv("LORA_EMULATED_SMS", str(sms))
+    torch.manual_seed(hash((shape, str(dtype))) % 2**31)
+    gemm = Gemm(lib)
+    check_against_float64(gemm, *dims, dtype)
+    M, K, N, _ = dims
+    assert gemm.kernels[1] == WGMMA, gemm.kernels  # y
+    assert gemm.kernels[3] == (WGMMA if K > 256 else TENSOR_CORE), gemm.kernels  # dX
+    if sms == 64:
+        assert gemm.split[1] and gemm.split[3], gemm.split
+
+
+def test_emulated_wgmma_transposed_operands(lib, monkeypatch):
+    """P and Q both MN-major (i contiguous), with a LoRA term in the same layouts, on wgmma."""
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    M, K, N, R = 270, 100, 300, 8
+    for dtype in (torch.bfloat16, torch.float16):
+        pt, q = guarded(torch.randn(K, M, dtype=dtype)), guarded(torch.randn(K, N, dtype=dtype))
+        p2t, q2 = guarded(torch.randn(R, M, dtype=dtype)), guarded(torch.randn(R, N, dtype=dtype))
+        gemm = Gemm(lib)
+        out = gemm(poisoned(M, N, dtype=dtype), pt.t(), q, 0.5, p2t.t(), q2, 2.0)
+        assert gemm.kernels == [WGMMA]
+        d = lambda t: t.double()  # noqa: E731
+        assert_close(out, 0.5 * d(pt).t() @ d(q) + 2.0 * d(p2t).t() @ d(q2), dtype, "Pᵀ-major wgmma",
+                     magnitude=0.5 * d(pt).abs().t() @ d(q).abs() + 2.0 * d(p2t).abs().t() @ d(q2).abs())
 
 
 def test_strided_input_and_transposed_output(lib):

@@ -6,6 +6,7 @@
 #include "../../csrc/lora_decode.cu"
 #include "../../csrc/lora_gemm.cu"
 #include "../../csrc/lora_tensor_core.cu"
+#include "../../csrc/lora_wgmma.cu"
 
 using lora_kernels::DType;
 using lora_kernels::GemmParams;
@@ -43,10 +44,10 @@ const char* emulation_error() {
   return last.c_str();
 }
 
-// Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode).
-int chosen_kernel(int dtype, int64_t M, int64_t q_stride_row) {
+// Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
+int chosen_kernel(int dtype, int64_t M, int64_t N, int64_t q_stride_row) {
   GemmParams p{};
-  p.M = M;
+  p.M = M, p.N = N;
   p.Q.stride_row = q_stride_row;
   return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), p));
 }

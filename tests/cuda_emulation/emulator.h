@@ -26,10 +26,12 @@
 #pragma once
 #define LORA_KERNELS_EMULATE 1
 
+#include <algorithm>
 #include <barrier>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -76,6 +78,8 @@ struct Chunk {
   int landed = -1;            // epoch in which that copy landed; kInFlight until its wait
   int read_epoch = -1;        // last epoch it was read in, and by which warps (bit per warp)
   uint64_t readers = 0;
+  int fenced = -1;            // epoch of the writer's fence.proxy.async after the copy landed
+  int wgmma_pending = 0;      // wgmmas issued that read it and have not been waited for
 };
 constexpr int kInFlight = INT_MAX;
 
@@ -126,6 +130,7 @@ struct Copy {
 };
 inline thread_local std::vector<Copy> open_group;
 inline thread_local std::deque<std::vector<Copy>> committed_groups;
+inline thread_local std::vector<int> unfenced;  // chunks this thread's copies landed in since its last fence.proxy.async
 
 inline void land(const std::vector<Copy>& group) {
   std::lock_guard<std::mutex> lock(block->chunks_mutex);
@@ -133,6 +138,8 @@ inline void land(const std::vector<Copy>& group) {
     if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
     std::memset(c.dst + c.bytes, 0, 16 - c.bytes);
     block->chunks[c.chunk].landed = epoch;
+    block->chunks[c.chunk].fenced = -1;
+    unfenced.push_back(c.chunk);
   }
 }
 
@@ -157,12 +164,26 @@ inline void record_write(int chunk) {
   if (c.read_epoch == epoch && (c.readers & ~(uint64_t(1) << my_warp)) != 0)
     report("cp.async by thread %d overwrites shared offset %d that another warp reads in the same barrier interval "
            "(missing __syncthreads before refilling a stage)", me, chunk * 16);
+  if (c.wgmma_pending > 0)
+    report("cp.async by thread %d overwrites shared offset %d that a wgmma still reads (missing wgmma.wait_group)",
+           me, chunk * 16);
   if (c.writer >= 0 && c.writer != me && c.landed >= epoch)
     report("cp.async by threads %d and %d write shared offset %d in the same barrier interval", c.writer, me,
            chunk * 16);
   c.writer = me;
   c.landed = kInFlight;
 }
+
+// wgmma: issued, then computed when the issuing thread's wgmma.wait_group retires its group (as late
+// as the PTX ISA allows), so a missing wait leaves stale accumulators or reads a refilled buffer.
+struct WgmmaOp {
+  float* d;
+  uint64_t desc_a, desc_b;
+  bool trans_a, trans_b, bf16;
+  std::vector<int> chunks;  // what it reads; kept by the warpgroup's first thread, which does the bookkeeping
+};
+inline thread_local std::vector<WgmmaOp> wgmma_open;
+inline thread_local std::deque<std::vector<WgmmaOp>> wgmma_groups;
 
 // Launch limits a GPU would refuse (cudaErrorInvalidConfiguration / launch out of resources).
 inline std::mutex attributes_mutex;
@@ -216,6 +237,9 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_
             epoch = 0;
             open_group.clear();
             committed_groups.clear();
+            unfenced.clear();
+            wgmma_open.clear();
+            wgmma_groups.clear();
             kernel(args...);
           });
         for (auto& th : pool) th.join();
@@ -329,6 +353,137 @@ inline float warp_sum(float v) {
   return v;
 }
 
+inline uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::block->shared());
+}
+
+// This thread's copies that have landed become visible to the tensor cores (wgmma) after the next
+// barrier; wgmma_m64n256k16 reports a read of a chunk whose copy was not fenced before a barrier.
+inline void fence_proxy_async() {
+  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+  for (int c : emu::unfenced) emu::block->chunks[c].fenced = emu::epoch;
+  emu::unfenced.clear();
+}
+inline void wgmma_fence() {}
+template <int N>
+inline void fence_accumulators(float (&)[N]) {}
+
+}  // namespace dev
+}  // namespace lora_kernels
+
+namespace emu {
+
+// A wgmma matrix descriptor (PTX ISA, "matrix descriptor"): start address, leading and stride byte
+// offsets, each stored >> 4; the kernels use only swizzle mode 1 (128 bytes) with base offset 0.
+struct Descriptor {
+  uint32_t start, leading, stride;
+};
+inline Descriptor decode(uint64_t d) {
+  if ((d >> 62) != 1 || ((d >> 49) & 7) != 0)
+    report("wgmma descriptor %llx: only the 128-byte swizzle with base offset 0 is emulated",
+           static_cast<unsigned long long>(d));
+  return {static_cast<uint32_t>(d & 0x3FFF) << 4, static_cast<uint32_t>((d >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((d >> 32) & 0x3FFF) << 4};
+}
+
+// Shared-memory byte offset of element (i, k) (i the row of A or column of B, k < 16) of an operand
+// in the canonical 128-byte-swizzled layouts: K-major ((8,m),(8,2)):((64,SBO),(1,8)) and MN-major
+// ((8,8,m),(8,k)):((1,8,LBO),(64,SBO)) in elements, then 16-byte chunk bits [4,7) ^= bits [7,10).
+inline uint32_t operand_offset(const Descriptor& d, bool mn_major, int i, int k) {
+  const uint32_t a = mn_major ? d.start + (i >> 6) * d.leading + (k >> 3) * d.stride + (k & 7) * 128 + (i & 63) * 2
+                              : d.start + (i >> 3) * d.stride + (i & 7) * 128 + k * 2;
+  return a ^ (((a >> 7) & 7) << 4);
+}
+
+inline float smem_element(uint32_t offset, bool bf16) {
+  if (offset + 2 > block->smem_bytes) {
+    report("wgmma reads shared offset %u, outside the %zu bytes of dynamic shared memory", offset, block->smem_bytes);
+    return NAN;
+  }
+  uint16_t bits;
+  std::memcpy(&bits, block->shared() + offset, 2);
+  return half_bits(bits, bf16);
+}
+
+// d (this thread's 128 accumulators of the 64×256 result) += A·B, as wgmma m64n256k16 defines it.
+inline void retire(std::vector<WgmmaOp>& group) {
+  const int lane = static_cast<int>(thread_idx.x % 32), warp_in_group = static_cast<int>((thread_idx.x / 32) % 4);
+  for (WgmmaOp& op : group) {
+    const Descriptor A = decode(op.desc_a), B = decode(op.desc_b);
+    float a[2][16];
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 16; ++k)
+        a[h][k] = smem_element(operand_offset(A, op.trans_a, 16 * warp_in_group + lane / 4 + 8 * h, k), op.bf16);
+    for (int j = 0; j < 32; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * (lane % 4) + e % 2;
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += a[e / 2][k] * smem_element(operand_offset(B, op.trans_b, col, k), op.bf16);
+        op.d[4 * j + e] += sum;
+      }
+    if (!op.chunks.empty()) {
+      std::lock_guard<std::mutex> lock(block->chunks_mutex);
+      for (int c : op.chunks) --block->chunks[c].wgmma_pending;
+    }
+  }
+}
+
+}  // namespace emu
+
+namespace lora_kernels {
+namespace dev {
+
+// Issued now, computed at the wait that retires its group. The first thread of each warpgroup
+// checks what the instruction reads: every chunk's copy landed, was fenced (fence.proxy.async) and
+// a barrier passed since; until the retiring wait, a cp.async into those chunks is reported.
+template <typename T, bool TRANS_A, bool TRANS_B>
+inline void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  emu::WgmmaOp op{d, desc_a, desc_b, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, {}};
+  if (emu::thread_idx.x % 128 == 0) {
+    if (emu::block_dim.x % 128 != 0) emu::report("wgmma in a block of %u threads (not whole warpgroups)", emu::block_dim.x);
+    const emu::Descriptor A = emu::decode(desc_a), B = emu::decode(desc_b);
+    for (int i = 0; i < 256; ++i)
+      for (int k = 0; k < 16; k += 8) {  // 8 k of one row: one 16-byte chunk in either layout's K-major rows
+        if (i < 64) op.chunks.push_back(static_cast<int>(emu::operand_offset(A, TRANS_A, i, k) / 16));
+        op.chunks.push_back(static_cast<int>(emu::operand_offset(B, TRANS_B, i, k) / 16));
+      }
+    if (TRANS_A || TRANS_B)  // MN-major: every k row is its own chunk
+      for (int i = 0; i < 256; i += 8)
+        for (int k = 0; k < 16; ++k) {
+          if (TRANS_A && i < 64) op.chunks.push_back(static_cast<int>(emu::operand_offset(A, true, i, k) / 16));
+          if (TRANS_B) op.chunks.push_back(static_cast<int>(emu::operand_offset(B, true, i, k) / 16));
+        }
+    std::sort(op.chunks.begin(), op.chunks.end());
+    op.chunks.erase(std::unique(op.chunks.begin(), op.chunks.end()), op.chunks.end());
+    std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+    for (int chunk : op.chunks) {
+      if (chunk < 0 || chunk >= static_cast<int>(emu::block->chunks.size())) continue;  // reported at retire
+      emu::Chunk& c = emu::block->chunks[chunk];
+      if (c.writer >= 0 && c.landed >= emu::epoch)
+        emu::report("wgmma reads shared offset %d %s (missing cp.async wait or __syncthreads)", chunk * 16,
+                    c.landed == emu::kInFlight ? "while a cp.async into it is in flight"
+                                               : "written by a cp.async that landed in this barrier interval");
+      else if (c.writer >= 0 && !(c.fenced >= c.landed && c.fenced < emu::epoch))
+        emu::report("wgmma reads shared offset %d written by cp.async without fence.proxy.async before a barrier",
+                    chunk * 16);
+      ++c.wgmma_pending;
+    }
+  }
+  emu::wgmma_open.push_back(std::move(op));
+}
+inline void wgmma_commit() {
+  emu::wgmma_groups.push_back(std::move(emu::wgmma_open));
+  emu::wgmma_open.clear();
+}
+template <int pending>
+inline void wgmma_wait() {
+  while (emu::wgmma_groups.size() > pending) {
+    emu::retire(emu::wgmma_groups.front());
+    emu::wgmma_groups.pop_front();
+  }
+}
+inline bool supports_wgmma() { return true; }
+
 // Blocks and launches run in order, so the prior grid has always finished.
 inline void wait_for_prior_grid() {}
 inline void allow_dependents_early() {}
@@ -347,8 +502,11 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
   return cudaSuccess;
 }
 inline cudaError_t last_launch_error() { return cudaSuccess; }
-// A small GPU, so that the split-K paths run on the test's small shapes.
-inline int sm_count() { return 8; }
+// A small GPU, so that the split-K paths run on the test's small shapes (LORA_EMULATED_SMS: another).
+inline int sm_count() {
+  const char* env = std::getenv("LORA_EMULATED_SMS");
+  return env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : 8;
+}
 inline bool supports_overlapping_launch() { return true; }  // so launch_overlapping_prior runs too
 
 }  // namespace dev

@@ -1,0 +1,170 @@
+// Tensor-core GEMM on wgmma (sm_90a: H100, H200), for float16 and bfloat16; what it computes, and
+// the helpers it shares with the mma.sync kernel of lora_tensor_core.cu, are in tensor_core.cuh.
+// launch_gemm picks it for the large products (both sides of C over 256) where the device runs it.
+//
+// Tiling. A block of two warpgroups (256 threads) owns a 128×256 tile of C; warpgroup w computes
+// rows 64w..64w+63 with wgmma m64n256k16, its 128 fp32 accumulators per thread in registers. A
+// wgmma reads both operands from shared memory itself (no ldmatrix, no per-warp fragments), so one
+// instruction does the work of 128 mma.sync and the warps are free to issue the copies.
+//
+// Pipeline. K is walked in steps of BK = 64 (one 128-byte row of 16-bit elements per tile row),
+// the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). STAGES = 4 shared-
+// memory buffers (48 KiB each) are filled by cp.async two tiles ahead; the wgmmas of tile t run
+// while those of tile t - 1 may still be in flight, so a buffer is refilled only once the wgmmas
+// that read it have been waited for (the refill at step t goes into the buffer of tile t - 2).
+//
+// Layouts. Every tile is stored with the 128-byte swizzle that wgmma's matrix descriptors read
+// (device.cuh, sw128_descriptor): K-major operands as rows of 64 k; MN-major ones (W₀ in dY·W₀) as
+// 64-wide column blocks of BK rows, read with wgmma's transpose bit. Tile loads are cp.async
+// chunks or element stores, as in the mma.sync kernel; both are generic-proxy writes, so each
+// thread fences them (fence.proxy.async) before the barrier after which the tensor cores read.
+#include "tensor_core.cuh"
+
+namespace lora_kernels {
+namespace wgmma {
+
+using namespace tensor_core;
+
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of the tile
+constexpr int kMinTilesPerSplit = 2;      // 128 of K
+constexpr int kStageElems = (kBM + kBN) * kBK;
+constexpr int kSmemBytes = kStages * kStageElems * 2 + 1024;  // + room to align the stages to 1024 bytes
+
+// A TILE_I × kBK operand tile in the 128-byte-swizzled layout (tensor_core.cuh's Layout).
+template <int TILE_I, bool K_MAJOR>
+struct Sw128Tile {
+  static constexpr int kTileI = TILE_I, kTileK = kBK;
+  static constexpr bool kKMajor = K_MAJOR;
+  static constexpr int kColumnBlockElems = 64 * kBK;  // MN-major: one 64-wide block of all kBK rows
+  __host__ __device__ __forceinline__ static int offset(int i, int k) {
+    if (K_MAJOR) {  // row i = 64 k (128 bytes), chunk k/8 swizzled with i % 8
+      return i * kBK + (((k >> 3) ^ (i & 7)) << 3) + (k & 7);
+    } else {        // column block i/64, row k = 64 i (128 bytes), chunk (i % 64)/8 swizzled with k % 8
+      return (i >> 6) * kColumnBlockElems + k * 64 + ((((i & 63) >> 3) ^ (k & 7)) << 3) + (i & 7);
+    }
+  }
+  // Descriptor of the 16 k from kk on of the rows (or columns) from i0 on; i0 a multiple of 64.
+  __device__ __forceinline__ static uint64_t descriptor(uint32_t tile_address, int i0, int kk) {
+    if (K_MAJOR) return dev::sw128_descriptor(tile_address + 2 * (i0 * kBK + kk), 16, 1024);
+    return dev::sw128_descriptor(tile_address + 2 * ((i0 >> 6) * kColumnBlockElems + kk * 64),
+                                 2 * kColumnBlockElems, 1024);
+  }
+};
+
+template <typename T, bool P_K_MAJOR, bool Q_K_MAJOR>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
+  using PTile = Sw128Tile<kBM, P_K_MAJOR>;
+  using QTile = Sw128Tile<kBN, Q_K_MAJOR>;
+  LORA_DYNAMIC_SMEM(smem);
+  // The swizzle repeats every 1024 bytes of the shared address space: start the stages on one.
+  const uint32_t smem_base = dev::smem_address(smem);
+  T* stages = reinterpret_cast<T*>(smem + (1024 - smem_base % 1024) % 1024);
+  const uint32_t stages_address = dev::smem_address(stages);
+
+  const GemmParams& g = params.g;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const Views ops = views_of(g);
+  const TileRange range = tile_range<kBK>(params);  // this split's share of the K tiles
+
+  auto load = [&](int local) {
+    const int t = range.first + local;
+    T* p_tile = stages + (local % kStages) * kStageElems;
+    T* q_tile = p_tile + kBM * kBK;
+    if (t < range.k_tiles) {
+      load_tile<T, PTile, kThreads>(p_tile, ops.P, m0, int64_t(t) * kBK, params.vec[0]);
+      load_tile<T, QTile, kThreads>(q_tile, ops.Q, n0, int64_t(t) * kBK, params.vec[1]);
+    } else {
+      load_tile<T, PTile, kThreads>(p_tile, ops.P2, m0, int64_t(t - range.k_tiles) * kBK, params.vec[2]);
+      load_tile<T, QTile, kThreads>(q_tile, ops.Q2, n0, int64_t(t - range.k_tiles) * kBK, params.vec[3]);
+    }
+  };
+
+  constexpr int kAhead = kStages - 2;  // tiles in flight ahead of the one multiplied
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < range.count) load(s);
+    dev::cp_async_commit();  // (an empty group where there are fewer tiles: the wait count stays right)
+  }
+
+  const int warpgroup = threadIdx.x / 128;
+  float acc[kBN / 2] = {};
+  for (int t = 0; t < range.count; ++t) {
+    dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
+    dev::fence_proxy_async();           // ... is visible to the tensor cores ...
+    __syncthreads();                    // ... for every thread's copies; and both warpgroups have
+                                        // waited for the wgmmas of tile t - 2
+    if (t + kAhead < range.count) load(t + kAhead);  // into tile t - 2's buffer
+    dev::cp_async_commit();
+    if (range.first + t == range.k_tiles && g.K2 > 0) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q
+      dev::wgmma_wait<0>();
+      dev::fence_accumulators(acc);
+      const float ratio = g.alpha / g.alpha2;
+#pragma unroll
+      for (int i = 0; i < kBN / 2; ++i) acc[i] *= ratio;
+    }
+    const uint32_t p_address = stages_address + 2 * (t % kStages) * kStageElems;
+    const uint32_t q_address = p_address + 2 * kBM * kBK;
+    dev::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      dev::wgmma_m64n256k16<T, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
+                                                       QTile::descriptor(q_address, 0, kk));
+    }
+    dev::wgmma_commit();
+    dev::wgmma_wait<1>();  // tile t - 1's wgmmas are done: its buffer may be refilled after the next barrier
+  }
+  dev::wgmma_wait<0>();
+  dev::fence_accumulators(acc);
+
+  // Epilogue: acc[4j + e] is row 16·(warp % 4) + lane/4 + 8·(e/2), column 8j + 2·(lane % 4) + e % 2.
+  const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
+  const int64_t row0 = m0 + 64 * warpgroup + 16 * warp_in_group + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      store_pair<T>(params, row0 + 8 * half, n0 + 8 * j + 2 * (lane % 4), range.out_scale * acc[4 * j + 2 * half],
+                    range.out_scale * acc[4 * j + 2 * half + 1]);
+}
+
+// A block holds an SM (192 KiB of shared memory), so K is split only when the tiles leave more than
+// half the SMs idle; the splits then add a pass over fp32 partial sums.
+Split plan(const GemmParams& g) {
+  if (2 * dev::cdiv(g.M, kBM) * dev::cdiv(g.N, kBN) >= dev::sm_count()) {
+    const int all_tiles = static_cast<int>(dev::cdiv(g.K, kBK) + dev::cdiv(g.K2, kBK));
+    return {1, all_tiles > 0 ? all_tiles : 1};
+  }
+  return plan_split(g, kBM, kBN, kBK, kMinTilesPerSplit);
+}
+
+template <typename T>
+cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
+  return with_layouts(params.g, [&](auto p_k_major, auto q_k_major) {
+    auto kernel = wgmma_gemm<T, decltype(p_k_major)::value, decltype(q_k_major)::value>;
+    return launch_tiles(kernel, params, plan(params.g), kBM, kBN, kThreads, kSmemBytes, stream);
+  });
+}
+
+}  // namespace wgmma
+
+namespace detail {
+
+int64_t wgmma_workspace_elems(const GemmParams& g) {
+  const tensor_core::Split split = wgmma::plan(g);
+  return split.splits > 1 ? split.splits * g.M * g.N : 0;
+}
+
+cudaError_t launch_wgmma(DType dtype, const GemmParams& g, cudaStream_t stream) {
+  const tensor_core::Params params = tensor_core::make_params(dtype, g);
+  switch (dtype) {
+    case DType::kFloat16: return wgmma::launch_typed<__half>(params, stream);
+    case DType::kBFloat16: return wgmma::launch_typed<__nv_bfloat16>(params, stream);
+    case DType::kFloat32: break;
+  }
+  return cudaErrorInvalidValue;  // 16-bit only
+}
+
+}  // namespace detail
+}  // namespace lora_kernels
