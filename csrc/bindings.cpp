@@ -161,4 +161,7 @@ TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
 }
 
 // Importing lora_kernels._C loads this library and so registers the ops above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wgmma_supported", &lora_kernels::wgmma_supported,
+        "Whether this build has the sm_90a wgmma kernel and the current GPU runs it (LORA_KERNELS_WGMMA=1 uses it)");
+}

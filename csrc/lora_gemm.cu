@@ -150,10 +150,14 @@ constexpr int64_t kDecodeMaxRows = 32;
 
 // wgmma is used only when asked for (LORA_KERNELS_WGMMA=1, read per call so that one process can
 // compare both kernels) and where it can run.
+bool wgmma_supported() { return dev::supports_wgmma(); }
+
+namespace {
 bool wgmma_requested() {
   const char* env = std::getenv("LORA_KERNELS_WGMMA");
-  return env != nullptr && std::strcmp(env, "1") == 0 && dev::supports_wgmma();
+  return env != nullptr && std::strcmp(env, "1") == 0 && wgmma_supported();
 }
+}  // namespace
 
 Kernel choose_kernel(DType dtype, const GemmParams& p) {
   if (p.M <= kDecodeMaxRows && p.Q.stride_row == 1) return Kernel::kDecode;

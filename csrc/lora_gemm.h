@@ -72,6 +72,9 @@ int64_t workspace_elems(DType dtype, const GemmParams& params);
 
 cudaError_t launch_gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
 
+// Whether kWgmma can run here: an sm_90a build on a compute capability 9.0 GPU.
+bool wgmma_supported();
+
 namespace detail {
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream);
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);

@@ -28,6 +28,7 @@ using namespace tensor_core;
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
 constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of the tile
 constexpr int kMinTilesPerSplit = 2;      // 128 of K
+constexpr int kGroupM = 8;                // row tiles per group of the launch order
 constexpr int kStageElems = (kBM + kBN) * kBK;
 constexpr int kSmemBytes = kStages * kStageElems * 2 + 1024;  // + room to align the stages to 1024 bytes
 
@@ -63,8 +64,14 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
   const uint32_t stages_address = dev::smem_address(stages);
 
   const GemmParams& g = params.g;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  // Tiles in groups of kGroupM rows of tiles, column by column within a group: the blocks running
+  // at one time share a few column tiles of Q (W₀) and kGroupM row tiles of P, which stay in L2.
+  const int64_t tile = blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;
+  const int64_t group = tile / (static_cast<int64_t>(kGroupM) * gridDim.y), first_m = group * kGroupM;
+  const int64_t rows_in_group = gridDim.x - first_m < kGroupM ? gridDim.x - first_m : kGroupM;
+  const int64_t in_group = tile - first_m * gridDim.y;
+  const int64_t m0 = (first_m + in_group % rows_in_group) * kBM;
+  const int64_t n0 = (in_group / rows_in_group) * kBN;
   const Views ops = views_of(g);
   const TileRange range = tile_range<kBK>(params);  // this split's share of the K tiles
 

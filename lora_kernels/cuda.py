@@ -21,6 +21,13 @@ def extension_loaded() -> bool:
     return _LOAD_ERROR is None
 
 
+def wgmma_supported() -> bool:
+    """Whether the sm_90a wgmma GEMM can run on the current GPU (an H100/H200 and a build for 9.0a).
+    It is used for the large products only when ``LORA_KERNELS_WGMMA=1``: until it has been checked
+    and timed on a GPU it is opt-in."""
+    return _LOAD_ERROR is None and torch.cuda.is_available() and _C.wgmma_supported()
+
+
 def unavailable_reason(x: torch.Tensor):
     """None if the CUDA ops can run on tensors like ``x``, else a sentence saying why not."""
     if _LOAD_ERROR is not None:

@@ -1,7 +1,9 @@
 """Where the CUDA backend stands on this GPU: its forward and backward against cuBLAS and the Triton
 backend (CUDA-graph replay and eager, bf16, r = 16, inputs rotated past L2 as in bench/timing.py),
-and, per kernel of csrc/ (decode_gemm, decode_mma_gemm, tensor_core_gemm, split_k_reduce,
-simt_gemm), the GPU time of one forward + backward from torch.profiler. Prints two tables; for kernel work, not the benchmark.
+and, per kernel of csrc/ (decode_gemm, decode_mma_gemm, tensor_core_gemm, wgmma_gemm,
+split_k_reduce, simt_gemm), the GPU time of one forward + backward from torch.profiler. The "wgmma"
+columns and rows run with LORA_KERNELS_WGMMA=1 (H100/H200 with an sm_90a build). Prints two tables;
+for kernel work, not the benchmark.
 
     python3 scripts/bench_cuda_kernels.py [--shapes 4096x4096,...] [--rows 1,16,...] [--reps 50]
 """
@@ -36,6 +38,11 @@ def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
     return sets
 
 
+# Columns that run with a switch of csrc/ set: y's decode kernel launched after xa's ends instead of
+# overlapping it; the products with both sides of C over 256 on the wgmma kernel.
+ENV = {"no PDL": {"LORA_KERNELS_PDL": "0"}, "wgmma": {"LORA_KERNELS_WGMMA": "1"}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="in x out")
@@ -45,8 +52,9 @@ def main():
     args = ap.parse_args()
     s, r = 2.0, args.rank
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 r={r}  times in µs (graph / eager)")
-    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | triton fwd | cuBLAS dX | cuda bwd | triton bwd |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | cuda fwd, wgmma | triton fwd | cuBLAS dX | cuda bwd "
+          "| cuda bwd, wgmma | triton bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     per_kernel = defaultdict(float)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
@@ -56,42 +64,50 @@ def main():
             fns = {
                 "cuBLAS fwd": lambda i: F.linear(sets[i][0], sets[i][1]),
                 "cuda fwd": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
-                # y's decode kernel launched after xa's ends instead of overlapping it (LORA_KERNELS_PDL=0)
                 "cuda fwd, no PDL": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                # the large products on the sm_90a wgmma kernel (LORA_KERNELS_WGMMA=1; "-" where it cannot run)
+                "cuda fwd, wgmma": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "triton fwd": lambda i: tk.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "cuBLAS dX": lambda i: sets[i][4] @ sets[i][1],
                 "cuda bwd": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
                                                   sets[i][0][:, :r], s),
+                "cuda bwd, wgmma": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2],
+                                                         sets[i][3], sets[i][0][:, :r], s),
                 "triton bwd": lambda i: tk.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
                                                     sets[i][0][:, :r].contiguous(), s),
             }
             cells = []
             for name, fn in fns.items():
-                if tk is None and name.startswith("triton"):
+                if (tk is None and name.startswith("triton")) or (name.endswith("wgmma") and not ck.wgmma_supported()):
                     cells.append("-")
                     continue
-                if name.endswith("no PDL"):
-                    os.environ["LORA_KERNELS_PDL"] = "0"
+                env = ENV.get(name.split(", ")[-1], {})
+                os.environ.update(env)
                 graph = time_graph(fn, n_sets, args.reps, "cuda")
                 eager = time_eager(fn, n_sets, args.reps, 5, "cuda")
-                os.environ.pop("LORA_KERNELS_PDL", None)
+                for key in env:
+                    os.environ.pop(key)
                 cells.append(f"{graph.median_ms * 1e3:.1f} / {eager.median_ms * 1e3:.1f}")
             print(f"| {K}×{N} | {M} | " + " | ".join(cells) + " |", flush=True)
-            # per-kernel GPU time of one CUDA-backend forward + backward
+            # per-kernel GPU time of one CUDA-backend forward + backward (and again with wgmma on)
             x, w, a, b, dy = sets[0]
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                y, xa = ck.forward(x, w, None, a, b, s)
-                ck.backward(dy, x, w, a, b, xa, s)
-                torch.cuda.synchronize()
-            for ev in prof.key_averages():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    name = ev.key.split("<")[0].split("(")[0].split("::")[-1]
-                    per_kernel[(shape, M, name)] += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+            for setting in ["default"] + (["wgmma"] if ck.wgmma_supported() else []):
+                os.environ.update(ENV.get(setting, {}))
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    y, xa = ck.forward(x, w, None, a, b, s)
+                    ck.backward(dy, x, w, a, b, xa, s)
+                    torch.cuda.synchronize()
+                os.environ.pop("LORA_KERNELS_WGMMA", None)
+                for ev in prof.key_averages():
+                    if ev.device_type == torch.autograd.DeviceType.CUDA:
+                        name = ev.key.split("<")[0].split("(")[0].split("::")[-1]
+                        us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
+                        per_kernel[(shape, M, setting, name)] += us
             del sets
-    print("\n| in×out | M | kernel | µs (one forward + backward) |")
-    print("|---|---|---|---|")
-    for (shape, M, name), us in per_kernel.items():
-        print(f"| {shape} | {M} | {name} | {us:.1f} |")
+    print("\n| in×out | M | setting | kernel | µs (one forward + backward) |")
+    print("|---|---|---|---|---|")
+    for (shape, M, setting, name), us in per_kernel.items():
+        print(f"| {shape} | {M} | {setting} | {name} | {us:.1f} |")
 
 
 if __name__ == "__main__":

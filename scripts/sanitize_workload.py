@@ -10,6 +10,7 @@ import os
 import torch
 
 import lora_kernels
+import lora_kernels.cuda
 
 
 def check(name, got, want, tol):
@@ -23,26 +24,34 @@ def main():
     backends = [b for b in lora_kernels.available_backends("cuda") if b != "reference"]
     if os.environ.get("LORA_SANITIZE_BACKENDS"):  # e.g. "cuda": only that backend's kernels
         backends = [b for b in backends if b in os.environ["LORA_SANITIZE_BACKENDS"].split(",")]
+    # odd shapes; for the CUDA kernels also decode at M = 24, 128×128 tensor-core tiles (M, N > 256)
+    # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores (N ≥ 256;
+    # K split over blocks at M = 24)
+    shapes = [(1, 64, 48, 16, True), (37, 70, 50, 12, False), (130, 96, 80, 1, True), (24, 1040, 72, 8, True),
+              (300, 520, 264, 16, False), (19, 136, 300, 8, True), (24, 1040, 264, 8, False)]
+    runs = [(backend, shape, False) for backend in backends for shape in shapes]
+    if "cuda" in backends and lora_kernels.cuda.wgmma_supported():
+        # the wgmma GEMM (H100/H200): y, and dX with W₀ and A transposed; r = 4 staged element by
+        # element; K split at M = 300
+        runs += [("cuda", shape, True) for shape in [(300, 520, 264, 16, False), (290, 264, 270, 4, True),
+                                                     (1100, 1030, 1500, 16, True)]]
+    for backend, (M, K, N, r, bias), wgmma in runs:
+        os.environ["LORA_KERNELS_WGMMA"] = "1" if wgmma else "0"
+        for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
+            x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
+            b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+            a = (torch.randn(r, K, device="cuda", dtype=dtype) / K ** 0.5).requires_grad_()
+            bb = (torch.randn(N, r, device="cuda", dtype=dtype) / r ** 0.5).requires_grad_()
+            y = lora_kernels.lora_linear(x, w, b, a, bb, 2.0, backend=backend)
+            y.backward(torch.ones_like(y))
+            ref = lora_kernels.lora_linear_reference(x.double(), w.double(), None if b is None else b.double(),
+                                                     a.double(), bb.double(), 2.0)
+            check(f"{backend}{' wgmma' if wgmma else ''} M={M} K={K} N={N} r={r} {dtype}", y, ref, tol)
+            if backend == "triton":
+                lora_kernels.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.1, backend=backend).sum().backward()
+    os.environ.pop("LORA_KERNELS_WGMMA")
     for backend in backends:
-        # odd shapes; for the CUDA kernels also decode at M = 24, 128×128 tensor-core tiles (M, N > 256)
-        # and split-K of x·Aᵀ (K = 520) and of gᵀ·x, dYᵀ·xa (M = 300); decode on tensor cores
-        # (N ≥ 256; K split over blocks at M = 24)
-        for M, K, N, r, bias in [(1, 64, 48, 16, True), (37, 70, 50, 12, False), (130, 96, 80, 1, True),
-                                 (24, 1040, 72, 8, True), (300, 520, 264, 16, False),
-                                 (19, 136, 300, 8, True), (24, 1040, 264, 8, False)]:
-            for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
-                x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
-                w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
-                b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
-                a = (torch.randn(r, K, device="cuda", dtype=dtype) / K ** 0.5).requires_grad_()
-                bb = (torch.randn(N, r, device="cuda", dtype=dtype) / r ** 0.5).requires_grad_()
-                y = lora_kernels.lora_linear(x, w, b, a, bb, 2.0, backend=backend)
-                y.backward(torch.ones_like(y))
-                ref = lora_kernels.lora_linear_reference(x.double(), w.double(), None if b is None else b.double(),
-                                                         a.double(), bb.double(), 2.0)
-                check(f"{backend} M={M} K={K} N={N} r={r} {dtype}", y, ref, tol)
-                if backend == "triton":
-                    lora_kernels.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.1, backend=backend).sum().backward()
         for M in (5, 33):  # multi-adapter batches: decode-sized and tensor-core/SIMT
             x = torch.randn(M, 64, device="cuda", requires_grad=True)
             w = torch.randn(40, 64, device="cuda")

@@ -34,8 +34,8 @@ def find_cuobjdump():
 
 @pytest.mark.skipif(not EXPECT_BUILT or find_cuobjdump() is None, reason="needs the built extension and cuobjdump")
 def test_extension_holds_code_for_every_requested_arch():
-    """setup.py's default targets (8.0 and 9.0), or those TORCH_CUDA_ARCH_LIST asks for (e.g. "9.0a")."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(",", ";").replace(" ", ";")
+    """setup.py's default targets (8.0 and 9.0a), or those TORCH_CUDA_ARCH_LIST asks for."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a").replace(",", ";").replace(" ", ";")
     wanted = ["sm_" + a.replace("+PTX", "").replace(".", "") for a in archs.split(";") if a.strip()]
     listing = subprocess.run([find_cuobjdump(), "--list-elf", lora_kernels.cuda._C.__file__], capture_output=True,
                              text=True, check=True).stdout
@@ -68,6 +68,46 @@ def test_every_rank_up_to_128(r, dtype, poison):
                          ids=lambda s: "x".join(map(str, s)))
 def test_kernel_paths(shape, dtype, poison):
     contract_vs_float64(*shape, dtype)
+
+
+def kernels_run(fn):
+    """Names of the CUDA kernels ``fn()`` launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+ON_HOPPER = pytest.mark.skipif(DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded()
+                               or torch.cuda.get_device_capability() != (9, 0), reason="needs an H100/H200")
+
+
+@ON_HOPPER
+def test_default_build_runs_wgmma_on_hopper():
+    """setup.py's default arch list builds the sm_90a kernel, and an H100 runs it."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs is not None and ("9.0a" not in archs or "9.0;" in archs + ";"):
+        pytest.skip(f"built for TORCH_CUDA_ARCH_LIST={archs}")
+    assert lora_kernels.cuda.wgmma_supported()
+
+
+# LORA_KERNELS_WGMMA=1: the products with both sides of C over 256 on the wgmma kernel (y; dX when
+# in_features > 256 too, with W₀ and A transposed), split along K where the tiles are few (M = 300).
+@ON_HOPPER
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(300, 520, 264, 16), (290, 264, 270, 4), (300, 1000, 520, 128),
+                                   (600, 1024, 1040, 16), (1024, 4096, 11008, 16), (8192, 4096, 4096, 16),
+                                   (4100, 4104, 4112, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_wgmma_kernel_paths(shape, dtype, poison, monkeypatch):
+    if not lora_kernels.cuda.wgmma_supported():
+        pytest.skip("this build has no sm_90a code")
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    contract_vs_float64(*shape, dtype)
+    x, w, b, a, bb, s = make_problem(*shape, dtype)
+    y, xa = lora_kernels.cuda.forward(x, w, b, a, bb, s)
+    launched = kernels_run(lambda: lora_kernels.cuda.backward(torch.randn_like(y), x, w, a, bb, xa, s))
+    launched |= kernels_run(lambda: lora_kernels.cuda.forward(x, w, b, a, bb, s))
+    assert any("wgmma_gemm" in k for k in launched), launched
 
 
 @ON_GPU
