@@ -56,7 +56,7 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
 //                (csrc/lora_decode.cu)
-//   kWgmma       float16/bfloat16 with both sides of C over 256, on an sm_90a build running on a
+//   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256, on an sm_90a build running on a
 //                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores
 //                (csrc/lora_wgmma.cu). Opt-in until it has been checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline

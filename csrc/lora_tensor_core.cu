@@ -172,7 +172,7 @@ bool use_large_tiles(const GemmParams& g) { return g.M > 256 && g.N > 256; }
 
 template <typename Cfg>
 Split plan_split_for(const GemmParams& g) {
-  return plan_split(g, Cfg::kBM, Cfg::kBN, kBK, kMinTilesPerSplit);
+  return plan_split(g, Cfg::kBM, Cfg::kBN, kBK, kMinTilesPerSplit, 2);
 }
 
 template <typename T, typename Cfg>

@@ -1,6 +1,7 @@
 // Tensor-core GEMM on wgmma (sm_90a: H100, H200), for float16 and bfloat16; what it computes, and
 // the helpers it shares with the mma.sync kernel of lora_tensor_core.cu, are in tensor_core.cuh.
-// launch_gemm picks it for the large products (both sides of C over 256) where the device runs it.
+// launch_gemm picks it for products of at least 128 rows and 256 columns where the device runs it
+// and LORA_KERNELS_WGMMA=1 asks for it.
 //
 // Tiling. A block of two warpgroups (256 threads) owns a 128×256 tile of C; warpgroup w computes
 // rows 64w..64w+63 with wgmma m64n256k16, its 128 fp32 accumulators per thread in registers. A
@@ -137,13 +138,14 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
 }
 
 // A block holds an SM (192 KiB of shared memory), so K is split only when the tiles leave more than
-// half the SMs idle; the splits then add a pass over fp32 partial sums.
+// half the SMs idle, and into about one block per SM; the splits then add a pass over fp32 partial
+// sums.
 Split plan(const GemmParams& g) {
   if (2 * dev::cdiv(g.M, kBM) * dev::cdiv(g.N, kBN) >= dev::sm_count()) {
     const int all_tiles = static_cast<int>(dev::cdiv(g.K, kBK) + dev::cdiv(g.K2, kBK));
     return {1, all_tiles > 0 ? all_tiles : 1};
   }
-  return plan_split(g, kBM, kBN, kBK, kMinTilesPerSplit);
+  return plan_split(g, kBM, kBN, kBK, kMinTilesPerSplit, 1);
 }
 
 template <typename T>

@@ -232,12 +232,13 @@ def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
         assert gemm.split[0] and gemm.split[2], gemm.split  # the masked xa and g went through split_k_reduce
 
 
-# (M, K, N, R, emulated SMs): the products of C with both sides over 256 on the wgmma kernel.
+# (M, K, N, R, emulated SMs): the products of at least 128 rows and 256 columns on the wgmma kernel.
 WGMMA_SHAPES = [
     (300, 72, 264, 16, 8),     # y: K-major operands, one ragged K tile then the LoRA tile
     (290, 264, 270, 16, 8),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma)
     (260, 136, 520, 4, 8),     # r = 4: B and A staged element by element; three ragged column tiles
     (300, 520, 264, 8, 64),    # a 64-SM GPU: y and dX split along K, then split_k_reduce
+    (130, 264, 300, 16, 64),   # one 128-row tile and a ragged one, split along K across the LoRA tile
 ]
 
 
@@ -253,7 +254,7 @@ def test_emulated_wgmma_matches_float64(lib, shape, dtype, monkeypatch):
     check_against_float64(gemm, *dims, dtype)
     M, K, N, _ = dims
     assert gemm.kernels[1] == WGMMA, gemm.kernels  # y
-    assert gemm.kernels[3] == (WGMMA if K > 256 else TENSOR_CORE), gemm.kernels  # dX
+    assert gemm.kernels[3] == (WGMMA if K >= 256 else TENSOR_CORE), gemm.kernels  # dX
     if sms == 64:
         assert gemm.split[1] and gemm.split[3], gemm.split
 
