@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   }
 
   // Epilogue: accumulator element e of fragment (i, j) is row g + 8·(e / 2), column 2t + e % 2.
+  const float out_scale = range.out_scale(g);
 #pragma unroll
   for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
@@ -162,8 +163,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
       const int64_t m = m0 + warp_m0 + i * 16 + lane / 4 + 8 * half;
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j)
-        store_pair<T>(params, m, n0 + warp_n0 + j * 8 + 2 * (lane % 4), range.out_scale * acc[i][j][2 * half],
-                      range.out_scale * acc[i][j][2 * half + 1]);
+        store_pair<T>(params, m, n0 + warp_n0 + j * 8 + 2 * (lane % 4), out_scale * acc[i][j][2 * half],
+                      out_scale * acc[i][j][2 * half + 1]);
     }
 }
 

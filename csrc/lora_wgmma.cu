@@ -129,12 +129,13 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
   // Epilogue: acc[4j + e] is row 16·(warp % 4) + lane/4 + 8·(e/2), column 8j + 2·(lane % 4) + e % 2.
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
   const int64_t row0 = m0 + 64 * warpgroup + 16 * warp_in_group + lane / 4;
+  const float out_scale = range.out_scale(g);
 #pragma unroll
   for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      store_pair<T>(params, row0 + 8 * half, n0 + 8 * j + 2 * (lane % 4), range.out_scale * acc[4 * j + 2 * half],
-                    range.out_scale * acc[4 * j + 2 * half + 1]);
+      store_pair<T>(params, row0 + 8 * half, n0 + 8 * j + 2 * (lane % 4), out_scale * acc[4 * j + 2 * half],
+                    out_scale * acc[4 * j + 2 * half + 1]);
 }
 
 // A block holds an SM (192 KiB of shared memory), so K is split only when the tiles leave more than

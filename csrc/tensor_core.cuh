@@ -118,7 +118,10 @@ __device__ __forceinline__ void store_pair(const Params& params, int64_t m, int6
 // its accumulators at the end: acc holds alpha/alpha2·P·Q + P2·Q2 if the share reached P2·Q2.
 struct TileRange {
   int k_tiles, first, count;
-  float out_scale;
+  // (a function, not a member: computed after the main loop, it holds no register during it)
+  __device__ __forceinline__ float out_scale(const GemmParams& g) const {
+    return g.K2 > 0 && first + count > k_tiles ? g.alpha2 : g.alpha;
+  }
 };
 template <int BK>
 __device__ __forceinline__ TileRange tile_range(const Params& params) {
@@ -128,7 +131,6 @@ __device__ __forceinline__ TileRange tile_range(const Params& params) {
   const int all_tiles = r.k_tiles + static_cast<int>(dev::cdiv(g.K2, BK));
   r.first = blockIdx.z * params.tiles_per_split;
   r.count = all_tiles - r.first < params.tiles_per_split ? all_tiles - r.first : params.tiles_per_split;
-  r.out_scale = g.K2 > 0 && r.first + r.count > r.k_tiles ? g.alpha2 : g.alpha;
   return r;
 }
 
