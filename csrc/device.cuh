@@ -1,7 +1,8 @@
 // The few GPU instructions the kernels use beyond plain CUDA C++, each behind one small function:
-// tensor-core mma.sync, ldmatrix, cp.async, a warp sum and programmatic dependent launch. Kernels
-// call only these (and __syncthreads), so tests/cuda_emulation/emulator.h can give the same names a
-// CPU meaning and run the unchanged kernel sources on a machine without a GPU (see that file).
+// tensor-core mma.sync and wgmma, ldmatrix, cp.async, bulk tensor copies (TMA) and mbarriers, a
+// warp sum and programmatic dependent launch. Kernels call only these (and __syncthreads), so
+// tests/cuda_emulation/emulator.h can give the same names a CPU meaning and run the unchanged kernel
+// sources on a machine without a GPU (see that file).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -10,7 +11,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cuda.h>  // CUtensorMap and its enums (types only)
+
 #ifndef LORA_KERNELS_EMULATE
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_runtime.h>
 
 namespace lora_kernels {
@@ -146,6 +150,76 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
     LORA_WGMMA_M64N256K16("f16");
   }
 #endif
+}
+
+// Bulk tensor copies (TMA, sm_90) completing on an mbarrier. One thread starts a copy of a box of a
+// 2-D tensor (a CUtensorMap made on the host by encode_tensor_map_2d) into shared memory; the copy
+// engine writes it in the map's swizzle, zero-fills what lies outside the tensor, and counts the
+// bytes against the mbarrier's expected transaction count. A thread that has seen the barrier's
+// phase complete (mbarrier_wait) may read the box; the tensor cores may too, without a proxy fence
+// (both are the async proxy). Phases alternate: the n-th completion has parity n % 2.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(arrivals) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
+#endif
+}
+// One of the phase's arrivals, announcing `bytes` of copies that will complete on it.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+#endif
+}
+// Until the phase of this parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// The box of `map` whose first element is (inner, outer) — element coordinates, innermost first —
+// into dst (128-byte aligned; 1024 for the 128-byte swizzle to start a new pattern).
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_t outer,
+                                            uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_address(bar))
+      : "memory");
+#endif
+}
+
+// A tensor map for tma_load_2d: a 2-D tensor of 16-bit elements, `inner` contiguous ones per row,
+// `outer` rows `row_bytes` apart (a multiple of 16, like the base address), copied in boxes of
+// box_inner × box_outer elements (box_inner·2 ≤ 128) with the 128-byte swizzle. False if the
+// driver has no tensor maps or refuses these arguments. (The driver's cuTensorMapEncodeTiled, looked
+// up once through the runtime so that the extension needs no -lcuda.)
+inline bool encode_tensor_map_2d(CUtensorMap* map, bool bf16, const void* base, uint64_t inner, uint64_t outer,
+                                 uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {inner, outer}, strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer}, element_strides[2] = {1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // Asynchronous 16-byte copy global → shared that reads only the first src_bytes (0..16) and

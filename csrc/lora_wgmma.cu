@@ -6,19 +6,26 @@
 // Tiling. A block of two warpgroups (256 threads) owns a 128×256 tile of C; warpgroup w computes
 // rows 64w..64w+63 with wgmma m64n256k16, its 128 fp32 accumulators per thread in registers. A
 // wgmma reads both operands from shared memory itself (no ldmatrix, no per-warp fragments), so one
-// instruction does the work of 128 mma.sync and the warps are free to issue the copies.
+// instruction does the work of 128 mma.sync.
 //
 // Pipeline. K is walked in steps of BK = 64 (one 128-byte row of 16-bit elements per tile row),
 // the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). STAGES = 4 shared-
-// memory buffers (48 KiB each) are filled by cp.async two tiles ahead; the wgmmas of tile t run
-// while those of tile t - 1 may still be in flight, so a buffer is refilled only once the wgmmas
-// that read it have been waited for (the refill at step t goes into the buffer of tile t - 2).
+// memory buffers (48 KiB each) are filled two tiles ahead; the wgmmas of tile t run while those of
+// tile t - 1 may still be in flight, so a buffer is refilled only once the wgmmas that read it have
+// been waited for (the refill at step t goes into the buffer of tile t - 2, after a barrier).
+//
+// Loads. Where all operands allow it (unit stride, 16-byte aligned rows) one thread starts bulk
+// tensor copies (TMA) of the whole stage, which complete on the stage's mbarrier: no thread spends
+// instructions on addresses. Otherwise every thread issues cp.async chunks or element stores, as
+// in the mma.sync kernel; those are generic-proxy writes, so each thread fences them
+// (fence.proxy.async) before the barrier after which the tensor cores read.
 //
 // Layouts. Every tile is stored with the 128-byte swizzle that wgmma's matrix descriptors read
-// (device.cuh, sw128_descriptor): K-major operands as rows of 64 k; MN-major ones (W₀ in dY·W₀) as
-// 64-wide column blocks of BK rows, read with wgmma's transpose bit. Tile loads are cp.async
-// chunks or element stores, as in the mma.sync kernel; both are generic-proxy writes, so each
-// thread fences them (fence.proxy.async) before the barrier after which the tensor cores read.
+// (device.cuh, sw128_descriptor) and TMA writes: K-major operands as rows of 64 k; MN-major ones (W₀
+// in dY·W₀) as 64-wide column blocks of BK rows, read with wgmma's transpose bit.
+#include <cstdlib>
+#include <cstring>
+
 #include "tensor_core.cuh"
 
 namespace lora_kernels {
@@ -31,7 +38,9 @@ constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of 
 constexpr int kMinTilesPerSplit = 2;      // 128 of K
 constexpr int kGroupM = 8;                // row tiles per group of the launch order
 constexpr int kStageElems = (kBM + kBN) * kBK;
-constexpr int kSmemBytes = kStages * kStageElems * 2 + 1024;  // + room to align the stages to 1024 bytes
+constexpr int kStageBytes = kStageElems * 2;
+// The stages, room to align them to 1024 bytes, and one mbarrier per stage (TMA).
+constexpr int kSmemBytes = kStages * kStageBytes + 1024 + kStages * 8;
 
 // A TILE_I × kBK operand tile in the 128-byte-swizzled layout (tensor_core.cuh's Layout).
 template <int TILE_I, bool K_MAJOR>
@@ -46,6 +55,19 @@ struct Sw128Tile {
       return (i >> 6) * kColumnBlockElems + k * 64 + ((((i & 63) >> 3) ^ (k & 7)) << 3) + (i & 7);
     }
   }
+  // TMA: the tile (i0.., k0..) of the operand `map` describes (K-major: boxes of 64 k × TILE_I
+  // rows; MN-major: boxes of 64 columns × kBK rows, one per column block).
+  __device__ __forceinline__ static void copy(void* tile, const CUtensorMap* map, int64_t i0, int64_t k0,
+                                              uint64_t* bar) {
+    if (K_MAJOR) {
+      dev::tma_load_2d(tile, map, static_cast<int32_t>(k0), static_cast<int32_t>(i0), bar);
+    } else {
+#pragma unroll
+      for (int b = 0; b < TILE_I / 64; ++b)
+        dev::tma_load_2d(static_cast<char*>(tile) + 2 * b * kColumnBlockElems, map, static_cast<int32_t>(i0 + 64 * b),
+                         static_cast<int32_t>(k0), bar);
+    }
+  }
   // Descriptor of the 16 k from kk on of the rows (or columns) from i0 on; i0 a multiple of 64.
   __device__ __forceinline__ static uint64_t descriptor(uint32_t tile_address, int i0, int kk) {
     if (K_MAJOR) return dev::sw128_descriptor(tile_address + 2 * (i0 * kBK + kk), 16, 1024);
@@ -54,8 +76,14 @@ struct Sw128Tile {
   }
 };
 
-template <typename T, bool P_K_MAJOR, bool Q_K_MAJOR>
-__global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
+// The operands' tensor maps, for the TMA variant (kernel parameters: the copy engine reads them there).
+struct TensorMaps {
+  CUtensorMap P, Q, P2, Q2;
+};
+
+template <typename T, bool P_K_MAJOR, bool Q_K_MAJOR, bool TMA>
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_gemm(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
   using PTile = Sw128Tile<kBM, P_K_MAJOR>;
   using QTile = Sw128Tile<kBN, Q_K_MAJOR>;
   LORA_DYNAMIC_SMEM(smem);
@@ -63,6 +91,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
   const uint32_t smem_base = dev::smem_address(smem);
   T* stages = reinterpret_cast<T*>(smem + (1024 - smem_base % 1024) % 1024);
   const uint32_t stages_address = dev::smem_address(stages);
+  uint64_t* landed = reinterpret_cast<uint64_t*>(stages + kStages * kStageElems);  // TMA: one mbarrier per stage
+  if (TMA && threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) dev::mbarrier_init(&landed[s], 1);
+  }
+  if (TMA) __syncthreads();  // the barriers are initialised before anyone waits on them
 
   const GemmParams& g = params.g;
   // Tiles in groups of kGroupM rows of tiles, column by column within a group: the blocks running
@@ -80,7 +114,15 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
     const int t = range.first + local;
     T* p_tile = stages + (local % kStages) * kStageElems;
     T* q_tile = p_tile + kBM * kBK;
-    if (t < range.k_tiles) {
+    if (TMA) {
+      if (threadIdx.x != 0) return;
+      uint64_t* bar = &landed[local % kStages];
+      dev::mbarrier_arrive_expect_tx(bar, kStageBytes);  // the boxes are whole, zero-filled past the edges
+      const bool main = t < range.k_tiles;
+      const int64_t k0 = int64_t(main ? t : t - range.k_tiles) * kBK;
+      PTile::copy(p_tile, main ? &maps.P : &maps.P2, m0, k0, bar);
+      QTile::copy(q_tile, main ? &maps.Q : &maps.Q2, n0, k0, bar);
+    } else if (t < range.k_tiles) {
       load_tile<T, PTile, kThreads>(p_tile, ops.P, m0, int64_t(t) * kBK, params.vec[0]);
       load_tile<T, QTile, kThreads>(q_tile, ops.Q, n0, int64_t(t) * kBK, params.vec[1]);
     } else {
@@ -93,18 +135,20 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_gemm(Params params) {
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (s < range.count) load(s);
-    dev::cp_async_commit();  // (an empty group where there are fewer tiles: the wait count stays right)
+    if (!TMA) dev::cp_async_commit();  // (an empty group where there are fewer tiles: the wait count stays right)
   }
 
   const int warpgroup = threadIdx.x / 128;
   float acc[kBN / 2] = {};
   for (int t = 0; t < range.count; ++t) {
-    dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
-    dev::fence_proxy_async();           // ... is visible to the tensor cores ...
-    __syncthreads();                    // ... for every thread's copies; and both warpgroups have
-                                        // waited for the wgmmas of tile t - 2
+    if (!TMA) {
+      dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
+      dev::fence_proxy_async();           // ... is visible to the tensor cores, after the barrier
+    }
+    __syncthreads();  // (every thread's copies of tile t;) both warpgroups have waited for the wgmmas of tile t - 2
     if (t + kAhead < range.count) load(t + kAhead);  // into tile t - 2's buffer
-    dev::cp_async_commit();
+    if (!TMA) dev::cp_async_commit();
+    if (TMA) dev::mbarrier_wait(&landed[t % kStages], (t / kStages) & 1);  // tile t has landed
     if (range.first + t == range.k_tiles && g.K2 > 0) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q
       dev::wgmma_wait<0>();
       dev::fence_accumulators(acc);
@@ -149,11 +193,36 @@ Split plan(const GemmParams& g) {
   return plan_split(g, kBM, kBN, kBK, kMinTilesPerSplit, 1);
 }
 
+// The tensor map of one operand's tiles (tile_i rows of the tile; see Sw128Tile::copy).
+bool map_of(const View& v, bool k_major, int tile_i, bool bf16, CUtensorMap* map) {
+  if (v.extent_i == 0 || v.extent_k == 0) return true;  // never copied (K = 0 or no second product)
+  const uint64_t inner = k_major ? v.extent_k : v.extent_i, outer = k_major ? v.extent_i : v.extent_k;
+  const uint64_t row_bytes = 2 * static_cast<uint64_t>(k_major ? v.stride_i : v.stride_k);
+  const uint64_t least = (2 * inner + 15) / 16 * 16;  // a single row's stride is never used: any valid one
+  return dev::encode_tensor_map_2d(map, bf16, v.ptr, inner, outer, outer > 1 ? row_bytes : least, 64,
+                                   k_major ? tile_i : kBK);
+}
+
+// Tensor maps of the operands, or false where one cannot be copied by TMA (then cp.async runs).
+// LORA_KERNELS_WGMMA_TMA=0 always says false (for comparing the two).
+bool make_maps(const Params& params, bool bf16, bool p_k_major, bool q_k_major, TensorMaps* maps) {
+  const char* env = std::getenv("LORA_KERNELS_WGMMA_TMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const GemmParams& g = params.g;
+  if (!params.vec[0] || !params.vec[1] || (g.K2 > 0 && (!params.vec[2] || !params.vec[3]))) return false;
+  const Views v = views_of(g);
+  return map_of(v.P, p_k_major, kBM, bf16, &maps->P) && map_of(v.Q, q_k_major, kBN, bf16, &maps->Q) &&
+         (g.K2 == 0 || (map_of(v.P2, p_k_major, kBM, bf16, &maps->P2) && map_of(v.Q2, q_k_major, kBN, bf16, &maps->Q2)));
+}
+
 template <typename T>
 cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
   return with_layouts(params.g, [&](auto p_k_major, auto q_k_major) {
-    auto kernel = wgmma_gemm<T, decltype(p_k_major)::value, decltype(q_k_major)::value>;
-    return launch_tiles(kernel, params, plan(params.g), kBM, kBN, kThreads, kSmemBytes, stream);
+    constexpr bool kPK = decltype(p_k_major)::value, kQK = decltype(q_k_major)::value;
+    TensorMaps maps{};
+    const bool tma = make_maps(params, std::is_same<T, __nv_bfloat16>::value, kPK, kQK, &maps);
+    auto kernel = tma ? wgmma_gemm<T, kPK, kQK, true> : wgmma_gemm<T, kPK, kQK, false>;
+    return launch_tiles(kernel, params, plan(params.g), kBM, kBN, kThreads, kSmemBytes, stream, maps);
   });
 }
 

@@ -177,11 +177,11 @@ inline Split plan_split(const GemmParams& g, int BM, int BN, int BK, int min_til
   return {static_cast<int>(dev::cdiv(all_tiles, per_split)), per_split};  // no empty split
 }
 
-// Launch `kernel` over BM×BN tiles of C, split along K as `split` says (where a workspace was
-// given; else in one pass), then split_k_reduce if it was split.
-template <typename Kernel>
+// Launch `kernel` (params, extra...) over BM×BN tiles of C, split along K as `split` says (where a
+// workspace was given; else in one pass), then split_k_reduce if it was split.
+template <typename Kernel, typename... Extra>
 cudaError_t launch_tiles(Kernel kernel, Params params, Split split, int BM, int BN, int threads, int smem_bytes,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const Extra&... extra) {
   const GemmParams& g = params.g;
   const int64_t tiles_m = dev::cdiv(g.M, BM), tiles_n = dev::cdiv(g.N, BN);
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
@@ -191,7 +191,7 @@ cudaError_t launch_tiles(Kernel kernel, Params params, Split split, int BM, int 
   const cudaError_t smem_ok = dev::allow_dynamic_smem(kernel, smem_bytes);  // per call: per device
   if (smem_ok != cudaSuccess) return smem_ok;
   const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(params.splits));
-  LORA_LAUNCH(kernel, grid, threads, smem_bytes, stream, params);
+  LORA_LAUNCH(kernel, grid, threads, smem_bytes, stream, params, extra...);
   const cudaError_t err = dev::last_launch_error();
   if (err != cudaSuccess || !split_k) return err;
   return detail::launch_split_k_reduce(params.dtype, g, params.splits, stream);

@@ -242,11 +242,16 @@ WGMMA_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("loads", ["tma", "cp.async"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_emulated_wgmma_matches_float64(lib, shape, dtype, monkeypatch):
-    """LORA_KERNELS_WGMMA=1 (on an sm_90a build running on an H100): the large products on wgmma."""
+def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
+    """LORA_KERNELS_WGMMA=1 (on an sm_90a build running on an H100): the large products on wgmma,
+    their tiles copied by TMA where every operand allows it (r = 4 does not: cp.async), or always
+    by cp.async (LORA_KERNELS_WGMMA_TMA=0)."""
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    if loads == "cp.async":
+        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
     *dims, sms = shape
     monkeypatch.setenv("LORA_EMULATED_SMS", str(sms))
     torch.manual_seed(hash((shape, str(dtype))) % 2**31)

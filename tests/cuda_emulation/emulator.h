@@ -45,11 +45,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cmath>
+#include <cuda.h>              // CUtensorMap (type only)
 #include <cuda_runtime_api.h>  // dim3, cudaError_t, cudaStream_t (types only; nothing is called)
 
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+#define __grid_constant__
 
 namespace emu {
 
@@ -82,6 +84,28 @@ struct Chunk {
   int wgmma_pending = 0;      // wgmmas issued that read it and have not been waited for
 };
 constexpr int kInFlight = INT_MAX;
+constexpr int kTmaWriter = -2;  // Chunk::writer of a bulk tensor copy
+
+// A tensor map as encode_tensor_map_2d fills it (inside the opaque CUtensorMap), and a bulk tensor
+// copy waiting to land.
+struct TensorMap {
+  const unsigned char* base;
+  uint64_t inner, outer, row_bytes;
+  uint32_t box_inner, box_outer;
+};
+struct BoxCopy {
+  uint32_t dst;
+  TensorMap map;
+  int32_t inner, outer;
+};
+// An mbarrier: a phase completes when all its arrivals have come and its copies have landed (at the
+// first wait on it, as late as the PTX memory model allows), and the expected bytes are all there.
+struct Mbarrier {
+  int arrivals = 0, arrivals_left = 0;
+  int64_t tx = 0;
+  uint32_t phase = 0;  // completed phases, mod 2
+  std::vector<BoxCopy> copies;
+};
 
 struct Block {
   Block(int threads, size_t smem_bytes)
@@ -93,6 +117,7 @@ struct Block {
   size_t smem_bytes;
   std::mutex chunks_mutex;
   std::vector<Chunk> chunks;
+  std::map<uint32_t, Mbarrier> mbarriers;  // by shared offset (guarded by chunks_mutex)
   unsigned char* shared() {  // 128-byte aligned, like __align__(128) extern __shared__
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
   }
@@ -459,7 +484,10 @@ inline void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) 
     for (int chunk : op.chunks) {
       if (chunk < 0 || chunk >= static_cast<int>(emu::block->chunks.size())) continue;  // reported at retire
       emu::Chunk& c = emu::block->chunks[chunk];
-      if (c.writer >= 0 && c.landed >= emu::epoch)
+      if (c.writer == emu::kTmaWriter && c.landed == emu::kInFlight)
+        emu::report("wgmma reads shared offset %d before the bulk tensor copy into it completed (missing mbarrier wait)",
+                    chunk * 16);
+      else if (c.writer >= 0 && c.landed >= emu::epoch)
         emu::report("wgmma reads shared offset %d %s (missing cp.async wait or __syncthreads)", chunk * 16,
                     c.landed == emu::kInFlight ? "while a cp.async into it is in flight"
                                                : "written by a cp.async that landed in this barrier interval");
@@ -483,6 +511,103 @@ inline void wgmma_wait() {
   }
 }
 inline bool supports_wgmma() { return true; }
+
+// Checks what the driver's cuTensorMapEncodeTiled would (for the 128-byte swizzle), then keeps the
+// arguments in the map.
+inline bool encode_tensor_map_2d(CUtensorMap* map, bool, const void* base, uint64_t inner, uint64_t outer,
+                                 uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer) {
+  static_assert(sizeof(emu::TensorMap) <= sizeof(CUtensorMap), "the emulated map must fit");
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || row_bytes % 16 != 0 || row_bytes >= (uint64_t(1) << 40) ||
+      inner < 1 || outer < 1 || inner > (uint64_t(1) << 32) || outer > (uint64_t(1) << 32) || box_inner < 1 ||
+      box_outer < 1 || box_inner > 256 || box_outer > 256 || box_inner * 2 > 128) {
+    emu::report("cuTensorMapEncodeTiled would refuse base %p, dims %llu×%llu, row bytes %llu, box %u×%u", base,
+                static_cast<unsigned long long>(inner), static_cast<unsigned long long>(outer),
+                static_cast<unsigned long long>(row_bytes), box_inner, box_outer);
+    return false;
+  }
+  const emu::TensorMap m{static_cast<const unsigned char*>(base), inner, outer, row_bytes, box_inner, box_outer};
+  std::memset(map, 0, sizeof *map);
+  std::memcpy(map, &m, sizeof m);
+  return true;
+}
+
+inline emu::Mbarrier& mbarrier_at(const uint64_t* bar) {  // (under chunks_mutex)
+  return emu::block->mbarriers[smem_address(bar)];
+}
+inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+  emu::Mbarrier& b = mbarrier_at(bar);
+  b = emu::Mbarrier{};
+  b.arrivals = b.arrivals_left = static_cast<int>(arrivals);
+}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+  emu::Mbarrier& b = mbarrier_at(bar);
+  if (b.arrivals == 0) emu::report("mbarrier at shared offset %u used before mbarrier_init", smem_address(bar));
+  b.tx += bytes;
+  --b.arrivals_left;
+}
+// Issued now, landed by the first wait on its barrier's phase (see Mbarrier). A copy into a chunk
+// that a wgmma has not been waited for is reported, as for cp.async.
+inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_t outer, uint64_t* bar) {
+  emu::TensorMap m;
+  std::memcpy(&m, map, sizeof m);
+  const uint32_t at = smem_address(dst), bytes = m.box_inner * m.box_outer * 2;
+  if (at % 128 != 0 || at + bytes > emu::block->smem_bytes) {
+    emu::report("bulk tensor copy of %u bytes to shared offset %u (not 128-byte aligned or past the end)", bytes, at);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+  for (uint32_t c = at / 16; c < (at + bytes) / 16; ++c) {
+    emu::Chunk& chunk = emu::block->chunks[c];
+    if (chunk.wgmma_pending > 0)
+      emu::report("bulk tensor copy overwrites shared offset %u that a wgmma still reads (missing wgmma.wait_group)",
+                  c * 16);
+    if (chunk.read_epoch == emu::epoch && chunk.readers != 0)
+      emu::report("bulk tensor copy overwrites shared offset %u read in the same barrier interval", c * 16);
+    chunk.writer = emu::kTmaWriter;
+    chunk.landed = emu::kInFlight;
+  }
+  mbarrier_at(bar).copies.push_back({at, m, inner, outer});
+}
+inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  for (int spins = 0;; ++spins) {
+    {
+      std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+      emu::Mbarrier& b = mbarrier_at(bar);
+      if (b.phase != parity) return;  // that phase has completed
+      if (b.arrivals_left == 0) {     // all arrived: the copies land now, and the phase completes
+        unsigned char* smem = emu::block->shared();
+        for (const emu::BoxCopy& c : b.copies) {
+          for (uint32_t r = 0; r < c.map.box_outer; ++r)
+            for (uint32_t e = 0; e < c.map.box_inner; ++e) {
+              const int64_t gi = int64_t(c.outer) + r, ge = int64_t(c.inner) + e;
+              uint16_t v = 0;  // zeros outside the tensor
+              if (gi >= 0 && ge >= 0 && uint64_t(gi) < c.map.outer && uint64_t(ge) < c.map.inner)
+                std::memcpy(&v, c.map.base + gi * c.map.row_bytes + ge * 2, 2);
+              const uint32_t a = c.dst + (r * c.map.box_inner + e) * 2;
+              std::memcpy(smem + (a ^ (((a >> 7) & 7) << 4)), &v, 2);  // the 128-byte swizzle, on the address
+            }
+          const uint32_t bytes = c.map.box_inner * c.map.box_outer * 2;
+          for (uint32_t k = c.dst / 16; k < (c.dst + bytes) / 16; ++k)
+            emu::block->chunks[k].landed = emu::block->chunks[k].fenced = emu::epoch;
+          b.tx -= bytes;
+        }
+        b.copies.clear();
+        if (b.tx != 0) emu::report("mbarrier phase completes with %lld bytes expected but not copied", (long long)b.tx);
+        b.tx = 0;
+        b.phase ^= 1;
+        b.arrivals_left = b.arrivals;
+        return;
+      }
+    }
+    if (spins > 2000000) {
+      emu::report("mbarrier wait at shared offset %u never completes (an arrival is missing)", smem_address(bar));
+      return;
+    }
+    std::this_thread::yield();
+  }
+}
 
 // Blocks and launches run in order, so the prior grid has always finished.
 inline void wait_for_prior_grid() {}
