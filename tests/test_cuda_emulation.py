@@ -277,6 +277,10 @@ def test_emulated_wgmma_transposed_operands(lib, monkeypatch):
         d = lambda t: t.double()  # noqa: E731
         assert_close(out, 0.5 * d(pt).t() @ d(q) + 2.0 * d(p2t).t() @ d(q2), dtype, "Pᵀ-major wgmma",
                      magnitude=0.5 * d(pt).abs().t() @ d(q).abs() + 2.0 * d(p2t).abs().t() @ d(q2).abs())
+    bias = guarded(torch.randn(N, dtype=torch.bfloat16))
+    zero_k = gemm(poisoned(M, N, dtype=torch.bfloat16), torch.empty(M, 0, dtype=torch.bfloat16),
+                  torch.empty(0, N, dtype=torch.bfloat16), 1.0, bias=bias)
+    assert gemm.kernels[-1] == WGMMA and torch.equal(zero_k, bias.expand(M, N))  # K = 0: bias alone
 
 
 def test_strided_input_and_transposed_output(lib):

@@ -594,7 +594,9 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
           b.tx -= bytes;
         }
         b.copies.clear();
-        if (b.tx != 0) emu::report("mbarrier phase completes with %lld bytes expected but not copied", (long long)b.tx);
+        if (b.tx != 0)
+          emu::report("mbarrier phase completes with expect_tx off by %lld bytes from what was copied",
+                      static_cast<long long>(b.tx));
         b.tx = 0;
         b.phase ^= 1;
         b.arrivals_left = b.arrivals;
