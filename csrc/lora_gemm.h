@@ -57,8 +57,8 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
 //                (csrc/lora_decode.cu)
 //   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256, on an sm_90a build running on a
-//                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores
-//                (csrc/lora_wgmma.cu). Opt-in until it has been checked and timed on a GPU.
+//                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores fed by
+//                TMA or cp.async (csrc/lora_wgmma.cu). Opt-in until checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
 //                (csrc/lora_tensor_core.cu)
 //   kSimt        float32: the portable fp32 tiled kernel (csrc/lora_gemm.cu)

@@ -99,10 +99,13 @@ def test_default_build_runs_wgmma_on_hopper():
                                    (290, 264, 270, 4), (300, 1000, 520, 128),
                                    (600, 1024, 1040, 16), (1024, 4096, 11008, 16), (8192, 4096, 4096, 16),
                                    (4100, 4104, 4112, 64)], ids=lambda s: "x".join(map(str, s)))
-def test_wgmma_kernel_paths(shape, dtype, poison, monkeypatch):
+@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+def test_wgmma_kernel_paths(shape, dtype, loads, poison, monkeypatch):
     if not lora_kernels.cuda.wgmma_supported():
         pytest.skip("this build has no sm_90a code")
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    if loads == "cp.async":  # tiles staged by every thread instead of by TMA (r = 4 always is)
+        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
     contract_vs_float64(*shape, dtype)
     x, w, b, a, bb, s = make_problem(*shape, dtype)
     y, xa = lora_kernels.cuda.forward(x, w, b, a, bb, s)
