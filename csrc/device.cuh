@@ -63,8 +63,8 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 
 // Warpgroup MMA (wgmma, sm_90a only; lora_wgmma.cu). Four consecutive warps, starting at a warp
-// index divisible by 4, issue it together: d (64×256, fp32, 128 registers per thread) += A (64×16)
-// · B (16×256), both read by the tensor cores straight from shared memory as described by 64-bit
+// index divisible by 4, issue it together: d (64×N, fp32, N/2 registers per thread) += A (64×16)
+// · B (16×N), both read by the tensor cores straight from shared memory as described by 64-bit
 // matrix descriptors (sw128_descriptor). It runs asynchronously: wgmma_commit closes a group of
 // them, wgmma_wait<n> waits until at most n groups are in flight, and only then may d be read or
 // the shared memory be overwritten. TRANS_A / TRANS_B: the operand is stored MN-major (m or n
@@ -137,17 +137,37 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
         "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),  \
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])                                                                                      \
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])  \
+      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
+#define LORA_WGMMA_M64N32K16(TYPE)                                                                  \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {"                               \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                         \
+      "}, %16, %17, p, 1, 1, %19, %20;\n}\n"                                                     \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
       : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
 #endif
 
-template <typename T, bool TRANS_A, bool TRANS_B>
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+// d (64×N, fp32, N/2 registers per thread) += A (64×16) · B (16×N); N = 256 or 32.
+template <typename T, int N, bool TRANS_A, bool TRANS_B>
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(N == 256 || N == 32, "wgmma shapes instantiated: m64n256k16, m64n32k16");
 #ifdef LORA_KERNELS_WGMMA_ASM
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    LORA_WGMMA_M64N256K16("bf16");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  if constexpr (N == 256) {
+    if constexpr (kBf16) {
+      LORA_WGMMA_M64N256K16("bf16");
+    } else {
+      LORA_WGMMA_M64N256K16("f16");
+    }
   } else {
-    LORA_WGMMA_M64N256K16("f16");
+    if constexpr (kBf16) {
+      LORA_WGMMA_M64N32K16("bf16");
+    } else {
+      LORA_WGMMA_M64N32K16("f16");
+    }
   }
 #endif
 }

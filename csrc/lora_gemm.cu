@@ -162,7 +162,7 @@ bool wgmma_requested() {
 Kernel choose_kernel(DType dtype, const GemmParams& p) {
   if (p.M <= kDecodeMaxRows && p.Q.stride_row == 1) return Kernel::kDecode;
   if (dtype == DType::kFloat32) return Kernel::kSimt;
-  if (p.M >= 128 && p.N >= 256 && wgmma_requested()) return Kernel::kWgmma;  // at least one 128×256 tile
+  if (detail::wgmma_fits(p) && wgmma_requested()) return Kernel::kWgmma;
   return Kernel::kTensorCore;
 }
 

@@ -56,7 +56,8 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
 //                (csrc/lora_decode.cu)
-//   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256, on an sm_90a build running on a
+//   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256 (or M ≤ 64, N ≥ 256, without bias or
+//                adapters, computed transposed), on an sm_90a build running on a
 //                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores fed by
 //                TMA or cp.async (csrc/lora_wgmma.cu). Opt-in until checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
@@ -79,6 +80,7 @@ namespace detail {
 cudaError_t launch_simt(DType dtype, const GemmParams& params, cudaStream_t stream);
 cudaError_t launch_tensor_core(DType dtype, const GemmParams& params, cudaStream_t stream);
 int64_t tensor_core_workspace_elems(const GemmParams& params);
+bool wgmma_fits(const GemmParams& params);  // the shapes and operands kWgmma takes (when requested)
 cudaError_t launch_wgmma(DType dtype, const GemmParams& params, cudaStream_t stream);
 int64_t wgmma_workspace_elems(const GemmParams& params);
 cudaError_t launch_decode(DType dtype, const GemmParams& params, cudaStream_t stream);

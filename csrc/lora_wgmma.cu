@@ -33,14 +33,23 @@ namespace wgmma {
 
 using namespace tensor_core;
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kBM = 128, kBK = 64;
 constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of the tile
 constexpr int kMinTilesPerSplit = 2;      // 128 of K
 constexpr int kGroupM = 8;                // row tiles per group of the launch order
-constexpr int kStageElems = (kBM + kBN) * kBK;
-constexpr int kStageBytes = kStageElems * 2;
-// The stages, room to align them to 1024 bytes, and one mbarrier per stage (TMA).
-constexpr int kSmemBytes = kStages * kStageBytes + 1024 + kStages * 8;
+
+template <int BN_, int STAGES_>
+struct Config {
+  static constexpr int kBN = BN_, kStages = STAGES_;
+  static constexpr int kStageElems = (kBM + BN_) * kBK, kStageBytes = kStageElems * 2;
+  // The stages, room to align them to 1024 bytes, and one mbarrier per stage (TMA).
+  static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + STAGES_ * 8;
+};
+// 128×256 tiles, 4 stages (192 KiB): the large products.
+using WideTiles = Config<256, 4>;
+// 128×32 tiles, 8 stages (160 KiB): products of at most 64 rows computed transposed (see
+// transposed_problem), W₀ on the 128-row side; memory-bound, so 6 tiles of W₀ in flight per block.
+using NarrowTiles = Config<32, 8>;
 
 // A TILE_I × kBK operand tile in the 128-byte-swizzled layout (tensor_core.cuh's Layout).
 template <int TILE_I, bool K_MAJOR>
@@ -81,9 +90,10 @@ struct TensorMaps {
   CUtensorMap P, Q, P2, Q2;
 };
 
-template <typename T, bool P_K_MAJOR, bool Q_K_MAJOR, bool TMA>
+template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR, bool TMA>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
+  constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages, kStageElems = Cfg::kStageElems;
   using PTile = Sw128Tile<kBM, P_K_MAJOR>;
   using QTile = Sw128Tile<kBN, Q_K_MAJOR>;
   LORA_DYNAMIC_SMEM(smem);
@@ -117,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (TMA) {
       if (threadIdx.x != 0) return;
       uint64_t* bar = &landed[local % kStages];
-      dev::mbarrier_arrive_expect_tx(bar, kStageBytes);  // the boxes are whole, zero-filled past the edges
+      dev::mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);  // the boxes are whole, zero-filled past the edges
       const bool main = t < range.k_tiles;
       const int64_t k0 = int64_t(main ? t : t - range.k_tiles) * kBK;
       PTile::copy(p_tile, main ? &maps.P : &maps.P2, m0, k0, bar);
@@ -161,8 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     dev::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
-      dev::wgmma_m64n256k16<T, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
-                                                       QTile::descriptor(q_address, 0, kk));
+      dev::wgmma_m64nNk16<T, kBN, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
+                                                          QTile::descriptor(q_address, 0, kk));
     }
     dev::wgmma_commit();
     dev::wgmma_wait<1>();  // tile t - 1's wgmmas are done: its buffer may be refilled after the next barrier
@@ -182,15 +192,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                     out_scale * acc[4 * j + 2 * half + 1]);
 }
 
-// A block holds an SM (192 KiB of shared memory), so K is split only when the tiles leave more than
-// half the SMs idle, and into about one block per SM; the splits then add a pass over fp32 partial
-// sums.
+// A block holds an SM (160–192 KiB of shared memory), so K is split only when the tiles leave more
+// than half the SMs idle, and into about one block per SM; the splits then add a pass over fp32
+// partial sums.
+template <typename Cfg>
 Split plan(const GemmParams& g) {
-  if (2 * dev::cdiv(g.M, kBM) * dev::cdiv(g.N, kBN) >= dev::sm_count()) {
+  if (2 * dev::cdiv(g.M, kBM) * dev::cdiv(g.N, Cfg::kBN) >= dev::sm_count()) {
     const int all_tiles = static_cast<int>(dev::cdiv(g.K, kBK) + dev::cdiv(g.K2, kBK));
     return {1, all_tiles > 0 ? all_tiles : 1};
   }
-  return plan_split(g, kBM, kBN, kBK, kMinTilesPerSplit, 1);
+  return plan_split(g, kBM, Cfg::kBN, kBK, kMinTilesPerSplit, 1);
 }
 
 // The tensor map of one operand's tiles (tile_i rows of the tile; see Sw128Tile::copy).
@@ -205,41 +216,79 @@ bool map_of(const View& v, bool k_major, int tile_i, bool bf16, CUtensorMap* map
 
 // Tensor maps of the operands, or false where one cannot be copied by TMA (then cp.async runs).
 // LORA_KERNELS_WGMMA_TMA=0 always says false (for comparing the two).
-bool make_maps(const Params& params, bool bf16, bool p_k_major, bool q_k_major, TensorMaps* maps) {
+bool make_maps(const Params& params, int BN, bool bf16, bool p_k_major, bool q_k_major, TensorMaps* maps) {
   const char* env = std::getenv("LORA_KERNELS_WGMMA_TMA");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const GemmParams& g = params.g;
   if (!params.vec[0] || !params.vec[1] || (g.K2 > 0 && (!params.vec[2] || !params.vec[3]))) return false;
   const Views v = views_of(g);
-  return map_of(v.P, p_k_major, kBM, bf16, &maps->P) && map_of(v.Q, q_k_major, kBN, bf16, &maps->Q) &&
-         (g.K2 == 0 || (map_of(v.P2, p_k_major, kBM, bf16, &maps->P2) && map_of(v.Q2, q_k_major, kBN, bf16, &maps->Q2)));
+  return map_of(v.P, p_k_major, kBM, bf16, &maps->P) && map_of(v.Q, q_k_major, BN, bf16, &maps->Q) &&
+         (g.K2 == 0 || (map_of(v.P2, p_k_major, kBM, bf16, &maps->P2) && map_of(v.Q2, q_k_major, BN, bf16, &maps->Q2)));
 }
 
-template <typename T>
-cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
+template <typename T, typename Cfg>
+cudaError_t launch_with_config(const Params& params, cudaStream_t stream) {
   return with_layouts(params.g, [&](auto p_k_major, auto q_k_major) {
     constexpr bool kPK = decltype(p_k_major)::value, kQK = decltype(q_k_major)::value;
-    TensorMaps maps{};
-    const bool tma = make_maps(params, std::is_same<T, __nv_bfloat16>::value, kPK, kQK, &maps);
-    auto kernel = tma ? wgmma_gemm<T, kPK, kQK, true> : wgmma_gemm<T, kPK, kQK, false>;
-    return launch_tiles(kernel, params, plan(params.g), kBM, kBN, kThreads, kSmemBytes, stream, maps);
+    if constexpr (!kQK && Cfg::kBN % 64 != 0) {
+      return cudaErrorInvalidValue;  // an MN-major tile narrower than a swizzle atom (wgmma_fits excludes it)
+    } else {
+      TensorMaps maps{};
+      const bool tma = make_maps(params, Cfg::kBN, std::is_same<T, __nv_bfloat16>::value, kPK, kQK, &maps);
+      auto kernel = tma ? wgmma_gemm<T, Cfg, kPK, kQK, true> : wgmma_gemm<T, Cfg, kPK, kQK, false>;
+      return launch_tiles(kernel, params, plan<Cfg>(params.g), kBM, Cfg::kBN, kThreads, Cfg::kSmemBytes, stream,
+                          maps);
+    }
   });
+}
+
+// Products of at most 64 rows (dY·W₀ in a decode-sized backward; x·W₀ᵀ at 33–64 rows without bias)
+// are computed transposed, Cᵀ = Qᵀ·Pᵀ: W₀ then takes the 128-row side of the tile and the few rows of
+// x or dY the 32-column side, so little tensor-core work goes to padding and W₀ streams through once
+// per 32 rows. (Bias and the multi-adapter mask index C's columns: such products are not swapped.)
+bool transposed(const GemmParams& g) { return g.M <= 64; }
+
+GemmParams transposed_problem(const GemmParams& g) {
+  GemmParams t = g;
+  t.M = g.N;
+  t.N = g.M;
+  t.P = {g.Q.ptr, g.Q.stride_col, g.Q.stride_row};
+  t.Q = {g.P.ptr, g.P.stride_col, g.P.stride_row};
+  t.P2 = {g.Q2.ptr, g.Q2.stride_col, g.Q2.stride_row};
+  t.Q2 = {g.P2.ptr, g.P2.stride_col, g.P2.stride_row};
+  t.stride_cm = g.stride_cn;
+  t.stride_cn = g.stride_cm;
+  return t;
 }
 
 }  // namespace wgmma
 
 namespace detail {
 
+bool wgmma_fits(const GemmParams& g) {
+  if (g.M >= wgmma::kBM && g.N >= wgmma::WideTiles::kBN) return true;  // at least one whole wide tile
+  // transposed: needs no bias or mask on C's columns, and Pᵀ (the 32-wide side) K-major
+  return wgmma::transposed(g) && g.N >= 256 && g.bias == nullptr && g.adapters.ids == nullptr &&
+         tensor_core::p_is_k_major(g);
+}
+
 int64_t wgmma_workspace_elems(const GemmParams& g) {
-  const tensor_core::Split split = wgmma::plan(g);
+  using namespace wgmma;
+  const Split split = transposed(g) ? plan<NarrowTiles>(transposed_problem(g)) : plan<WideTiles>(g);
   return split.splits > 1 ? split.splits * g.M * g.N : 0;
 }
 
 cudaError_t launch_wgmma(DType dtype, const GemmParams& g, cudaStream_t stream) {
-  const tensor_core::Params params = tensor_core::make_params(dtype, g);
+  using namespace wgmma;
+  const bool swap = transposed(g);
+  const tensor_core::Params params = tensor_core::make_params(dtype, swap ? transposed_problem(g) : g);
   switch (dtype) {
-    case DType::kFloat16: return wgmma::launch_typed<__half>(params, stream);
-    case DType::kBFloat16: return wgmma::launch_typed<__nv_bfloat16>(params, stream);
+    case DType::kFloat16:
+      return swap ? launch_with_config<__half, NarrowTiles>(params, stream)
+                  : launch_with_config<__half, WideTiles>(params, stream);
+    case DType::kBFloat16:
+      return swap ? launch_with_config<__nv_bfloat16, NarrowTiles>(params, stream)
+                  : launch_with_config<__nv_bfloat16, WideTiles>(params, stream);
     case DType::kFloat32: break;
   }
   return cudaErrorInvalidValue;  // 16-bit only

@@ -46,11 +46,10 @@ def build_library():
         tmp.rename(out)
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.emulated_gemm.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-                                  ctypes.POINTER(i64), ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, i64,
-                                  ctypes.c_bool]
-    lib.chosen_kernel.argtypes = [ctypes.c_int, i64, i64, i64]
-    lib.workspace_elems.argtypes = [ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float]
+    gemm_args = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.POINTER(i64), ctypes.c_float,
+                 ctypes.c_float, ptr, ptr, ptr, i64, i64, ctypes.c_bool]
+    for entry in (lib.emulated_gemm, lib.chosen_kernel, lib.workspace_elems):
+        entry.argtypes = gemm_args
     lib.workspace_elems.restype = i64
     lib.emulation_error.restype = ctypes.c_char_p
     return lib
@@ -78,18 +77,19 @@ class Gemm:
         strides = [s for t in (P, Q, P2, Q2) for s in (t.stride() if t is not None else (0, 0))] + list(C.stride())
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         M, N, K = C.shape[0], C.shape[1], P.shape[1]
-        scratch = self.lib.workspace_elems(dtype, M, N, K, K2, Q.stride(0), alpha2)
-        workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
         ids, scales, rank = adapters if adapters is not None else (None, None, 0)
-        err = self.lib.emulated_gemm(dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),
-                                     (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace), ptr(ids),
-                                     ptr(scales), 0 if scales is None else scales.numel(), rank, overlap_prior)
+        args = lambda workspace: (dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),  # noqa: E731
+                                  (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace), ptr(ids),
+                                  ptr(scales), 0 if scales is None else scales.numel(), rank, overlap_prior)
+        scratch = self.lib.workspace_elems(*args(None))
+        workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
+        err = self.lib.emulated_gemm(*args(workspace))
         assert err == 0, f"launch_gemm returned cudaError {err}"
         problem = self.lib.emulation_error().decode()
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
         for out in (C, workspace):
             assert_guards_intact(out)
-        self.kernels.append(self.lib.chosen_kernel(dtype, M, N, Q.stride(0)))
+        self.kernels.append(self.lib.chosen_kernel(*args(workspace)))
         self.split.append(scratch > 0)
         return C
 
@@ -262,6 +262,41 @@ def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
     assert gemm.kernels[3] == (WGMMA if K >= 256 else TENSOR_CORE), gemm.kernels  # dX
     if sms == 64:
         assert gemm.split[1] and gemm.split[3], gemm.split
+
+
+# (M, K, N, R, emulated SMs): at most 64 rows, the backward's dX = dY·W₀ + s·g·A on wgmma computed
+# transposed (W₀ on the 128-row side of the tile, dY on the 32-column side).
+WGMMA_FEW_ROWS_SHAPES = [
+    (1, 300, 520, 16, 8),      # one row: a 32-column tile with 31 of padding; ragged K
+    (24, 520, 264, 8, 64),     # split along K on a 64-SM GPU, then split_k_reduce (C transposed)
+    (50, 300, 136, 4, 8),      # two column tiles; r = 4: g staged element by element (cp.async path)
+]
+
+
+@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", WGMMA_FEW_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_wgmma_few_rows_transposed(lib, shape, dtype, loads, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    if loads == "cp.async":
+        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
+    *dims, sms = shape
+    monkeypatch.setenv("LORA_EMULATED_SMS", str(sms))
+    torch.manual_seed(hash((shape, str(dtype), loads)) % 2**31)
+    gemm = Gemm(lib)
+    check_against_float64(gemm, *dims, dtype)
+    assert gemm.kernels[3] == WGMMA, gemm.kernels  # dX
+    if sms == 64:
+        assert gemm.split[3], gemm.split
+    # a forward without bias at 33-64 rows (with bias it stays on the mma.sync kernel)
+    M, K, N, R = 40, dims[1], 264, dims[3]
+    x, w = guarded(torch.randn(M, K, dtype=dtype)), guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
+    xa, b = guarded(torch.randn(M, R, dtype=dtype)), guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
+    y = gemm(poisoned(M, N, dtype=dtype), x, w.t(), 1.0, xa, b.t(), 2.0)
+    assert gemm.kernels[-1] == WGMMA
+    d = lambda t: t.double()  # noqa: E731
+    assert_close(y, d(x) @ d(w).t() + 2.0 * d(xa) @ d(b).t(), dtype, "y without bias, transposed",
+                 magnitude=d(x).abs() @ d(w).abs().t() + 2.0 * d(xa).abs() @ d(b).abs().t())
 
 
 def test_emulated_wgmma_transposed_operands(lib, monkeypatch):

@@ -11,27 +11,42 @@
 using lora_kernels::DType;
 using lora_kernels::GemmParams;
 
-extern "C" {
-
+namespace {
 // dtype: 0 float32, 1 float16, 2 bfloat16. strides[10]: P, Q, P2, Q2 (row, col) then C (row, col).
 // adapter_ids null: no multi-adapter mask. overlap_prior: launched as y's kernel is on sm_90+.
+GemmParams params_of(int64_t M, int64_t N, int64_t K, int64_t K2, const void* P, const void* Q, const void* P2,
+                     const void* Q2, const void* bias, void* C, const int64_t* strides, float alpha, float alpha2,
+                     float* workspace, const int32_t* adapter_ids, const float* adapter_scales, int64_t n_adapters,
+                     int64_t adapter_rank, bool overlap_prior) {
+  return GemmParams{M, N, K, K2, {P, strides[0], strides[1]}, {Q, strides[2], strides[3]},
+                    {P2, strides[4], strides[5]}, {Q2, strides[6], strides[7]}, bias, C, strides[8], strides[9],
+                    alpha, alpha2, workspace, {adapter_ids, adapter_scales, n_adapters, adapter_rank}, overlap_prior};
+}
+}  // namespace
+
+#define GEMM_ARGS                                                                                               \
+  int64_t M, int64_t N, int64_t K, int64_t K2, const void *P, const void *Q, const void *P2, const void *Q2,  \
+      const void *bias, void *C, const int64_t *strides, float alpha, float alpha2, float *workspace,        \
+      const int32_t *adapter_ids, const float *adapter_scales, int64_t n_adapters, int64_t adapter_rank,      \
+      bool overlap_prior
+#define PARAMS                                                                                                  \
+  params_of(M, N, K, K2, P, Q, P2, Q2, bias, C, strides, alpha, alpha2, workspace, adapter_ids, adapter_scales, \
+            n_adapters, adapter_rank, overlap_prior)
+
+// The three entry points take the same arguments (those of launch_gemm's GemmParams).
+extern "C" {
+
 // Returns the cudaError_t of launch_gemm.
-int emulated_gemm(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, const void* P, const void* Q,
-                  const void* P2, const void* Q2, const void* bias, void* C, const int64_t* strides, float alpha,
-                  float alpha2, float* workspace, const int32_t* adapter_ids, const float* adapter_scales,
-                  int64_t n_adapters, int64_t adapter_rank, bool overlap_prior) {
-  const GemmParams p{M, N, K, K2, {P, strides[0], strides[1]}, {Q, strides[2], strides[3]},
-                     {P2, strides[4], strides[5]}, {Q2, strides[6], strides[7]}, bias, C, strides[8], strides[9],
-                     alpha, alpha2, workspace, {adapter_ids, adapter_scales, n_adapters, adapter_rank}, overlap_prior};
-  return static_cast<int>(lora_kernels::launch_gemm(static_cast<DType>(dtype), p, nullptr));
+int emulated_gemm(int dtype, GEMM_ARGS) {
+  return static_cast<int>(lora_kernels::launch_gemm(static_cast<DType>(dtype), PARAMS, nullptr));
 }
 
-// The fp32 scratch launch_gemm wants for the same arguments (bindings.cpp allocates it).
-int64_t workspace_elems(int dtype, int64_t M, int64_t N, int64_t K, int64_t K2, int64_t q_stride_row, float alpha2) {
-  GemmParams p{};
-  p.M = M, p.N = N, p.K = K, p.K2 = K2, p.alpha2 = alpha2;
-  p.Q.stride_row = q_stride_row;
-  return lora_kernels::workspace_elems(static_cast<DType>(dtype), p);
+// The fp32 scratch launch_gemm wants for these arguments (bindings.cpp allocates it).
+int64_t workspace_elems(int dtype, GEMM_ARGS) { return lora_kernels::workspace_elems(static_cast<DType>(dtype), PARAMS); }
+
+// Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
+int chosen_kernel(int dtype, GEMM_ARGS) {
+  return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), PARAMS));
 }
 
 // The first problem the emulator's memory and launch checks found since the last call ("" if none),
@@ -42,13 +57,5 @@ const char* emulation_error() {
   last.swap(emu::first_error);
   emu::first_error.clear();
   return last.c_str();
-}
-
-// Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
-int chosen_kernel(int dtype, int64_t M, int64_t N, int64_t q_stride_row) {
-  GemmParams p{};
-  p.M = M, p.N = N;
-  p.Q.stride_row = q_stride_row;
-  return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), p));
 }
 }

@@ -204,6 +204,7 @@ inline void record_write(int chunk) {
 struct WgmmaOp {
   float* d;
   uint64_t desc_a, desc_b;
+  int n;  // columns of d
   bool trans_a, trans_b, bf16;
   std::vector<int> chunks;  // what it reads; kept by the warpgroup's first thread, which does the bookkeeping
 };
@@ -383,7 +384,7 @@ inline uint32_t smem_address(const void* p) {
 }
 
 // This thread's copies that have landed become visible to the tensor cores (wgmma) after the next
-// barrier; wgmma_m64n256k16 reports a read of a chunk whose copy was not fenced before a barrier.
+// barrier; wgmma_m64nNk16 reports a read of a chunk whose copy was not fenced before a barrier.
 inline void fence_proxy_async() {
   std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
   for (int c : emu::unfenced) emu::block->chunks[c].fenced = emu::epoch;
@@ -430,7 +431,7 @@ inline float smem_element(uint32_t offset, bool bf16) {
   return half_bits(bits, bf16);
 }
 
-// d (this thread's 128 accumulators of the 64×256 result) += A·B, as wgmma m64n256k16 defines it.
+// d (this thread's n/2 accumulators of the 64×n result) += A·B, as wgmma m64nNk16 defines it.
 inline void retire(std::vector<WgmmaOp>& group) {
   const int lane = static_cast<int>(thread_idx.x % 32), warp_in_group = static_cast<int>((thread_idx.x / 32) % 4);
   for (WgmmaOp& op : group) {
@@ -439,7 +440,7 @@ inline void retire(std::vector<WgmmaOp>& group) {
     for (int h = 0; h < 2; ++h)
       for (int k = 0; k < 16; ++k)
         a[h][k] = smem_element(operand_offset(A, op.trans_a, 16 * warp_in_group + lane / 4 + 8 * h, k), op.bf16);
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < op.n / 8; ++j)
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * (lane % 4) + e % 2;
         float sum = 0.0f;
@@ -461,22 +462,22 @@ namespace dev {
 // Issued now, computed at the wait that retires its group. The first thread of each warpgroup
 // checks what the instruction reads: every chunk's copy landed, was fenced (fence.proxy.async) and
 // a barrier passed since; until the retiring wait, a cp.async into those chunks is reported.
-template <typename T, bool TRANS_A, bool TRANS_B>
-inline void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
-  emu::WgmmaOp op{d, desc_a, desc_b, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, {}};
+template <typename T, int N, bool TRANS_A, bool TRANS_B>
+inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+  emu::WgmmaOp op{d, desc_a, desc_b, N, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, {}};
   if (emu::thread_idx.x % 128 == 0) {
     if (emu::block_dim.x % 128 != 0) emu::report("wgmma in a block of %u threads (not whole warpgroups)", emu::block_dim.x);
     const emu::Descriptor A = emu::decode(desc_a), B = emu::decode(desc_b);
-    for (int i = 0; i < 256; ++i)
+    for (int i = 0; i < (N > 64 ? N : 64); ++i)
       for (int k = 0; k < 16; k += 8) {  // 8 k of one row: one 16-byte chunk in either layout's K-major rows
         if (i < 64) op.chunks.push_back(static_cast<int>(emu::operand_offset(A, TRANS_A, i, k) / 16));
-        op.chunks.push_back(static_cast<int>(emu::operand_offset(B, TRANS_B, i, k) / 16));
+        if (i < N) op.chunks.push_back(static_cast<int>(emu::operand_offset(B, TRANS_B, i, k) / 16));
       }
     if (TRANS_A || TRANS_B)  // MN-major: every k row is its own chunk
-      for (int i = 0; i < 256; i += 8)
+      for (int i = 0; i < (N > 64 ? N : 64); i += 8)
         for (int k = 0; k < 16; ++k) {
           if (TRANS_A && i < 64) op.chunks.push_back(static_cast<int>(emu::operand_offset(A, true, i, k) / 16));
-          if (TRANS_B) op.chunks.push_back(static_cast<int>(emu::operand_offset(B, true, i, k) / 16));
+          if (TRANS_B && i < N) op.chunks.push_back(static_cast<int>(emu::operand_offset(B, true, i, k) / 16));
         }
     std::sort(op.chunks.begin(), op.chunks.end());
     op.chunks.erase(std::unique(op.chunks.begin(), op.chunks.end()), op.chunks.end());
