@@ -32,9 +32,9 @@ def main():
     runs = [(backend, shape, False) for backend in backends for shape in shapes]
     if "cuda" in backends and lora_kernels.cuda.wgmma_supported():
         # the wgmma GEMM (H100/H200): y, and dX with W₀ and A transposed; r = 4 staged element by
-        # element; K split at M = 300
+        # element; K split at M = 300; dX at 24 rows computed transposed, split along K
         runs += [("cuda", shape, True) for shape in [(300, 520, 264, 16, False), (290, 264, 270, 4, True),
-                                                     (1100, 1030, 1500, 16, True)]]
+                                                     (1100, 1030, 1500, 16, True), (24, 1040, 264, 8, False)]]
     for backend, (M, K, N, r, bias), wgmma in runs:
         os.environ["LORA_KERNELS_WGMMA"] = "1" if wgmma else "0"
         for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
