@@ -1,18 +1,20 @@
 // Tensor-core GEMM on wgmma (sm_90a: H100, H200), for float16 and bfloat16; what it computes, and
 // the helpers it shares with the mma.sync kernel of lora_tensor_core.cu, are in tensor_core.cuh.
-// launch_gemm picks it for products of at least 128 rows and 256 columns where the device runs it
-// and LORA_KERNELS_WGMMA=1 asks for it.
+// launch_gemm picks it where the device runs it and LORA_KERNELS_WGMMA=1 asks for it, for products
+// of at least 128 rows and 256 columns, and for those of at most 64 rows computed transposed
+// (transposed_problem below).
 //
-// Tiling. A block of two warpgroups (256 threads) owns a 128×256 tile of C; warpgroup w computes
-// rows 64w..64w+63 with wgmma m64n256k16, its 128 fp32 accumulators per thread in registers. A
-// wgmma reads both operands from shared memory itself (no ldmatrix, no per-warp fragments), so one
-// instruction does the work of 128 mma.sync.
+// Tiling. A block of two warpgroups (256 threads) owns a 128×BN tile of C; warpgroup w computes
+// rows 64w..64w+63 with wgmma m64nBNk16, its BN/2 fp32 accumulators per thread in registers. BN is
+// 256 (WideTiles), or 32 for the transposed few-row products (NarrowTiles). A wgmma reads both
+// operands from shared memory itself (no ldmatrix, no per-warp fragments): one m64n256k16 does the
+// work of 128 mma.sync.
 //
 // Pipeline. K is walked in steps of BK = 64 (one 128-byte row of 16-bit elements per tile row),
-// the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). STAGES = 4 shared-
-// memory buffers (48 KiB each) are filled two tiles ahead; the wgmmas of tile t run while those of
-// tile t - 1 may still be in flight, so a buffer is refilled only once the wgmmas that read it have
-// been waited for (the refill at step t goes into the buffer of tile t - 2, after a barrier).
+// the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). STAGES shared-memory
+// buffers are filled STAGES - 2 tiles ahead; the wgmmas of tile t run while those of tile t - 1 may
+// still be in flight, so a buffer is refilled only once the wgmmas that read it have been waited
+// for (the refill at step t goes into the buffer of tile t - 2, after a barrier).
 //
 // Loads. Where all operands allow it (unit stride, 16-byte aligned rows) one thread starts bulk
 // tensor copies (TMA) of the whole stage, which complete on the stage's mbarrier: no thread spends
