@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(256) split_k_reduce(GemmParams g, int splits) 
     float sum = 0.0f;
     for (int z = 0; z < splits; ++z) sum += g.workspace[z * count + idx];
     const int64_t m = idx / g.N, n = idx % g.N;
-    sum *= adapter_keep(g.adapters, m, n);
-    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[n]);
+    const int64_t row = g.c_transposed ? n : m, column = g.c_transposed ? m : n;  // of the caller's C
+    sum *= adapter_keep(g.adapters, row, column);
+    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[column]);
     static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
   }
 }

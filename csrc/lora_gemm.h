@@ -42,6 +42,9 @@ struct GemmParams {
   // decode kernel may then start before that kernel ends (programmatic dependent launch, on sm_90+)
   // and stream P·Q meanwhile, waiting for it only before it reads P2.
   bool overlap_prior;
+  // Set inside the wgmma path only (lora_wgmma.cu, transposed_problem): this product is the
+  // transpose of the caller's, so bias and keep index the caller's columns, i.e. this C's rows.
+  bool c_transposed;
 };
 
 // The factor `keep` of element (m, n) of C, applied by every kernel's epilogue.
@@ -56,8 +59,8 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
 //                (csrc/lora_decode.cu)
-//   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256 (or M ≤ 64, N ≥ 256, without bias or
-//                adapters, computed transposed), on an sm_90a build running on a
+//   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256 (or M ≤ 64 and N ≥ 256, computed
+//                transposed), on an sm_90a build running on a
 //                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores fed by
 //                TMA or cp.async (csrc/lora_wgmma.cu). Opt-in until checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline

@@ -244,10 +244,10 @@ cudaError_t launch_with_config(const Params& params, cudaStream_t stream) {
   });
 }
 
-// Products of at most 64 rows (dY·W₀ in a decode-sized backward; x·W₀ᵀ at 33–64 rows without bias)
-// are computed transposed, Cᵀ = Qᵀ·Pᵀ: W₀ then takes the 128-row side of the tile and the few rows of
-// x or dY the 32-column side, so little tensor-core work goes to padding and W₀ streams through once
-// per 32 rows. (Bias and the multi-adapter mask index C's columns: such products are not swapped.)
+// Products of at most 64 rows (dY·W₀ in a decode-sized backward; x·W₀ᵀ at 33–64 rows) are computed
+// transposed, Cᵀ = Qᵀ·Pᵀ: W₀ then takes the 128-row side of the tile and the few rows of x or dY
+// the 32-column side, so little tensor-core work goes to padding and W₀ streams through once per
+// 32 rows. The epilogues apply bias and the multi-adapter mask by the caller's columns (c_transposed).
 bool transposed(const GemmParams& g) { return g.M <= 64; }
 
 GemmParams transposed_problem(const GemmParams& g) {
@@ -260,6 +260,7 @@ GemmParams transposed_problem(const GemmParams& g) {
   t.Q2 = {g.P2.ptr, g.P2.stride_col, g.P2.stride_row};
   t.stride_cm = g.stride_cn;
   t.stride_cn = g.stride_cm;
+  t.c_transposed = true;  // bias and keep still index the caller's columns
   return t;
 }
 
@@ -269,9 +270,8 @@ namespace detail {
 
 bool wgmma_fits(const GemmParams& g) {
   if (g.M >= wgmma::kBM && g.N >= wgmma::WideTiles::kBN) return true;  // at least one whole wide tile
-  // transposed: needs no bias or mask on C's columns, and Pᵀ (the 32-wide side) K-major
-  return wgmma::transposed(g) && g.N >= 256 && g.bias == nullptr && g.adapters.ids == nullptr &&
-         tensor_core::p_is_k_major(g);
+  // transposed: Pᵀ, the 32-wide side, must be K-major (an MN-major tile narrower than a swizzle atom)
+  return wgmma::transposed(g) && g.N >= 256 && tensor_core::p_is_k_major(g);
 }
 
 int64_t wgmma_workspace_elems(const GemmParams& g) {

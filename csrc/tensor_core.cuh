@@ -102,8 +102,9 @@ __device__ __forceinline__ void store_pair(const Params& params, int64_t m, int6
   float v[2] = {v0, v1};
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    v[e] *= adapter_keep(g.adapters, m, n + e);
-    if (bias != nullptr && n + e < g.N) v[e] += dev::to_float(bias[n + e]);
+    const int64_t row = g.c_transposed ? n + e : m, column = g.c_transposed ? m : n + e;  // of the caller's C
+    v[e] *= adapter_keep(g.adapters, row, column);
+    if (bias != nullptr && n + e < g.N) v[e] += dev::to_float(bias[column]);
   }
   T* out = static_cast<T*>(g.C) + m * g.stride_cm + n * g.stride_cn;
   if (params.pair_store && n + 1 < g.N) {

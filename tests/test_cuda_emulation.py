@@ -288,15 +288,21 @@ def test_emulated_wgmma_few_rows_transposed(lib, shape, dtype, loads, monkeypatc
     assert gemm.kernels[3] == WGMMA, gemm.kernels  # dX
     if sms == 64:
         assert gemm.split[3], gemm.split
-    # a forward without bias at 33-64 rows (with bias it stays on the mma.sync kernel)
-    M, K, N, R = 40, dims[1], 264, dims[3]
-    x, w = guarded(torch.randn(M, K, dtype=dtype)), guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
-    xa, b = guarded(torch.randn(M, R, dtype=dtype)), guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
-    y = gemm(poisoned(M, N, dtype=dtype), x, w.t(), 1.0, xa, b.t(), 2.0)
-    assert gemm.kernels[-1] == WGMMA
-    d = lambda t: t.double()  # noqa: E731
-    assert_close(y, d(x) @ d(w).t() + 2.0 * d(xa) @ d(b).t(), dtype, "y without bias, transposed",
-                 magnitude=d(x).abs() @ d(w).abs().t() + 2.0 * d(xa).abs() @ d(b).abs().t())
+    # the forward at 33-64 rows: its bias indexes the caller's columns (this C's rows)
+    gemm = Gemm(lib)
+    check_against_float64(gemm, 40, dims[1], 264, dims[3], dtype)
+    assert gemm.kernels[1] == WGMMA, gemm.kernels  # y
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_wgmma_multi_adapter_mask_transposed(lib, dtype, monkeypatch):
+    """32 adapters × rank 8 at 40 rows: xa (N = 256) on the transposed wgmma path keeps, per row of
+    x (a column of the transposed product), only its adapter's columns."""
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    torch.manual_seed(7)
+    gemm = Gemm(lib)
+    check_against_float64(gemm, 40, 72, 264, 256, dtype, n_adapters=32)
+    assert gemm.kernels[0] == WGMMA, gemm.kernels  # xa
 
 
 def test_emulated_wgmma_transposed_operands(lib, monkeypatch):
