@@ -93,7 +93,7 @@ def test_default_build_runs_wgmma_on_hopper():
 
 # LORA_KERNELS_WGMMA=1: the products of at least 128 rows and 256 columns on the wgmma kernel (y; dX when
 # in_features ≥ 256 too, with W₀ and A transposed), split along K where the tiles are few (M ≤ 300);
-# at most 64 rows, dX computed transposed on 128×32 tiles (y there is the decode kernel's, or has bias).
+# at most 64 rows, dX (and y from 33 rows, where the decode kernel stops) computed transposed on 128×32 tiles.
 @ON_HOPPER
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (13, 4096, 11008, 16), (24, 1040, 264, 8), (50, 1000, 300, 4),
