@@ -160,11 +160,17 @@ bool wgmma_requested() {
 }
 }  // namespace
 
+// Rows up to which the decode kernel keeps x·W₀ᵀ even when wgmma is asked for: its arrangement
+// for them was measured level with cuBLAS (H100, 2026-11-22); from 9 rows wgmma's transposed
+// path competes with the decode kernel's split-K arrangement, neither measured yet.
+constexpr int64_t kDecodeFirstRows = 8;
+
 Kernel choose_kernel(DType dtype, const GemmParams& p) {
-  if (p.M <= kDecodeMaxRows && p.Q.stride_row == 1) return Kernel::kDecode;
-  if (dtype == DType::kFloat32) return Kernel::kSimt;
-  if (detail::wgmma_fits(p) && wgmma_requested()) return Kernel::kWgmma;
-  return Kernel::kTensorCore;
+  const bool decode = p.M <= kDecodeMaxRows && p.Q.stride_row == 1;
+  if (decode && p.M <= kDecodeFirstRows) return Kernel::kDecode;
+  if (dtype != DType::kFloat32 && detail::wgmma_fits(p) && wgmma_requested()) return Kernel::kWgmma;
+  if (decode) return Kernel::kDecode;
+  return dtype == DType::kFloat32 ? Kernel::kSimt : Kernel::kTensorCore;
 }
 
 namespace {

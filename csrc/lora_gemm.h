@@ -58,7 +58,7 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): W₀ streamed once with
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned
 //                rows, else one warp per row of W₀; the LoRA term added before the single write
-//                (csrc/lora_decode.cu)
+//                (csrc/lora_decode.cu). Where kWgmma is asked for and fits, only up to 8 rows.
 //   kWgmma       float16/bfloat16 with M ≥ 128 and N ≥ 256 (or M ≤ 64 and N ≥ 256, computed
 //                transposed), on an sm_90a build running on a
 //                compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor cores fed by

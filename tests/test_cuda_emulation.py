@@ -286,6 +286,8 @@ def test_emulated_wgmma_few_rows_transposed(lib, shape, dtype, loads, monkeypatc
     gemm = Gemm(lib)
     check_against_float64(gemm, *dims, dtype)
     assert gemm.kernels[3] == WGMMA, gemm.kernels  # dX
+    M, N = dims[0], dims[2]  # y: the decode kernel up to 8 rows, then wgmma where N ≥ 256
+    assert gemm.kernels[1] == (DECODE if M <= 8 else WGMMA if N >= 256 else TENSOR_CORE), gemm.kernels
     if sms == 64:
         assert gemm.split[3], gemm.split
     # the forward at 33-64 rows: its bias indexes the caller's columns (this C's rows)
