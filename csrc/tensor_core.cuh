@@ -165,12 +165,14 @@ struct Split {
 constexpr int kMaxSplits = 64;
 
 // When the output tiles (BM×BN) fill less than one wave of SMs: enough splits of the BK-deep K tiles
-// for about blocks_per_sm blocks per SM, each split at least min_tiles_per_split K steps.
+// for about blocks_per_sm blocks per SM, each split at least min_tiles_per_split K steps. (With one
+// block per SM the count is rounded down, so that the blocks stay within one wave.)
 inline Split plan_split(const GemmParams& g, int BM, int BN, int BK, int min_tiles_per_split, int blocks_per_sm) {
   const int all_tiles = static_cast<int>(dev::cdiv(g.K, BK) + dev::cdiv(g.K2, BK));
   const int64_t blocks = dev::cdiv(g.M, BM) * dev::cdiv(g.N, BN);
-  const int sms = dev::sm_count();
-  const int64_t wanted = blocks >= sms ? 1 : dev::cdiv(static_cast<int64_t>(blocks_per_sm) * sms, blocks);
+  const int64_t slots = static_cast<int64_t>(blocks_per_sm) * dev::sm_count();
+  int64_t wanted = 1;
+  if (blocks < slots / blocks_per_sm) wanted = blocks_per_sm == 1 ? slots / blocks : dev::cdiv(slots, blocks);
   int64_t splits = wanted < all_tiles / min_tiles_per_split ? wanted : all_tiles / min_tiles_per_split;
   splits = splits < kMaxSplits ? splits : kMaxSplits;
   if (splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
