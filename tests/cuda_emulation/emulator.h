@@ -20,9 +20,19 @@
 //     copy may land before that read; a missing __syncthreads before refilling a stage);
 //   - launch limits: threads per block, grid y/z, and dynamic shared memory over 48 KiB without
 //     allow_dynamic_smem (over 227 KiB at all).
+//
+// wgmma (sm_90a) is computed per thread from the shared memory its matrix descriptors describe (the
+// PTX ISA's canonical 128-byte-swizzled layouts), when the wgmma.wait_group that retires it runs.
+// Bulk tensor copies (TMA) land, swizzled and zero-filled past the tensor's edges, at the first
+// wait on their mbarrier's phase. Reported: a wgmma read of a cp.async copy not fenced for the async
+// proxy (fence.proxy.async) before a barrier, or of a TMA box whose phase no one has waited for; a
+// copy (cp.async or TMA) into a chunk a wgmma still reads; an expect_tx that does not match the
+// bytes copied; a wait that would never complete.
+//
 // What this cannot see: plain loads and stores to shared memory (element-wise staging, the
 // decode and SIMT kernels' reductions) in the race check, timing, registers. compute-sanitizer
-// on a GPU covers the first; nvcc --resource-usage the last.
+// on a GPU covers the first; nvcc --resource-usage the last. For wgmma and TMA it encodes our
+// reading of the PTX ISA; only a GPU can confirm that reading.
 #pragma once
 #define LORA_KERNELS_EMULATE 1
 
