@@ -1,9 +1,10 @@
 """The CUDA kernels of csrc/, run on the CPU by tests/cuda_emulation/emulator.h, against float64.
 
-This is how the CUDA backend's kernels (decode GEMV, tensor-core mma.sync GEMM, SIMT) are checked
-on machines without a GPU: the unchanged kernel sources are compiled with g++, every CUDA thread
-an OS thread, the warp-collective instructions (ldmatrix, mma.sync, shuffles) computed as the PTX
-ISA defines them per lane, cp.async landing only at its wait. Each test runs the six products of
+This is how the CUDA backend's kernels (decode GEMV, tensor-core mma.sync and wgmma GEMMs, SIMT) are
+checked on machines without a GPU: the unchanged kernel sources are compiled with g++, every CUDA
+thread an OS thread, the warp-collective instructions (ldmatrix, mma.sync, shuffles; wgmma per
+warpgroup) computed as the PTX ISA defines them per lane, cp.async landing only at its wait and
+TMA boxes at their mbarrier's. Each test runs the six products of
 one forward + backward exactly as csrc/bindings.cpp composes them (same operands, strides and
 scales), on fresh random inputs, into NaN-poisoned outputs. Every launch must also pass the
 emulator's shared-memory checks (bounds, alignment, races; see emulator.h), and every tensor sits
