@@ -1,7 +1,7 @@
 // Tensor-core GEMM on wgmma (sm_90a: H100, H200), for float16 and bfloat16; what it computes, and
 // the helpers it shares with the mma.sync kernel of lora_tensor_core.cu, are in tensor_core.cuh.
 // launch_gemm picks it where the device runs it and LORA_KERNELS_WGMMA=1 asks for it, for products
-// of at least 128 rows and 256 columns, and for those of at most 64 rows computed transposed
+// of at least 256 columns: from 65 rows on 128×256 tiles, up to 64 rows computed transposed
 // (transposed_problem below).
 //
 // Tiling. A block of two warpgroups (256 threads) owns a 128×BN tile of C; warpgroup w computes
@@ -47,7 +47,7 @@ struct Config {
   // The stages, room to align them to 1024 bytes, and one mbarrier per stage (TMA).
   static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + STAGES_ * 8;
 };
-// 128×256 tiles, 4 stages (192 KiB): the large products.
+// 128×256 tiles, 4 stages (192 KiB): products of more than 64 rows.
 using WideTiles = Config<256, 4>;
 // 128×32 tiles, 8 stages (160 KiB): products of at most 64 rows computed transposed (see
 // transposed_problem), W₀ on the 128-row side; memory-bound, so 6 tiles of W₀ in flight per block.
@@ -269,7 +269,8 @@ GemmParams transposed_problem(const GemmParams& g) {
 namespace detail {
 
 bool wgmma_fits(const GemmParams& g) {
-  if (g.M >= wgmma::kBM && g.N >= wgmma::WideTiles::kBN) return true;  // at least one whole wide tile
+  // 65 rows and more on wide tiles (under 128 rows the tile is part padding, but W₀ streams once)
+  if (!wgmma::transposed(g) && g.N >= wgmma::WideTiles::kBN) return true;
   // transposed: Pᵀ, the 32-wide side, must be K-major (an MN-major tile narrower than a swizzle atom)
   return wgmma::transposed(g) && g.N >= 256 && tensor_core::p_is_k_major(g);
 }

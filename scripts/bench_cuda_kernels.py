@@ -39,7 +39,7 @@ def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
 
 
 # Columns that run with a switch of csrc/ set: y's decode kernel launched after xa's ends instead of
-# overlapping it; the products of at least 128 rows and 256 columns on the wgmma kernel.
+# overlapping it; the products of at least 256 columns on the wgmma kernel.
 ENV = {"no PDL": {"LORA_KERNELS_PDL": "0"}, "wgmma": {"LORA_KERNELS_WGMMA": "1"}}
 
 

@@ -233,13 +233,14 @@ def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
         assert gemm.split[0] and gemm.split[2], gemm.split  # the masked xa and g went through split_k_reduce
 
 
-# (M, K, N, R, emulated SMs): the products of at least 128 rows and 256 columns on the wgmma kernel.
+# (M, K, N, R, emulated SMs): the products of more than 64 rows and at least 256 columns on the wgmma kernel.
 WGMMA_SHAPES = [
     (300, 72, 264, 16, 8),     # y: K-major operands, one ragged K tile then the LoRA tile
     (290, 264, 270, 16, 8),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma)
     (260, 136, 520, 4, 8),     # r = 4: B and A staged element by element; three ragged column tiles
     (300, 520, 264, 8, 64),    # a 64-SM GPU: y and dX split along K, then split_k_reduce
     (130, 264, 300, 16, 64),   # one 128-row tile and a ragged one, split along K across the LoRA tile
+    (70, 264, 300, 8, 8),      # 70 rows: one part-padded 128-row tile
 ]
 
 

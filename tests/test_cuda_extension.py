@@ -91,7 +91,7 @@ def test_default_build_runs_wgmma_on_hopper():
     assert lora_kernels.cuda.wgmma_supported()
 
 
-# LORA_KERNELS_WGMMA=1: the products of at least 128 rows and 256 columns on the wgmma kernel (y; dX when
+# LORA_KERNELS_WGMMA=1: the products of over 64 rows and at least 256 columns on the wgmma kernel (y; dX when
 # in_features ≥ 256 too, with W₀ and A transposed), split along K where the tiles are few (M ≤ 300);
 # at most 64 rows, dX (and y from 33 rows, where the decode kernel stops) computed transposed on 128×32 tiles.
 @ON_HOPPER
