@@ -91,15 +91,15 @@ def test_default_build_runs_wgmma_on_hopper():
     assert lora_kernels.cuda.wgmma_supported()
 
 
-# LORA_KERNELS_WGMMA=1: the products of over 64 rows and at least 256 columns on the wgmma kernel (y; dX when
-# in_features ≥ 256 too, with W₀ and A transposed), split along K where the tiles are few (M ≤ 300);
-# at most 64 rows, dX (and y from 33 rows, where the decode kernel stops) computed transposed on 128×32 tiles.
+# LORA_KERNELS_WGMMA=1: the products with at least 256 columns on the wgmma kernel. Over 64 rows on
+# 128×256 tiles (y; dX when in_features ≥ 256 too, with W₀ and A transposed; dA at r = 128), split
+# along K where the tiles are few; up to 64 rows computed transposed on 128×32 tiles (dX, and y from
+# 9 rows: the decode kernel keeps 1-8).
 @ON_HOPPER
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (13, 4096, 11008, 16), (24, 1040, 264, 8), (50, 1000, 300, 4),
-                                   (100, 1000, 300, 8),
-                                   (128, 4096, 4096, 16), (160, 1000, 300, 8), (300, 520, 264, 16),
-                                   (290, 264, 270, 4), (300, 1000, 520, 128),
+                                   (100, 1000, 300, 8), (128, 4096, 4096, 16), (160, 1000, 300, 8),
+                                   (300, 520, 264, 16), (290, 264, 270, 4), (300, 1000, 520, 128),
                                    (600, 1024, 1040, 16), (1024, 4096, 11008, 16), (8192, 4096, 4096, 16),
                                    (4100, 4104, 4112, 64)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("loads", ["tma", "cp.async"])
