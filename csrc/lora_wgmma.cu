@@ -67,16 +67,25 @@ struct Sw128Tile {
     }
   }
   // TMA: the tile (i0.., k0..) of the operand `map` describes (K-major: boxes of 64 k × TILE_I
-  // rows; MN-major: boxes of 64 columns × kBK rows, one per column block).
-  __device__ __forceinline__ static void copy(void* tile, const CUtensorMap* map, int64_t i0, int64_t k0,
+  // rows; MN-major: boxes of 64 columns × kBK rows, one per column block). A tile starts inside the
+  // operand, but an MN-major column block can lie wholly past its extent_i: that box is not copied
+  // (its stale columns only feed outputs past the edge, which are not written).
+  __device__ __forceinline__ static int boxes(int64_t i0, int64_t extent_i) {
+    if (K_MAJOR) return 1;
+    const int64_t blocks = (extent_i - i0 + 63) / 64;
+    return blocks < TILE_I / 64 ? static_cast<int>(blocks) : TILE_I / 64;
+  }
+  __device__ __forceinline__ static uint32_t box_bytes() { return 2 * (K_MAJOR ? TILE_I * kBK : kColumnBlockElems); }
+  __device__ __forceinline__ static void copy(void* tile, const CUtensorMap* map, int64_t i0, int64_t k0, int count,
                                               uint64_t* bar) {
     if (K_MAJOR) {
       dev::tma_load_2d(tile, map, static_cast<int32_t>(k0), static_cast<int32_t>(i0), bar);
     } else {
 #pragma unroll
       for (int b = 0; b < TILE_I / 64; ++b)
-        dev::tma_load_2d(static_cast<char*>(tile) + 2 * b * kColumnBlockElems, map, static_cast<int32_t>(i0 + 64 * b),
-                         static_cast<int32_t>(k0), bar);
+        if (b < count)
+          dev::tma_load_2d(static_cast<char*>(tile) + 2 * b * kColumnBlockElems, map,
+                           static_cast<int32_t>(i0 + 64 * b), static_cast<int32_t>(k0), bar);
     }
   }
   // Descriptor of the 16 k from kk on of the rows (or columns) from i0 on; i0 a multiple of 64.
@@ -129,11 +138,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (TMA) {
       if (threadIdx.x != 0) return;
       uint64_t* bar = &landed[local % kStages];
-      dev::mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);  // the boxes are whole, zero-filled past the edges
       const bool main = t < range.k_tiles;
       const int64_t k0 = int64_t(main ? t : t - range.k_tiles) * kBK;
-      PTile::copy(p_tile, main ? &maps.P : &maps.P2, m0, k0, bar);
-      QTile::copy(q_tile, main ? &maps.Q : &maps.Q2, n0, k0, bar);
+      const int p_boxes = PTile::boxes(m0, g.M), q_boxes = QTile::boxes(n0, g.N);
+      // boxes count whole, the parts past the tensor's edges zero-filled
+      dev::mbarrier_arrive_expect_tx(bar, p_boxes * PTile::box_bytes() + q_boxes * QTile::box_bytes());
+      PTile::copy(p_tile, main ? &maps.P : &maps.P2, m0, k0, p_boxes, bar);
+      QTile::copy(q_tile, main ? &maps.Q : &maps.Q2, n0, k0, q_boxes, bar);
     } else if (t < range.k_tiles) {
       load_tile<T, PTile, kThreads>(p_tile, ops.P, m0, int64_t(t) * kBK, params.vec[0]);
       load_tile<T, QTile, kThreads>(q_tile, ops.Q, n0, int64_t(t) * kBK, params.vec[1]);
