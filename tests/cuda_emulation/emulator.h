@@ -157,14 +157,36 @@ inline int chunk_of(const void* p, const char* what) {
   return static_cast<int>(offset / 16);
 }
 
-// cp.async copies issued by this thread: the open group, then committed groups oldest first.
+// Asynchronous operations a thread issued (cp.async copies, wgmmas): the open group, then the
+// committed groups oldest first. A wait that allows `pending` groups in flight retires the older
+// ones, in order, each through `retire` (which lands a copy or computes a wgmma).
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::deque<std::vector<Op>> committed;
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  template <typename Retire>
+  void wait(size_t pending, Retire retire) {
+    while (committed.size() > pending) {
+      retire(committed.front());
+      committed.pop_front();
+    }
+  }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
+};
+
 struct Copy {
   unsigned char* dst;
   const unsigned char* src;
   int bytes, chunk;
 };
-inline thread_local std::vector<Copy> open_group;
-inline thread_local std::deque<std::vector<Copy>> committed_groups;
+inline thread_local AsyncGroups<Copy> cp_asyncs;  // this thread's cp.async copies
 inline thread_local std::vector<int> unfenced;  // chunks this thread's copies landed in since its last fence.proxy.async
 
 inline void land(const std::vector<Copy>& group) {
@@ -218,8 +240,7 @@ struct WgmmaOp {
   bool trans_a, trans_b, bf16;
   std::vector<int> chunks;  // what it reads; kept by the warpgroup's first thread, which does the bookkeeping
 };
-inline thread_local std::vector<WgmmaOp> wgmma_open;
-inline thread_local std::deque<std::vector<WgmmaOp>> wgmma_groups;
+inline thread_local AsyncGroups<WgmmaOp> wgmmas;  // this thread's share of its warpgroup's wgmmas
 
 // Launch limits a GPU would refuse (cudaErrorInvalidConfiguration / launch out of resources).
 inline std::mutex attributes_mutex;
@@ -271,11 +292,9 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_
             block_dim = threads;
             grid_dim = grid;
             epoch = 0;
-            open_group.clear();
-            committed_groups.clear();
+            cp_asyncs.clear();
             unfenced.clear();
-            wgmma_open.clear();
-            wgmma_groups.clear();
+            wgmmas.clear();
             kernel(args...);
           });
         for (auto& th : pool) th.join();
@@ -361,19 +380,13 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
     emu::report("cp.async source %p is not 16-byte aligned", src);
   if (chunk < 0 || src_bytes < 0 || src_bytes > 16) return;
   emu::record_write(chunk);
-  emu::open_group.push_back(
+  emu::cp_asyncs.open.push_back(
       {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), src_bytes, chunk});
 }
-inline void cp_async_commit() {
-  emu::committed_groups.push_back(std::move(emu::open_group));
-  emu::open_group.clear();
-}
+inline void cp_async_commit() { emu::cp_asyncs.commit(); }
 template <int pending>
 inline void cp_async_wait() {
-  while (emu::committed_groups.size() > pending) {
-    emu::land(emu::committed_groups.front());
-    emu::committed_groups.pop_front();
-  }
+  emu::cp_asyncs.wait(pending, emu::land);
 }
 
 inline float warp_sum(float v) {
@@ -508,18 +521,12 @@ inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) 
       ++c.wgmma_pending;
     }
   }
-  emu::wgmma_open.push_back(std::move(op));
+  emu::wgmmas.open.push_back(std::move(op));
 }
-inline void wgmma_commit() {
-  emu::wgmma_groups.push_back(std::move(emu::wgmma_open));
-  emu::wgmma_open.clear();
-}
+inline void wgmma_commit() { emu::wgmmas.commit(); }
 template <int pending>
 inline void wgmma_wait() {
-  while (emu::wgmma_groups.size() > pending) {
-    emu::retire(emu::wgmma_groups.front());
-    emu::wgmma_groups.pop_front();
-  }
+  emu::wgmmas.wait(pending, emu::retire);
 }
 inline bool supports_wgmma() { return true; }
 
