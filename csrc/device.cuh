@@ -364,6 +364,19 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // ⌈a / b⌉ for tile and block counts.
 __host__ __device__ __forceinline__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Split-K: `steps` steps of K shared among as many splits as `wanted`, at most max_splits and each
+// at least min_steps long, none left empty; {1, steps} (at least 1 step) when that is one split.
+struct KSplit {
+  int64_t splits, steps_per_split;
+};
+inline KSplit split_steps(int64_t steps, int64_t wanted, int64_t min_steps, int64_t max_splits) {
+  int64_t splits = wanted < steps / min_steps ? wanted : steps / min_steps;
+  splits = splits < max_splits ? splits : max_splits;
+  if (splits <= 1) return {1, steps > 0 ? steps : 1};
+  const int64_t per_split = cdiv(steps, splits);
+  return {cdiv(steps, per_split), per_split};
+}
+
 __host__ __device__ __forceinline__ float to_float(float v) { return v; }
 __host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -316,12 +316,9 @@ MmaPlan plan_mma(const GemmParams& g, bool have_workspace) {
   const int64_t slices = g.K > 0 ? dev::cdiv(g.K, kMmaSlice) : 1;
   if (g.M <= 8) return {kWarps, 1, slices};
   const int64_t blocks = dev::cdiv(g.N, kWarps * kMmaTile), sms = dev::sm_count();
-  int64_t splits = !have_workspace || blocks >= 2 * sms ? 1 : dev::cdiv(2 * sms, blocks);
-  splits = splits < slices / kMmaMinSlicesPerSplit ? splits : slices / kMmaMinSlicesPerSplit;
-  splits = splits < kMmaMaxSplits ? splits : kMmaMaxSplits;
-  if (splits < 1) splits = 1;
-  const int64_t per_split = dev::cdiv(slices, splits);
-  return {1, static_cast<int>(dev::cdiv(slices, per_split)), per_split};  // no empty split
+  const int64_t wanted = !have_workspace || blocks >= 2 * sms ? 1 : dev::cdiv(2 * sms, blocks);
+  const dev::KSplit split = dev::split_steps(slices, wanted, kMmaMinSlicesPerSplit, kMmaMaxSplits);
+  return {1, static_cast<int>(split.splits), split.steps_per_split};
 }
 
 template <typename T, int X_TILES, int WARPS_K>

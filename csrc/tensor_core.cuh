@@ -173,11 +173,8 @@ inline Split plan_split(const GemmParams& g, int BM, int BN, int BK, int min_til
   const int64_t slots = static_cast<int64_t>(blocks_per_sm) * dev::sm_count();
   int64_t wanted = 1;
   if (blocks < slots / blocks_per_sm) wanted = blocks_per_sm == 1 ? slots / blocks : dev::cdiv(slots, blocks);
-  int64_t splits = wanted < all_tiles / min_tiles_per_split ? wanted : all_tiles / min_tiles_per_split;
-  splits = splits < kMaxSplits ? splits : kMaxSplits;
-  if (splits <= 1) return {1, all_tiles > 0 ? all_tiles : 1};
-  const int per_split = static_cast<int>(dev::cdiv(all_tiles, splits));
-  return {static_cast<int>(dev::cdiv(all_tiles, per_split)), per_split};  // no empty split
+  const dev::KSplit split = dev::split_steps(all_tiles, wanted, min_tiles_per_split, kMaxSplits);
+  return {static_cast<int>(split.splits), static_cast<int>(split.steps_per_split)};
 }
 
 // Launch `kernel` (params, extra...) over BM×BN tiles of C, split along K as `split` says (where a
