@@ -172,6 +172,26 @@ __device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_
 #endif
 }
 
+// Warp specialization (sm_90a): this warpgroup's registers per thread become REGS (a multiple of 8,
+// 24-256), handed back to (dec) or taken from (inc) the block's pool; every warp of the warpgroup
+// executes it. A block is given registers for whole warpgroups at launch (its __launch_bounds__),
+// so a producer warpgroup that needs few can give them to the consumers that hold accumulators.
+template <int REGS>
+__device__ __forceinline__ void release_registers() {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+#endif
+}
+template <int REGS>
+__device__ __forceinline__ void claim_registers() {
+#ifdef LORA_KERNELS_WGMMA_ASM
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+#endif
+}
+
+// All lanes of the warp reach this point before any goes on (__syncwarp).
+__device__ __forceinline__ void sync_warp() { __syncwarp(); }
+
 // Bulk tensor copies (TMA, sm_90) completing on an mbarrier. One thread starts a copy of a box of a
 // 2-D tensor (a CUtensorMap made on the host by encode_tensor_map_2d) into shared memory; the copy
 // engine writes it in the map's swizzle, zero-fills what lies outside the tensor, and counts the
@@ -189,6 +209,12 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
                : "memory");
+#endif
+}
+// One of the phase's arrivals, with no bytes (a consumer that is done with a stage).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
 #endif
 }
 // Until the phase of this parity has completed.

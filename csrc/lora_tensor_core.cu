@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const Views ops = views_of(g);
-  const TileRange range = tile_range<kBK>(params);  // this split's share of the K tiles
+  const TileRange range = tile_range<kBK>(params, blockIdx.z);  // this split's share of the K tiles
   const int k_tiles = range.k_tiles, first_tile = range.first, total_tiles = range.count;
 
   auto load = [&](int local) {
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
       const int64_t m = m0 + warp_m0 + i * 16 + lane / 4 + 8 * half;
 #pragma unroll
       for (int j = 0; j < kFragsN; ++j)
-        store_pair<T>(params, m, n0 + warp_n0 + j * 8 + 2 * (lane % 4), out_scale * acc[i][j][2 * half],
+        store_pair<T>(params, blockIdx.z, m, n0 + warp_n0 + j * 8 + 2 * (lane % 4), out_scale * acc[i][j][2 * half],
                       out_scale * acc[i][j][2 * half + 1]);
     }
 }
@@ -181,7 +181,7 @@ cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
   return with_layouts(params.g, [&](auto p_k_major, auto q_k_major) {
     auto kernel = tensor_core_gemm<T, Cfg, decltype(p_k_major)::value, decltype(q_k_major)::value>;
     return launch_tiles(kernel, params, plan_split_for<Cfg>(params.g), Cfg::kBM, Cfg::kBN, Cfg::kThreads,
-                        Cfg::kSmemBytes, stream);
+                        Cfg::kSmemBytes, false, stream);
   });
 }
 

@@ -37,6 +37,11 @@ using namespace tensor_core;
 
 constexpr int kBM = 128, kBK = 64;
 constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of the tile
+constexpr int kProducerThreads = 128;     // wgmma_gemm_producer: one more warpgroup, which starts the copies
+// ... and registers per thread there: launched with 168 (65536 / 384), the producer warpgroup gives
+// back all but 40 and the consumers take up to 232 (40·128 + 232·256 ≤ 65536), so that their 128
+// accumulators (128×256 tiles) and the addressing fit without spilling.
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 constexpr int kMinTilesPerSplit = 2;      // 128 of K
 constexpr int kGroupM = 8;                // row tiles per group of the launch order
 
@@ -44,8 +49,8 @@ template <int BN_, int STAGES_>
 struct Config {
   static constexpr int kBN = BN_, kStages = STAGES_;
   static constexpr int kStageElems = (kBM + BN_) * kBK, kStageBytes = kStageElems * 2;
-  // The stages, room to align them to 1024 bytes, and one mbarrier per stage (TMA).
-  static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + STAGES_ * 8;
+  // The stages, room to align them to 1024 bytes, and two mbarriers per stage (see Stages).
+  static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + 2 * STAGES_ * 8;
 };
 // 128×256 tiles, 4 stages (192 KiB): products of more than 64 rows.
 using WideTiles = Config<256, 4>;
@@ -96,113 +101,240 @@ struct Sw128Tile {
   }
 };
 
-// The operands' tensor maps, for the TMA variant (kernel parameters: the copy engine reads them there).
+// The operands' tensor maps, for the TMA variants (kernel parameters: the copy engine reads them there).
 struct TensorMaps {
   CUtensorMap P, Q, P2, Q2;
 };
 
+// Shared memory: kStages stages of a P tile then a Q tile, each starting on a 1024-byte boundary
+// (the swizzle repeats every 1024 bytes of the shared address space), then one mbarrier per stage
+// that its TMA copies complete on (`landed`) and, in the producer kernel, one per stage that the
+// consumers arrive on when they are done with it (`freed`).
+template <typename T, typename Cfg>
+struct Stages {
+  T* tiles;
+  uint32_t address;
+  uint64_t *landed, *freed;
+  __device__ __forceinline__ explicit Stages(unsigned char* smem) {
+    tiles = reinterpret_cast<T*>(smem + (1024 - dev::smem_address(smem) % 1024) % 1024);
+    address = dev::smem_address(tiles);
+    landed = reinterpret_cast<uint64_t*>(tiles + Cfg::kStages * Cfg::kStageElems);
+    freed = landed + Cfg::kStages;
+  }
+  __device__ __forceinline__ T* p_tile(int s) const { return tiles + s * Cfg::kStageElems; }
+  __device__ __forceinline__ uint32_t p_address(int s) const { return address + 2 * s * Cfg::kStageElems; }
+};
+
+// One block's share of the work: a 128×BN output tile, and its split's K tiles.
+struct Work {
+  int64_t m0, n0;
+  int split;
+  TileRange range;
+};
+// Work unit `unit` of tiles × splits, split-major, the tiles in grouped order (tensor_core.cuh).
+template <int BN>
+__device__ __forceinline__ Work work_of(const Params& params, int64_t unit) {
+  const int64_t tiles_m = dev::cdiv(params.g.M, kBM), tiles_n = dev::cdiv(params.g.N, BN);
+  const int split = static_cast<int>(unit / (tiles_m * tiles_n));
+  const TileCoord tile = grouped_tile(unit % (tiles_m * tiles_n), tiles_m, tiles_n, kGroupM);
+  return {tile.m * kBM, tile.n * BN, split, tile_range<kBK>(params, split)};
+}
+
+// One thread: start the bulk tensor copies of K tile `local` of the work into a stage, announcing
+// their bytes on `bar` (boxes count whole, the parts past the tensor's edges zero-filled).
+template <typename PTile, typename QTile, typename T>
+__device__ __forceinline__ void copy_stage(T* p_tile, const TensorMaps& maps, const GemmParams& g, const Work& w,
+                                           int local, uint64_t* bar) {
+  const int t = w.range.first + local;
+  const bool main = t < w.range.k_tiles;
+  const int64_t k0 = int64_t(main ? t : t - w.range.k_tiles) * kBK;
+  const int p_boxes = PTile::boxes(w.m0, g.M), q_boxes = QTile::boxes(w.n0, g.N);
+  dev::mbarrier_arrive_expect_tx(bar, p_boxes * PTile::box_bytes() + q_boxes * QTile::box_bytes());
+  PTile::copy(p_tile, main ? &maps.P : &maps.P2, w.m0, k0, p_boxes, bar);
+  QTile::copy(p_tile + kBM * kBK, main ? &maps.Q : &maps.Q2, w.n0, k0, q_boxes, bar);
+}
+
+// acc (this warpgroup's 64 rows of the tile) += the product of the K tile staged at p_address, as
+// one committed group of kBK/16 wgmmas.
+template <typename T, int BN, bool P_K_MAJOR, bool Q_K_MAJOR>
+__device__ __forceinline__ void multiply_stage(float (&acc)[BN / 2], uint32_t p_address) {
+  using PTile = Sw128Tile<kBM, P_K_MAJOR>;
+  using QTile = Sw128Tile<BN, Q_K_MAJOR>;
+  const uint32_t q_address = p_address + 2 * kBM * kBK;
+  const int warpgroup = threadIdx.x / 128;
+  dev::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    dev::wgmma_m64nNk16<T, BN, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
+                                                       QTile::descriptor(q_address, 0, kk));
+  }
+  dev::wgmma_commit();
+}
+
+// acc = 0. Called at the first K tile, inside the loop (and after the loop where it ran no tile:
+// K = 0, bias alone): zeroed before the loop, the accumulators made ptxas serialize every wgmma
+// ("C7515: non wgmma instructions defining accumulator registers", nvcc 13.0).
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = 0.0f;
+}
+
+// Before the first K tile of P2·Q2: acc = alpha/alpha2 · P·Q, so that alpha2 scales the sum at the end.
+template <int N>
+__device__ __forceinline__ void rescale_before_lora(float (&acc)[N], const GemmParams& g) {
+  dev::wgmma_wait<0>();
+  dev::fence_accumulators(acc);
+  const float ratio = g.alpha / g.alpha2;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] *= ratio;
+}
+
+// Epilogue (after the last wgmma_wait): acc[4j + e] is row 16·(warp % 4) + lane/4 + 8·(e/2),
+// column 8j + 2·(lane % 4) + e % 2 of this warpgroup's 64 rows.
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile(const Params& params, const Work& w, const float (&acc)[BN / 2]) {
+  const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4, warpgroup = threadIdx.x / 128;
+  const int64_t row0 = w.m0 + 64 * warpgroup + 16 * warp_in_group + lane / 4;
+  const float out_scale = w.range.out_scale(params.g);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      store_pair<T>(params, w.split, row0 + 8 * half, w.n0 + 8 * j + 2 * (lane % 4),
+                    out_scale * acc[4 * j + 2 * half], out_scale * acc[4 * j + 2 * half + 1]);
+}
+
+// One block per tile and split; all 256 threads multiply, and the stages are filled in step with
+// the multiplication: TMA started by one thread, or (TMA false) cp.async by every thread.
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR, bool TMA>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
-  constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages, kStageElems = Cfg::kStageElems;
+  constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages;
   using PTile = Sw128Tile<kBM, P_K_MAJOR>;
   using QTile = Sw128Tile<kBN, Q_K_MAJOR>;
   LORA_DYNAMIC_SMEM(smem);
-  // The swizzle repeats every 1024 bytes of the shared address space: start the stages on one.
-  const uint32_t smem_base = dev::smem_address(smem);
-  T* stages = reinterpret_cast<T*>(smem + (1024 - smem_base % 1024) % 1024);
-  const uint32_t stages_address = dev::smem_address(stages);
-  uint64_t* landed = reinterpret_cast<uint64_t*>(stages + kStages * kStageElems);  // TMA: one mbarrier per stage
+  const Stages<T, Cfg> stages(smem);
   if (TMA && threadIdx.x == 0) {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) dev::mbarrier_init(&landed[s], 1);
+    for (int s = 0; s < kStages; ++s) dev::mbarrier_init(&stages.landed[s], 1);
   }
   if (TMA) __syncthreads();  // the barriers are initialised before anyone waits on them
 
   const GemmParams& g = params.g;
-  // Tiles in groups of kGroupM rows of tiles, column by column within a group: the blocks running
-  // at one time share a few column tiles of Q (W₀) and kGroupM row tiles of P, which stay in L2.
-  const int64_t tile = blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;
-  const int64_t group = tile / (static_cast<int64_t>(kGroupM) * gridDim.y), first_m = group * kGroupM;
-  const int64_t rows_in_group = gridDim.x - first_m < kGroupM ? gridDim.x - first_m : kGroupM;
-  const int64_t in_group = tile - first_m * gridDim.y;
-  const int64_t m0 = (first_m + in_group % rows_in_group) * kBM;
-  const int64_t n0 = (in_group / rows_in_group) * kBN;
+  const Work w = work_of<kBN>(params, blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z));
   const Views ops = views_of(g);
-  const TileRange range = tile_range<kBK>(params);  // this split's share of the K tiles
 
   auto load = [&](int local) {
-    const int t = range.first + local;
-    T* p_tile = stages + (local % kStages) * kStageElems;
+    T* p_tile = stages.p_tile(local % kStages);
     T* q_tile = p_tile + kBM * kBK;
+    const int t = w.range.first + local;
     if (TMA) {
-      if (threadIdx.x != 0) return;
-      uint64_t* bar = &landed[local % kStages];
-      const bool main = t < range.k_tiles;
-      const int64_t k0 = int64_t(main ? t : t - range.k_tiles) * kBK;
-      const int p_boxes = PTile::boxes(m0, g.M), q_boxes = QTile::boxes(n0, g.N);
-      // boxes count whole, the parts past the tensor's edges zero-filled
-      dev::mbarrier_arrive_expect_tx(bar, p_boxes * PTile::box_bytes() + q_boxes * QTile::box_bytes());
-      PTile::copy(p_tile, main ? &maps.P : &maps.P2, m0, k0, p_boxes, bar);
-      QTile::copy(q_tile, main ? &maps.Q : &maps.Q2, n0, k0, q_boxes, bar);
-    } else if (t < range.k_tiles) {
-      load_tile<T, PTile, kThreads>(p_tile, ops.P, m0, int64_t(t) * kBK, params.vec[0]);
-      load_tile<T, QTile, kThreads>(q_tile, ops.Q, n0, int64_t(t) * kBK, params.vec[1]);
+      if (threadIdx.x == 0) copy_stage<PTile, QTile>(p_tile, maps, g, w, local, &stages.landed[local % kStages]);
+    } else if (t < w.range.k_tiles) {
+      load_tile<T, PTile, kThreads>(p_tile, ops.P, w.m0, int64_t(t) * kBK, params.vec[0]);
+      load_tile<T, QTile, kThreads>(q_tile, ops.Q, w.n0, int64_t(t) * kBK, params.vec[1]);
     } else {
-      load_tile<T, PTile, kThreads>(p_tile, ops.P2, m0, int64_t(t - range.k_tiles) * kBK, params.vec[2]);
-      load_tile<T, QTile, kThreads>(q_tile, ops.Q2, n0, int64_t(t - range.k_tiles) * kBK, params.vec[3]);
+      load_tile<T, PTile, kThreads>(p_tile, ops.P2, w.m0, int64_t(t - w.range.k_tiles) * kBK, params.vec[2]);
+      load_tile<T, QTile, kThreads>(q_tile, ops.Q2, w.n0, int64_t(t - w.range.k_tiles) * kBK, params.vec[3]);
     }
   };
 
   constexpr int kAhead = kStages - 2;  // tiles in flight ahead of the one multiplied
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < range.count) load(s);
+    if (s < w.range.count) load(s);
     if (!TMA) dev::cp_async_commit();  // (an empty group where there are fewer tiles: the wait count stays right)
   }
 
-  const int warpgroup = threadIdx.x / 128;
-  float acc[kBN / 2] = {};
-  for (int t = 0; t < range.count; ++t) {
+  float acc[kBN / 2];
+  for (int t = 0; t < w.range.count; ++t) {
+    if (t == 0) zero(acc);
     if (!TMA) {
       dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
       dev::fence_proxy_async();           // ... is visible to the tensor cores, after the barrier
     }
     __syncthreads();  // (every thread's copies of tile t;) both warpgroups have waited for the wgmmas of tile t - 2
-    if (t + kAhead < range.count) load(t + kAhead);  // into tile t - 2's buffer
+    if (t + kAhead < w.range.count) load(t + kAhead);  // into tile t - 2's buffer
     if (!TMA) dev::cp_async_commit();
-    if (TMA) dev::mbarrier_wait(&landed[t % kStages], (t / kStages) & 1);  // tile t has landed
-    if (range.first + t == range.k_tiles && g.K2 > 0) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q
-      dev::wgmma_wait<0>();
-      dev::fence_accumulators(acc);
-      const float ratio = g.alpha / g.alpha2;
-#pragma unroll
-      for (int i = 0; i < kBN / 2; ++i) acc[i] *= ratio;
-    }
-    const uint32_t p_address = stages_address + 2 * (t % kStages) * kStageElems;
-    const uint32_t q_address = p_address + 2 * kBM * kBK;
-    dev::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      dev::wgmma_m64nNk16<T, kBN, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
-                                                          QTile::descriptor(q_address, 0, kk));
-    }
-    dev::wgmma_commit();
+    if (TMA) dev::mbarrier_wait(&stages.landed[t % kStages], (t / kStages) & 1);  // tile t has landed
+    if (w.range.first + t == w.range.k_tiles && g.K2 > 0) rescale_before_lora(acc, g);
+    multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(t % kStages));
     dev::wgmma_wait<1>();  // tile t - 1's wgmmas are done: its buffer may be refilled after the next barrier
   }
   dev::wgmma_wait<0>();
   dev::fence_accumulators(acc);
+  if (w.range.count == 0) zero(acc);
+  store_tile<T, kBN>(params, w, acc);
+}
 
-  // Epilogue: acc[4j + e] is row 16·(warp % 4) + lane/4 + 8·(e/2), column 8j + 2·(lane % 4) + e % 2.
-  const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
-  const int64_t row0 = m0 + 64 * warpgroup + 16 * warp_in_group + lane / 4;
-  const float out_scale = range.out_scale(g);
+// Warp-specialized and persistent (TMA only): a block of two consumer warpgroups, which only
+// multiply, and one producer warpgroup, one thread of which only starts copies. Each block walks work
+// units blockIdx.x, + gridDim.x, ... (at most one block per SM). The producer runs up to kStages K
+// tiles ahead, across units, so the next tile's first stages load during this tile's epilogue.
+// Stage s is handed over by two mbarriers: `landed[s]` completes when its copies have (TMA counts
+// the bytes), `freed[s]` when all 8 consumer warps have waited for the wgmmas that read it. The
+// n-th use of a stage (n = 0, 1, ...) waits for phase n of landed and phase n - 1 of freed (parity
+// arithmetic: a fresh barrier counts its phase "-1" as complete, so the first use does not wait).
+// No __syncthreads after the start, so no block-wide barrier per K tile.
+template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR>
+__global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
+    wgmma_gemm_producer(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
+  constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages;
+  LORA_DYNAMIC_SMEM(smem);
+  const Stages<T, Cfg> stages(smem);
+  if (threadIdx.x == 0) {
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-      store_pair<T>(params, row0 + 8 * half, n0 + 8 * j + 2 * (lane % 4), out_scale * acc[4 * j + 2 * half],
-                    out_scale * acc[4 * j + 2 * half + 1]);
+    for (int s = 0; s < kStages; ++s) {
+      dev::mbarrier_init(&stages.landed[s], 1);                // the producer's arrival (+ the bytes)
+      dev::mbarrier_init(&stages.freed[s], kThreads / 32);     // one per consumer warp
+    }
+  }
+  __syncthreads();  // the barriers are initialised before anyone waits on them
+
+  const GemmParams& g = params.g;
+  const int64_t units = dev::cdiv(g.M, kBM) * dev::cdiv(g.N, kBN) * params.splits;
+  uint32_t use = 0;  // K tiles this block has staged (producer) or multiplied (consumers) so far
+  if (threadIdx.x >= kThreads) {  // the producer warpgroup; one thread is enough to start TMA copies
+    dev::release_registers<kProducerRegisters>();
+    if (threadIdx.x != kThreads) return;
+    for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+      const Work w = work_of<kBN>(params, unit);
+      for (int t = 0; t < w.range.count; ++t, ++use) {
+        const int s = use % kStages;
+        dev::mbarrier_wait(&stages.freed[s], ((use / kStages) & 1) ^ 1);  // its previous tile's wgmmas are done
+        copy_stage<Sw128Tile<kBM, P_K_MAJOR>, Sw128Tile<kBN, Q_K_MAJOR>>(stages.p_tile(s), maps, g, w, t,
+                                                                        &stages.landed[s]);
+      }
+    }
+    return;
+  }
+  dev::claim_registers<kConsumerRegisters>();
+  // The consumers. A stage is released once the wgmmas reading it are waited for: wgmma_wait<1>
+  // after the next tile's group. (The warp barrier before the arrival: every lane's wgmmas have
+  // retired — wait_group is warp-synchronous on a GPU, not in the CPU emulation.)
+  auto release = [&](uint32_t used) {
+    dev::sync_warp();
+    if (threadIdx.x % 32 == 0) dev::mbarrier_arrive(&stages.freed[used % kStages]);
+  };
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const Work w = work_of<kBN>(params, unit);
+    float acc[kBN / 2];
+    for (int t = 0; t < w.range.count; ++t, ++use) {
+      const int s = use % kStages;
+      dev::mbarrier_wait(&stages.landed[s], (use / kStages) & 1);  // tile t has landed
+      if (t == 0) zero(acc);
+      if (w.range.first + t == w.range.k_tiles && g.K2 > 0) rescale_before_lora(acc, g);
+      multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(s));
+      dev::wgmma_wait<1>();
+      if (t > 0) release(use - 1);  // tile t - 1's wgmmas are done
+    }
+    dev::wgmma_wait<0>();
+    dev::fence_accumulators(acc);
+    if (w.range.count > 0) release(use - 1);
+    if (w.range.count == 0) zero(acc);
+    store_tile<T, kBN>(params, w, acc);
+  }
 }
 
 // A block holds an SM (160–192 KiB of shared memory), so K is split only when the tiles leave more
@@ -227,11 +359,20 @@ bool map_of(const View& v, bool k_major, int tile_i, bool bf16, CUtensorMap* map
                                    k_major ? tile_i : kBK);
 }
 
-// Tensor maps of the operands, or false where one cannot be copied by TMA (then cp.async runs).
-// LORA_KERNELS_WGMMA_TMA=0 always says false (for comparing the two).
+// How the stages are filled, LORA_KERNELS_WGMMA_LOADS (read per call, to compare them in one
+// process): "producer" (the default) wgmma_gemm_producer, "tma" wgmma_gemm with TMA, "cp.async"
+// wgmma_gemm with cp.async. Both TMA kernels need every operand TMA-copyable (make_maps); where one
+// is not, cp.async runs.
+enum class Loads { kProducer, kTma, kCpAsync };
+Loads loads_asked() {
+  const char* env = std::getenv("LORA_KERNELS_WGMMA_LOADS");
+  if (env != nullptr && std::strcmp(env, "tma") == 0) return Loads::kTma;
+  if (env != nullptr && std::strcmp(env, "cp.async") == 0) return Loads::kCpAsync;
+  return Loads::kProducer;
+}
+
+// Tensor maps of the operands, or false where one cannot be copied by TMA.
 bool make_maps(const Params& params, int BN, bool bf16, bool p_k_major, bool q_k_major, TensorMaps* maps) {
-  const char* env = std::getenv("LORA_KERNELS_WGMMA_TMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const GemmParams& g = params.g;
   if (!params.vec[0] || !params.vec[1] || (g.K2 > 0 && (!params.vec[2] || !params.vec[3]))) return false;
   const Views v = views_of(g);
@@ -247,10 +388,15 @@ cudaError_t launch_with_config(const Params& params, cudaStream_t stream) {
       return cudaErrorInvalidValue;  // an MN-major tile narrower than a swizzle atom (wgmma_fits excludes it)
     } else {
       TensorMaps maps{};
-      const bool tma = make_maps(params, Cfg::kBN, std::is_same<T, __nv_bfloat16>::value, kPK, kQK, &maps);
+      const Loads loads = loads_asked();
+      const bool tma = loads != Loads::kCpAsync &&
+                       make_maps(params, Cfg::kBN, std::is_same<T, __nv_bfloat16>::value, kPK, kQK, &maps);
+      const Split split = plan<Cfg>(params.g);
+      if (tma && loads == Loads::kProducer)
+        return launch_tiles(wgmma_gemm_producer<T, Cfg, kPK, kQK>, params, split, kBM, Cfg::kBN,
+                            kThreads + kProducerThreads, Cfg::kSmemBytes, true, stream, maps);
       auto kernel = tma ? wgmma_gemm<T, Cfg, kPK, kQK, true> : wgmma_gemm<T, Cfg, kPK, kQK, false>;
-      return launch_tiles(kernel, params, plan<Cfg>(params.g), kBM, Cfg::kBN, kThreads, Cfg::kSmemBytes, stream,
-                          maps);
+      return launch_tiles(kernel, params, split, kBM, Cfg::kBN, kThreads, Cfg::kSmemBytes, false, stream, maps);
     }
   });
 }

@@ -37,7 +37,7 @@ struct Params {
   DType dtype;
   bool vec[4];     // P, Q, P2, Q2 can be staged with aligned 16-byte copies
   bool pair_store;  // two neighbouring outputs of a row can be written as one 32-bit store
-  int splits, tiles_per_split;  // split-K: blockIdx.z takes K tiles [z·tiles_per_split, +tiles_per_split)
+  int splits, tiles_per_split;  // split-K: split z takes K tiles [z·tiles_per_split, +tiles_per_split)
 };
 
 // Each operand tile is stored in shared memory the way it lies in global memory, so that every copy
@@ -86,14 +86,14 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 
 // Outputs (m, n) and (m, n + 1), from two accumulators the kernel has already multiplied by its
 // scale (both kernels hold their accumulators as mma's C fragments: pairs of neighbouring columns).
-// Split into several blocks along K: the fp32 partial sums go to the workspace, [split][M][N], and
-// split_k_reduce finishes them. Else keep, bias and one write in C's dtype.
+// Split into several blocks along K: the fp32 partial sums of split `split` go to the workspace,
+// [split][M][N], and split_k_reduce finishes them. Else keep, bias and one write in C's dtype.
 template <typename T>
-__device__ __forceinline__ void store_pair(const Params& params, int64_t m, int64_t n, float v0, float v1) {
+__device__ __forceinline__ void store_pair(const Params& params, int split, int64_t m, int64_t n, float v0, float v1) {
   const GemmParams& g = params.g;
   if (m >= g.M) return;
   if (params.splits > 1) {
-    float* partial = g.workspace + static_cast<int64_t>(blockIdx.z) * g.M * g.N + m * g.N;
+    float* partial = g.workspace + static_cast<int64_t>(split) * g.M * g.N + m * g.N;
     if (n < g.N) partial[n] = v0;
     if (n + 1 < g.N) partial[n + 1] = v1;
     return;
@@ -125,14 +125,27 @@ struct TileRange {
   }
 };
 template <int BK>
-__device__ __forceinline__ TileRange tile_range(const Params& params) {
+__device__ __forceinline__ TileRange tile_range(const Params& params, int split) {
   const GemmParams& g = params.g;
   TileRange r;
   r.k_tiles = static_cast<int>(dev::cdiv(g.K, BK));
   const int all_tiles = r.k_tiles + static_cast<int>(dev::cdiv(g.K2, BK));
-  r.first = blockIdx.z * params.tiles_per_split;
+  r.first = split * params.tiles_per_split;
   r.count = all_tiles - r.first < params.tiles_per_split ? all_tiles - r.first : params.tiles_per_split;
   return r;
+}
+
+// Output tile number `tile` of tiles_m × tiles_n, in groups of group_m rows of tiles taken column by
+// column within a group: the blocks running at one time share a few column tiles of Q (W₀) and
+// group_m row tiles of P, which then stay in L2.
+struct TileCoord {
+  int64_t m, n;  // row tile, column tile
+};
+__device__ __forceinline__ TileCoord grouped_tile(int64_t tile, int64_t tiles_m, int64_t tiles_n, int group_m) {
+  const int64_t first_m = tile / (group_m * tiles_n) * group_m;
+  const int64_t rows_in_group = tiles_m - first_m < group_m ? tiles_m - first_m : group_m;
+  const int64_t in_group = tile - first_m * tiles_n;
+  return {first_m + in_group % rows_in_group, in_group / rows_in_group};
 }
 
 // Can tile loads of `v` in this layout be 16-byte copies? The contiguous index must have unit
@@ -178,10 +191,12 @@ inline Split plan_split(const GemmParams& g, int BM, int BN, int BK, int min_til
 }
 
 // Launch `kernel` (params, extra...) over BM×BN tiles of C, split along K as `split` says (where a
-// workspace was given; else in one pass), then split_k_reduce if it was split.
+// workspace was given; else in one pass), then split_k_reduce if it was split. One block per tile
+// and split (grid x: row tiles, y: column tiles, z: splits), or, `persistent`, one block per SM at
+// most, each walking the (split, tile) pairs blockIdx.x, + gridDim.x, ... (split-major).
 template <typename Kernel, typename... Extra>
 cudaError_t launch_tiles(Kernel kernel, Params params, Split split, int BM, int BN, int threads, int smem_bytes,
-                         cudaStream_t stream, const Extra&... extra) {
+                         bool persistent, cudaStream_t stream, const Extra&... extra) {
   const GemmParams& g = params.g;
   const int64_t tiles_m = dev::cdiv(g.M, BM), tiles_n = dev::cdiv(g.N, BN);
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
@@ -190,7 +205,10 @@ cudaError_t launch_tiles(Kernel kernel, Params params, Split split, int BM, int 
   params.tiles_per_split = split_k ? split.tiles_per_split : 2147483647;  // unsplit: one z takes all tiles
   const cudaError_t smem_ok = dev::allow_dynamic_smem(kernel, smem_bytes);  // per call: per device
   if (smem_ok != cudaSuccess) return smem_ok;
-  const dim3 grid(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(params.splits));
+  const int64_t units = tiles_m * tiles_n * params.splits;
+  const dim3 grid = persistent ? dim3(static_cast<unsigned>(units < dev::sm_count() ? units : dev::sm_count()))
+                               : dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n),
+                                      static_cast<unsigned>(params.splits));
   LORA_LAUNCH(kernel, grid, threads, smem_bytes, stream, params, extra...);
   const cudaError_t err = dev::last_launch_error();
   if (err != cudaSuccess || !split_k) return err;

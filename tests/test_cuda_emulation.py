@@ -53,7 +53,15 @@ def build_library():
         entry.argtypes = gemm_args
     lib.workspace_elems.restype = i64
     lib.emulation_error.restype = ctypes.c_char_p
+    lib.emulated_launches.argtypes = [ctypes.POINTER(i64), ctypes.c_int]
     return lib
+
+
+def launches(lib):
+    """The emulated launches since the last call: (grid x, y, z, threads per block) each."""
+    out = (ctypes.c_int64 * 64)()
+    count = lib.emulated_launches(out, 16)
+    return [tuple(out[4 * i:4 * i + 4]) for i in range(min(count, 16))]
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +74,11 @@ def lib():
 class Gemm:
     """C = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias) through the emulated launch_gemm, with the
     split-K scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the
-    kernel used and whether K was split. keep: the multi-adapter mask of ``adapters`` = (ids int32,
+    kernel used, whether K was split and the launches (grid, threads per block). keep: the multi-adapter mask of ``adapters`` = (ids int32,
     scales float32, rank), or 1."""
 
     def __init__(self, lib):
-        self.lib, self.kernels, self.split = lib, [], []
+        self.lib, self.kernels, self.split, self.launches = lib, [], [], []
 
     def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None, adapters=None, overlap_prior=False):
         dtype = DTYPE_CODE[C.dtype]
@@ -84,7 +92,9 @@ class Gemm:
                                   ptr(scales), 0 if scales is None else scales.numel(), rank, overlap_prior)
         scratch = self.lib.workspace_elems(*args(None))
         workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
+        launches(self.lib)  # (forget earlier ones)
         err = self.lib.emulated_gemm(*args(workspace))
+        self.launches.append(launches(self.lib))
         assert err == 0, f"launch_gemm returned cudaError {err}"
         problem = self.lib.emulation_error().decode()
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
@@ -236,7 +246,8 @@ def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
 # (M, K, N, R, emulated SMs): the products of more than 64 rows and at least 256 columns on the wgmma kernel.
 WGMMA_SHAPES = [
     (300, 72, 264, 16, 8),     # y: K-major operands, one ragged K tile then the LoRA tile
-    (290, 264, 270, 16, 8),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma)
+    (290, 264, 270, 16, 2),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma);
+                               # a 2-SM GPU: the producer kernel's blocks take 3 tiles each
     (260, 136, 520, 4, 8),     # r = 4: B and A staged element by element; three ragged column tiles
     (300, 520, 264, 8, 64),    # a 64-SM GPU: y and dX split along K, then split_k_reduce
     (130, 264, 300, 16, 64),   # one 128-row tile and a ragged one, split along K across the LoRA tile
@@ -244,24 +255,44 @@ WGMMA_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+PRODUCER_THREADS = 384  # wgmma_gemm_producer's block: two consumer warpgroups and a producer one
+
+
+def check_wgmma_launches(gemm, loads, products, sms):
+    """The wgmma products ({index into gemm's calls: whether TMA can copy all its operands}) ran the
+    kernel LORA_KERNELS_WGMMA_LOADS asked for: the producer kernel (persistent: one row of at most
+    `sms` blocks) where TMA can, else wgmma_gemm (one block per tile and split: grid x, y, z). TMA
+    needs 16-byte aligned rows: x, W₀ and A (K), xa, B and g (R), dY (N) a multiple of 8."""
+    for i, tma_possible in products.items():
+        threads = {launch[3] for launch in gemm.launches[i]}
+        if loads == "producer" and tma_possible:
+            assert PRODUCER_THREADS in threads, (i, gemm.launches[i])
+            for grid_x, grid_y, grid_z, n in gemm.launches[i]:
+                assert n != PRODUCER_THREADS or (grid_x <= sms and grid_y == grid_z == 1), gemm.launches[i]
+        else:
+            assert PRODUCER_THREADS not in threads, (i, gemm.launches[i])
+
+
+@pytest.mark.parametrize("loads", ["producer", "tma", "cp.async"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
     """LORA_KERNELS_WGMMA=1 (on an sm_90a build running on an H100): the large products on wgmma,
-    their tiles copied by TMA where every operand allows it (r = 4 does not: cp.async), or always
-    by cp.async (LORA_KERNELS_WGMMA_TMA=0)."""
+    their tiles copied by TMA where every operand allows it (r = 4 does not: cp.async), from a
+    producer warpgroup (the default) or in step with the multiplication (LORA_KERNELS_WGMMA_LOADS=tma),
+    or always by cp.async (=cp.async)."""
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
-    if loads == "cp.async":
-        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
+    monkeypatch.setenv("LORA_KERNELS_WGMMA_LOADS", loads)
     *dims, sms = shape
     monkeypatch.setenv("LORA_EMULATED_SMS", str(sms))
     torch.manual_seed(hash((shape, str(dtype))) % 2**31)
     gemm = Gemm(lib)
     check_against_float64(gemm, *dims, dtype)
-    M, K, N, _ = dims
+    M, K, N, R = dims
     assert gemm.kernels[1] == WGMMA, gemm.kernels  # y
     assert gemm.kernels[3] == (WGMMA if K >= 256 else TENSOR_CORE), gemm.kernels  # dX
+    aligned = K % 8 == 0 and R % 8 == 0
+    check_wgmma_launches(gemm, loads, {1: aligned, 3: aligned and N % 8 == 0} if K >= 256 else {1: aligned}, sms)
     if sms == 64:
         assert gemm.split[1] and gemm.split[3], gemm.split
 
@@ -269,26 +300,27 @@ def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
 # (M, K, N, R, emulated SMs): at most 64 rows, the backward's dX = dY·W₀ + s·g·A on wgmma computed
 # transposed (W₀ on the 128-row side of the tile, dY on the 32-column side).
 WGMMA_FEW_ROWS_SHAPES = [
-    (1, 300, 520, 16, 8),      # one row: a 32-column tile with 31 of padding; ragged K
+    (1, 300, 520, 16, 2),      # one row: a 32-column tile with 31 of padding; ragged K; 3 tiles on 2 SMs
     (24, 520, 264, 8, 64),     # split along K on a 64-SM GPU, then split_k_reduce (C transposed)
     (50, 300, 136, 4, 8),      # two column tiles; r = 4: g staged element by element (cp.async path)
 ]
 
 
-@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+@pytest.mark.parametrize("loads", ["producer", "tma", "cp.async"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", WGMMA_FEW_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_wgmma_few_rows_transposed(lib, shape, dtype, loads, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
-    if loads == "cp.async":
-        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
+    monkeypatch.setenv("LORA_KERNELS_WGMMA_LOADS", loads)
     *dims, sms = shape
     monkeypatch.setenv("LORA_EMULATED_SMS", str(sms))
     torch.manual_seed(hash((shape, str(dtype), loads)) % 2**31)
     gemm = Gemm(lib)
     check_against_float64(gemm, *dims, dtype)
     assert gemm.kernels[3] == WGMMA, gemm.kernels  # dX
-    M, N = dims[0], dims[2]  # y: the decode kernel up to 8 rows, then wgmma where N ≥ 256
+    M, K, N, R = dims
+    check_wgmma_launches(gemm, loads, {3: K % 8 == 0 and R % 8 == 0 and N % 8 == 0}, sms)
+    # y: the decode kernel up to 8 rows, then wgmma where N ≥ 256
     assert gemm.kernels[1] == (DECODE if M <= 8 else WGMMA if N >= 256 else TENSOR_CORE), gemm.kernels
     if sms == 64:
         assert gemm.split[3], gemm.split

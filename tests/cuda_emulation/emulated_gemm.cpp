@@ -33,7 +33,7 @@ GemmParams params_of(int64_t M, int64_t N, int64_t K, int64_t K2, const void* P,
   params_of(M, N, K, K2, P, Q, P2, Q2, bias, C, strides, alpha, alpha2, workspace, adapter_ids, adapter_scales, \
             n_adapters, adapter_rank, overlap_prior)
 
-// The three entry points take the same arguments (those of launch_gemm's GemmParams).
+// The first three entry points take the same arguments (those of launch_gemm's GemmParams).
 extern "C" {
 
 // Returns the cudaError_t of launch_gemm.
@@ -47,6 +47,20 @@ int64_t workspace_elems(int dtype, GEMM_ARGS) { return lora_kernels::workspace_e
 // Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
 int chosen_kernel(int dtype, GEMM_ARGS) {
   return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), PARAMS));
+}
+
+// The launches since the last call, then forgets them: up to `max` of them into out, as (grid x, y,
+// z, threads per block) each; returns how many there were.
+int emulated_launches(int64_t* out, int max) {
+  std::lock_guard<std::mutex> lock(emu::launches_mutex);
+  const int count = static_cast<int>(emu::launches.size());
+  for (int i = 0; i < count && i < max; ++i) {
+    const emu::LaunchShape& l = emu::launches[i];
+    int64_t* row = out + 4 * i;
+    row[0] = l.grid.x, row[1] = l.grid.y, row[2] = l.grid.z, row[3] = l.threads;
+  }
+  emu::launches.clear();
+  return count;
 }
 
 // The first problem the emulator's memory and launch checks found since the last call ("" if none),

@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
@@ -273,11 +274,23 @@ inline float half_bits(uint16_t bits, bool bf16) {
   return __half2float(__half(raw));
 }
 
+// Every launch's grid and block size since the test last asked (emulated_gemm.cpp's emulated_launches).
+struct LaunchShape {
+  dim3 grid;
+  int threads;
+};
+inline std::mutex launches_mutex;
+inline std::vector<LaunchShape> launches;
+
 // Launch: run every block of the grid, each as block_dim OS threads.
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_bytes, Args... args) {
   const int n = static_cast<int>(threads.x * threads.y * threads.z);
   if (!launch_allowed(reinterpret_cast<const void*>(kernel), grid, threads, smem_bytes)) return;
+  {
+    std::lock_guard<std::mutex> lock(launches_mutex);
+    launches.push_back({grid, n});
+  }
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -402,6 +415,12 @@ inline float warp_sum(float v) {
   return v;
 }
 
+inline void sync_warp() { emu::warp().sync.arrive_and_wait(); }
+template <int REGS>
+inline void release_registers() {}
+template <int REGS>
+inline void claim_registers() {}
+
 inline uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::block->shared());
 }
@@ -489,7 +508,9 @@ template <typename T, int N, bool TRANS_A, bool TRANS_B>
 inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
   emu::WgmmaOp op{d, desc_a, desc_b, N, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, {}};
   if (emu::thread_idx.x % 128 == 0) {
-    if (emu::block_dim.x % 128 != 0) emu::report("wgmma in a block of %u threads (not whole warpgroups)", emu::block_dim.x);
+    if ((emu::thread_idx.x / 128 + 1) * 128 > emu::block_dim.x)
+      emu::report("wgmma by thread %u of a block of %u threads: its warpgroup is not whole", emu::thread_idx.x,
+                  emu::block_dim.x);
     const emu::Descriptor A = emu::decode(desc_a), B = emu::decode(desc_b);
     for (int i = 0; i < (N > 64 ? N : 64); ++i)
       for (int k = 0; k < 16; k += 8) {  // 8 k of one row: one 16-byte chunk in either layout's K-major rows
@@ -565,6 +586,13 @@ inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   b.tx += bytes;
   --b.arrivals_left;
 }
+inline void mbarrier_arrive(uint64_t* bar) {
+  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
+  emu::Mbarrier& b = mbarrier_at(bar);
+  if (b.arrivals == 0) emu::report("mbarrier at shared offset %u used before mbarrier_init", smem_address(bar));
+  if (b.arrivals_left == 0) emu::report("mbarrier at shared offset %u: more arrivals than its count", smem_address(bar));
+  --b.arrivals_left;
+}
 // Issued now, landed by the first wait on its barrier's phase (see Mbarrier). A copy into a chunk
 // that a wgmma has not been waited for is reported, as for cp.async.
 inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_t outer, uint64_t* bar) {
@@ -588,13 +616,19 @@ inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_
   }
   mbarrier_at(bar).copies.push_back({at, m, inner, outer});
 }
+// A phase completes once every arrival has come and copies of at least the expected bytes have been
+// started (they land now). Until then the wait spins (another thread, a producer, may still be
+// arriving or starting copies); after 60 s it reports a hang and returns.
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  for (int spins = 0;; ++spins) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
     {
       std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
       emu::Mbarrier& b = mbarrier_at(bar);
       if (b.phase != parity) return;  // that phase has completed
-      if (b.arrivals_left == 0) {     // all arrived: the copies land now, and the phase completes
+      int64_t started = 0;
+      for (const emu::BoxCopy& c : b.copies) started += int64_t(c.map.box_inner) * c.map.box_outer * 2;
+      if (b.arrivals_left == 0 && started >= b.tx) {  // the copies land now, and the phase completes
         unsigned char* smem = emu::block->shared();
         for (const emu::BoxCopy& c : b.copies) {
           for (uint32_t r = 0; r < c.map.box_outer; ++r)
@@ -609,21 +643,21 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
           const uint32_t bytes = c.map.box_inner * c.map.box_outer * 2;
           for (uint32_t k = c.dst / 16; k < (c.dst + bytes) / 16; ++k)
             emu::block->chunks[k].landed = emu::block->chunks[k].fenced = emu::epoch;
-          b.tx -= bytes;
         }
         b.copies.clear();
-        if (b.tx != 0)
+        if (started != b.tx)
           emu::report("mbarrier phase completes with expect_tx off by %lld bytes from what was copied",
-                      static_cast<long long>(b.tx));
+                      static_cast<long long>(b.tx - started));
         b.tx = 0;
         b.phase ^= 1;
         b.arrivals_left = b.arrivals;
         return;
       }
-    }
-    if (spins > 2000000) {
-      emu::report("mbarrier wait at shared offset %u never completes (an arrival is missing)", smem_address(bar));
-      return;
+      if (std::chrono::steady_clock::now() > deadline) {
+        emu::report("mbarrier wait at shared offset %u never completes (%d arrivals and %lld bytes of copies missing)",
+                    smem_address(bar), b.arrivals_left, static_cast<long long>(b.tx - started));
+        return;
+      }
     }
     std::this_thread::yield();
   }
