@@ -129,6 +129,7 @@ struct Block {
   std::mutex chunks_mutex;
   std::vector<Chunk> chunks;
   std::map<uint32_t, Mbarrier> mbarriers;  // by shared offset (guarded by chunks_mutex)
+  bool hung = false;  // a wait timed out (reported): the others give up at once (guarded by chunks_mutex)
   unsigned char* shared() {  // 128-byte aligned, like __align__(128) extern __shared__
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
   }
@@ -618,14 +619,15 @@ inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_
 }
 // A phase completes once every arrival has come and copies of at least the expected bytes have been
 // started (they land now). Until then the wait spins (another thread, a producer, may still be
-// arriving or starting copies); after 60 s it reports a hang and returns.
+// arriving or starting copies); after 20 s it reports a hang and returns, and so do the block's
+// later waits, at once.
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
       emu::Mbarrier& b = mbarrier_at(bar);
-      if (b.phase != parity) return;  // that phase has completed
+      if (b.phase != parity || emu::block->hung) return;  // that phase has completed (or the block hangs)
       int64_t started = 0;
       for (const emu::BoxCopy& c : b.copies) started += int64_t(c.map.box_inner) * c.map.box_outer * 2;
       if (b.arrivals_left == 0 && started >= b.tx) {  // the copies land now, and the phase completes
@@ -654,6 +656,7 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         return;
       }
       if (std::chrono::steady_clock::now() > deadline) {
+        emu::block->hung = true;
         emu::report("mbarrier wait at shared offset %u never completes (%d arrivals and %lld bytes of copies missing)",
                     smem_address(bar), b.arrivals_left, static_cast<long long>(b.tx - started));
         return;
