@@ -61,8 +61,8 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 //                (csrc/lora_decode.cu). Where kWgmma is asked for and fits, only up to 8 rows.
 //   kWgmma       float16/bfloat16 with N ≥ 256 (M ≤ 64: computed transposed), on an sm_90a build
 //                running on a compute capability 9.0 GPU, when LORA_KERNELS_WGMMA=1: wgmma tensor
-//                cores fed by TMA or cp.async (csrc/lora_wgmma.cu). Opt-in until checked and timed
-//                on a GPU.
+//                cores fed by a warp-specialized TMA producer, or cp.async (csrc/lora_wgmma.cu).
+//                Opt-in until checked and timed on a GPU.
 //   kTensorCore  float16/bfloat16 otherwise: mma.sync tensor cores fed by a cp.async pipeline
 //                (csrc/lora_tensor_core.cu)
 //   kSimt        float32: the portable fp32 tiled kernel (csrc/lora_gemm.cu)

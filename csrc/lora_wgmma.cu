@@ -11,16 +11,21 @@
 // work of 128 mma.sync.
 //
 // Pipeline. K is walked in steps of BK = 64 (one 128-byte row of 16-bit elements per tile row),
-// the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). STAGES shared-memory
-// buffers are filled STAGES - 2 tiles ahead; the wgmmas of tile t run while those of tile t - 1 may
-// still be in flight, so a buffer is refilled only once the wgmmas that read it have been waited
-// for (the refill at step t goes into the buffer of tile t - 2, after a barrier).
-//
-// Loads. Where all operands allow it (unit stride, 16-byte aligned rows) one thread starts bulk
-// tensor copies (TMA) of the whole stage, which complete on the stage's mbarrier: no thread spends
-// instructions on addresses. Otherwise every thread issues cp.async chunks or element stores, as
-// in the mma.sync kernel; those are generic-proxy writes, so each thread fences them
-// (fence.proxy.async) before the barrier after which the tensor cores read.
+// the K tiles of P·Q and then those of P2·Q2 as one stream (tensor_core.cuh). The wgmmas of tile t
+// run while those of tile t - 1 may still be in flight, so a stage is refilled only once the
+// wgmmas that read it have been waited for. Two kernels:
+//   wgmma_gemm_producer (the default where all operands allow TMA: unit stride, 16-byte aligned
+//     rows): warp-specialized. A producer warpgroup, of which one thread starts the bulk tensor
+//     copies (TMA) of each stage, runs up to STAGES tiles ahead; the two consumer warpgroups only
+//     wait and multiply. Stages change hands through mbarriers, with no block-wide barrier, and the
+//     blocks are persistent (one per SM, each walking several tiles), so the next tile loads during
+//     this one's epilogue.
+//   wgmma_gemm: one block per tile, all 256 threads multiply; STAGES buffers are filled STAGES - 2
+//     tiles ahead, in step with the multiplication (the refill at step t goes into the buffer of
+//     tile t - 2, after a barrier): by TMA started by one thread (LORA_KERNELS_WGMMA_LOADS=tma), or
+//     by every thread with cp.async chunks or element stores as in the mma.sync kernel. Those are
+//     generic-proxy writes, so each thread fences them (fence.proxy.async) before the barrier after
+//     which the tensor cores read.
 //
 // Layouts. Every tile is stored with the 128-byte swizzle that wgmma's matrix descriptors read
 // (device.cuh, sw128_descriptor) and TMA writes: K-major operands as rows of 64 k; MN-major ones (W₀

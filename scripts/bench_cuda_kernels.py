@@ -2,8 +2,9 @@
 backend (CUDA-graph replay and eager, bf16, r = 16, inputs rotated past L2 as in bench/timing.py),
 and, per kernel of csrc/ (decode_gemm, decode_mma_gemm, tensor_core_gemm, wgmma_gemm,
 split_k_reduce, simt_gemm), the GPU time of one forward + backward from torch.profiler. The "wgmma"
-columns and rows run with LORA_KERNELS_WGMMA=1 (H100/H200 with an sm_90a build). Prints two tables;
-for kernel work, not the benchmark.
+columns and rows run with LORA_KERNELS_WGMMA=1 (H100/H200 with an sm_90a build): its default
+warp-specialized kernel fed by a TMA producer, and "wgmma-tma" its single-role kernel with TMA
+(LORA_KERNELS_WGMMA_LOADS=tma). Prints two tables; for kernel work, not the benchmark.
 
     python3 scripts/bench_cuda_kernels.py [--shapes 4096x4096,...] [--rows 1,16,...] [--reps 50]
 """
@@ -39,8 +40,9 @@ def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
 
 
 # Columns that run with a switch of csrc/ set: y's decode kernel launched after xa's ends instead of
-# overlapping it; the products of at least 256 columns on the wgmma kernel.
-ENV = {"no PDL": {"LORA_KERNELS_PDL": "0"}, "wgmma": {"LORA_KERNELS_WGMMA": "1"}}
+# overlapping it; the products of at least 256 columns on the wgmma kernels.
+ENV = {"no PDL": {"LORA_KERNELS_PDL": "0"}, "wgmma": {"LORA_KERNELS_WGMMA": "1"},
+       "wgmma-tma": {"LORA_KERNELS_WGMMA": "1", "LORA_KERNELS_WGMMA_LOADS": "tma"}}
 
 
 def main():
@@ -52,9 +54,9 @@ def main():
     args = ap.parse_args()
     s, r = 2.0, args.rank
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 r={r}  times in µs (graph / eager)")
-    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | cuda fwd, wgmma | triton fwd | cuBLAS dX | cuda bwd "
-          "| cuda bwd, wgmma | triton bwd |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | cuda fwd, wgmma | cuda fwd, wgmma-tma | triton fwd "
+          "| cuBLAS dX | cuda bwd | cuda bwd, wgmma | cuda bwd, wgmma-tma | triton bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     per_kernel = defaultdict(float)
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
@@ -67,18 +69,21 @@ def main():
                 "cuda fwd, no PDL": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 # the large products on the sm_90a wgmma kernel (LORA_KERNELS_WGMMA=1; "-" where it cannot run)
                 "cuda fwd, wgmma": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                "cuda fwd, wgmma-tma": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "triton fwd": lambda i: tk.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "cuBLAS dX": lambda i: sets[i][4] @ sets[i][1],
                 "cuda bwd": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
                                                   sets[i][0][:, :r], s),
                 "cuda bwd, wgmma": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2],
                                                          sets[i][3], sets[i][0][:, :r], s),
+                "cuda bwd, wgmma-tma": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2],
+                                                             sets[i][3], sets[i][0][:, :r], s),
                 "triton bwd": lambda i: tk.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
                                                     sets[i][0][:, :r].contiguous(), s),
             }
             cells = []
             for name, fn in fns.items():
-                if (tk is None and name.startswith("triton")) or (name.endswith("wgmma") and not ck.wgmma_supported()):
+                if (tk is None and name.startswith("triton")) or ("wgmma" in name and not ck.wgmma_supported()):
                     cells.append("-")
                     continue
                 env = ENV.get(name.split(", ")[-1], {})
@@ -91,13 +96,14 @@ def main():
             print(f"| {K}×{N} | {M} | " + " | ".join(cells) + " |", flush=True)
             # per-kernel GPU time of one CUDA-backend forward + backward (and again with wgmma on)
             x, w, a, b, dy = sets[0]
-            for setting in ["default"] + (["wgmma"] if ck.wgmma_supported() else []):
+            for setting in ["default"] + (["wgmma", "wgmma-tma"] if ck.wgmma_supported() else []):
                 os.environ.update(ENV.get(setting, {}))
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     y, xa = ck.forward(x, w, None, a, b, s)
                     ck.backward(dy, x, w, a, b, xa, s)
                     torch.cuda.synchronize()
-                os.environ.pop("LORA_KERNELS_WGMMA", None)
+                for key in ENV.get(setting, {}):
+                    os.environ.pop(key)
                 for ev in prof.key_averages():
                     if ev.device_type == torch.autograd.DeviceType.CUDA:
                         name = ev.key.split("<")[0].split("(")[0].split("::")[-1]

@@ -29,14 +29,19 @@ def main():
     # K split over blocks at M = 24)
     shapes = [(1, 64, 48, 16, True), (37, 70, 50, 12, False), (130, 96, 80, 1, True), (24, 1040, 72, 8, True),
               (300, 520, 264, 16, False), (19, 136, 300, 8, True), (24, 1040, 264, 8, False)]
-    runs = [(backend, shape, False) for backend in backends for shape in shapes]
+    runs = [(backend, shape, None) for backend in backends for shape in shapes]
     if "cuda" in backends and lora_kernels.cuda.wgmma_supported():
-        # the wgmma GEMM (H100/H200): y, and dX with W₀ and A transposed; r = 4 staged element by
-        # element; K split at M = 300; dX at 24 rows computed transposed, split along K
-        runs += [("cuda", shape, True) for shape in [(300, 520, 264, 16, False), (290, 264, 270, 4, True),
-                                                     (1100, 1030, 1500, 16, True), (24, 1040, 264, 8, False)]]
-    for backend, (M, K, N, r, bias), wgmma in runs:
+        # the wgmma GEMMs (H100/H200), LORA_KERNELS_WGMMA_LOADS as given: y, and dX with W₀ and A
+        # transposed; r = 4 staged element by element (cp.async whatever is asked); K split at
+        # M = 300; the producer kernel's blocks taking more than one tile at 2100 rows (153 tiles of y
+        # on 132 SMs); dX at 24 rows computed transposed, split along K
+        runs += [("cuda", (300, 520, 264, 16, False), "producer"), ("cuda", (300, 520, 264, 16, False), "tma"),
+                 ("cuda", (290, 264, 270, 4, True), "producer"), ("cuda", (2100, 264, 2100, 16, True), "producer"),
+                 ("cuda", (24, 1040, 264, 8, False), "producer"), ("cuda", (24, 1040, 264, 8, False), "tma")]
+    for backend, (M, K, N, r, bias), wgmma_loads in runs:
+        wgmma = wgmma_loads is not None
         os.environ["LORA_KERNELS_WGMMA"] = "1" if wgmma else "0"
+        os.environ["LORA_KERNELS_WGMMA_LOADS"] = wgmma_loads or "producer"
         for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]:
             x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
             w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
@@ -47,10 +52,11 @@ def main():
             y.backward(torch.ones_like(y))
             ref = lora_kernels.lora_linear_reference(x.double(), w.double(), None if b is None else b.double(),
                                                      a.double(), bb.double(), 2.0)
-            check(f"{backend}{' wgmma' if wgmma else ''} M={M} K={K} N={N} r={r} {dtype}", y, ref, tol)
+            check(f"{backend}{' wgmma ' + wgmma_loads if wgmma else ''} M={M} K={K} N={N} r={r} {dtype}", y, ref, tol)
             if backend == "triton":
                 lora_kernels.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.1, backend=backend).sum().backward()
     os.environ.pop("LORA_KERNELS_WGMMA")
+    os.environ.pop("LORA_KERNELS_WGMMA_LOADS")
     for backend in backends:
         for M in (5, 33):  # multi-adapter batches: decode-sized and tensor-core/SIMT
             x = torch.randn(M, 64, device="cuda", requires_grad=True)

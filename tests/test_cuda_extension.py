@@ -102,19 +102,23 @@ def test_default_build_runs_wgmma_on_hopper():
                                    (300, 520, 264, 16), (290, 264, 270, 4), (300, 1000, 520, 128),
                                    (600, 1024, 1040, 16), (1024, 4096, 11008, 16), (8192, 4096, 4096, 16),
                                    (4100, 4104, 4112, 64)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("loads", ["tma", "cp.async"])
+@pytest.mark.parametrize("loads", ["producer", "tma", "cp.async"])
 def test_wgmma_kernel_paths(shape, dtype, loads, poison, monkeypatch):
+    """LORA_KERNELS_WGMMA_LOADS: the warp-specialized persistent kernel fed by a TMA producer (the
+    default), wgmma_gemm with TMA, or with cp.async (r = 4 always is: its rows are not 16-byte aligned)."""
     if not lora_kernels.cuda.wgmma_supported():
         pytest.skip("this build has no sm_90a code")
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
-    if loads == "cp.async":  # tiles staged by every thread instead of by TMA (r = 4 always is)
-        monkeypatch.setenv("LORA_KERNELS_WGMMA_TMA", "0")
+    monkeypatch.setenv("LORA_KERNELS_WGMMA_LOADS", loads)
     contract_vs_float64(*shape, dtype)
     x, w, b, a, bb, s = make_problem(*shape, dtype)
     y, xa = lora_kernels.cuda.forward(x, w, b, a, bb, s)
     launched = kernels_run(lambda: lora_kernels.cuda.backward(torch.randn_like(y), x, w, a, bb, xa, s))
     launched |= kernels_run(lambda: lora_kernels.cuda.forward(x, w, b, a, bb, s))
     assert any("wgmma_gemm" in k for k in launched), launched
+    M, K, N, R = shape  # y (from 9 rows) or dX (N aligned too) can go to TMA
+    tma_possible = K % 8 == 0 and R % 8 == 0 and (M > 8 or N % 8 == 0)
+    assert any("wgmma_gemm_producer" in k for k in launched) == (loads == "producer" and tma_possible), launched
 
 
 @ON_GPU

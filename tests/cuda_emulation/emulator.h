@@ -24,10 +24,12 @@
 // wgmma (sm_90a) is computed per thread from the shared memory its matrix descriptors describe (the
 // PTX ISA's canonical 128-byte-swizzled layouts), when the wgmma.wait_group that retires it runs.
 // Bulk tensor copies (TMA) land, swizzled and zero-filled past the tensor's edges, at the first
-// wait on their mbarrier's phase. Reported: a wgmma read of a cp.async copy not fenced for the async
-// proxy (fence.proxy.async) before a barrier, or of a TMA box whose phase no one has waited for; a
-// copy (cp.async or TMA) into a chunk a wgmma still reads; an expect_tx that does not match the
-// bytes copied; a wait that would never complete.
+// wait on their mbarrier's phase. An mbarrier wait blocks until the phase's arrivals (other
+// threads: a producer warp's copies, consumer warps' releases) have come. Reported: a wgmma read of
+// a cp.async copy not fenced for the async proxy (fence.proxy.async) before a barrier, or of a TMA
+// box whose phase no one has waited for; a copy (cp.async or TMA) into a chunk a wgmma still reads;
+// an expect_tx that does not match the bytes copied; more arrivals than a barrier's count; a wait
+// that never completes (after 20 s). setmaxnreg is a no-op here.
 //
 // What this cannot see: plain loads and stores to shared memory (element-wise staging, the
 // decode and SIMT kernels' reductions) in the race check, timing, registers. compute-sanitizer
