@@ -111,6 +111,12 @@ struct TensorMaps {
   CUtensorMap P, Q, P2, Q2;
 };
 
+// The kernels run only on sm_90a: the device code for other architectures (sm_80) leaves their
+// bodies out. (The CPU emulation and the host pass compile them.)
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LORA_WGMMA_KERNEL_BODY 1
+#endif
+
 // Shared memory: kStages stages of a P tile then a Q tile, each starting on a 1024-byte boundary
 // (the swizzle repeats every 1024 bytes of the shared address space), then one mbarrier per stage
 // that its TMA copies complete on (`landed`) and, in the producer kernel, one per stage that the
@@ -215,6 +221,7 @@ __device__ __forceinline__ void store_tile(const Params& params, const Work& w, 
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR, bool TMA>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
+#ifdef LORA_WGMMA_KERNEL_BODY
   constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages;
   using PTile = Sw128Tile<kBM, P_K_MAJOR>;
   using QTile = Sw128Tile<kBN, Q_K_MAJOR>;
@@ -271,6 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   dev::fence_accumulators(acc);
   if (w.range.count == 0) zero(acc);
   store_tile<T, kBN>(params, w, acc);
+#endif
 }
 
 // Warp-specialized and persistent (TMA only): a block of two consumer warpgroups, which only
@@ -285,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, typename Cfg, bool P_K_MAJOR, bool Q_K_MAJOR>
 __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     wgmma_gemm_producer(const __grid_constant__ Params params, const __grid_constant__ TensorMaps maps) {
+#ifdef LORA_WGMMA_KERNEL_BODY
   constexpr int kBN = Cfg::kBN, kStages = Cfg::kStages;
   LORA_DYNAMIC_SMEM(smem);
   const Stages<T, Cfg> stages(smem);
@@ -340,6 +349,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     if (w.range.count == 0) zero(acc);
     store_tile<T, kBN>(params, w, acc);
   }
+#endif
 }
 
 // A block holds an SM (160–192 KiB of shared memory), so K is split only when the tiles leave more
