@@ -138,7 +138,7 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])  \
-      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
 #define LORA_WGMMA_M64N32K16(TYPE)                                                                  \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                 \
@@ -147,12 +147,13 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
       "}, %16, %17, p, 1, 1, %19, %20;\n}\n"                                                     \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
-      : "l"(desc_a), "l"(desc_b), "r"(1), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(int(TRANS_A)), "n"(int(TRANS_B)))
 #endif
 
-// d (64×N, fp32, N/2 registers per thread) += A (64×16) · B (16×N); N = 256 or 32.
+// d (64×N, fp32, N/2 registers per thread) += A (64×16) · B (16×N), or (accumulate 0) d = A·B,
+// whatever d held; N = 256 or 32.
 template <typename T, int N, bool TRANS_A, bool TRANS_B>
-__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
   static_assert(N == 256 || N == 32, "wgmma shapes instantiated: m64n256k16, m64n32k16");
 #ifdef LORA_KERNELS_WGMMA_ASM
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;

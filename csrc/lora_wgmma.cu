@@ -166,9 +166,9 @@ __device__ __forceinline__ void copy_stage(T* p_tile, const TensorMaps& maps, co
 }
 
 // acc (this warpgroup's 64 rows of the tile) += the product of the K tile staged at p_address, as
-// one committed group of kBK/16 wgmmas.
+// one committed group of kBK/16 wgmmas; at the first tile (first) acc = that product instead.
 template <typename T, int BN, bool P_K_MAJOR, bool Q_K_MAJOR>
-__device__ __forceinline__ void multiply_stage(float (&acc)[BN / 2], uint32_t p_address) {
+__device__ __forceinline__ void multiply_stage(float (&acc)[BN / 2], uint32_t p_address, bool first) {
   using PTile = Sw128Tile<kBM, P_K_MAJOR>;
   using QTile = Sw128Tile<BN, Q_K_MAJOR>;
   const uint32_t q_address = p_address + 2 * kBM * kBK;
@@ -177,14 +177,17 @@ __device__ __forceinline__ void multiply_stage(float (&acc)[BN / 2], uint32_t p_
 #pragma unroll
   for (int kk = 0; kk < kBK; kk += 16) {
     dev::wgmma_m64nNk16<T, BN, !P_K_MAJOR, !Q_K_MAJOR>(acc, PTile::descriptor(p_address, 64 * warpgroup, kk),
-                                                       QTile::descriptor(q_address, 0, kk));
+                                                       QTile::descriptor(q_address, 0, kk), !first || kk > 0);
   }
   dev::wgmma_commit();
 }
 
-// acc = 0. Called at the first K tile, inside the loop (and after the loop where it ran no tile:
-// K = 0, bias alone): zeroed before the loop, the accumulators made ptxas serialize every wgmma
-// ("C7515: non wgmma instructions defining accumulator registers", nvcc 13.0).
+// acc = 0, for a tile with no K tiles at all (K = 0: bias alone). Otherwise the accumulators are
+// never written by anything but wgmma before the epilogue: the first K tile's first wgmma overwrites
+// them (multiply_stage, first), rather than acc being zeroed before the K loop. ptxas serializes
+// every wgmma of a kernel whose accumulators other instructions define where a wgmma may be in
+// flight (C7515; zeroing before the loop did that, nvcc 13.0), or whose waits it must insert on a
+// conditional path (C7518; zeroing at the first tile inside the loop did that).
 template <int N>
 __device__ __forceinline__ void zero(float (&acc)[N]) {
 #pragma unroll
@@ -261,7 +264,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float acc[kBN / 2];
   for (int t = 0; t < w.range.count; ++t) {
-    if (t == 0) zero(acc);
     if (!TMA) {
       dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
       dev::fence_proxy_async();           // ... is visible to the tensor cores, after the barrier
@@ -271,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!TMA) dev::cp_async_commit();
     if (TMA) dev::mbarrier_wait(&stages.landed[t % kStages], (t / kStages) & 1);  // tile t has landed
     if (w.range.first + t == w.range.k_tiles && g.K2 > 0) rescale_before_lora(acc, g);
-    multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(t % kStages));
+    multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(t % kStages), t == 0);
     dev::wgmma_wait<1>();  // tile t - 1's wgmmas are done: its buffer may be refilled after the next barrier
   }
   dev::wgmma_wait<0>();
@@ -337,9 +339,8 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     for (int t = 0; t < w.range.count; ++t, ++use) {
       const int s = use % kStages;
       dev::mbarrier_wait(&stages.landed[s], (use / kStages) & 1);  // tile t has landed
-      if (t == 0) zero(acc);
       if (w.range.first + t == w.range.k_tiles && g.K2 > 0) rescale_before_lora(acc, g);
-      multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(s));
+      multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(s), t == 0);
       dev::wgmma_wait<1>();
       if (t > 0) release(use - 1);  // tile t - 1's wgmmas are done
     }

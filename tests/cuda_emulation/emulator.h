@@ -242,6 +242,7 @@ struct WgmmaOp {
   uint64_t desc_a, desc_b;
   int n;  // columns of d
   bool trans_a, trans_b, bf16;
+  bool accumulate;  // false: d = A·B (the PTX scale-d operand 0)
   std::vector<int> chunks;  // what it reads; kept by the warpgroup's first thread, which does the bookkeeping
 };
 inline thread_local AsyncGroups<WgmmaOp> wgmmas;  // this thread's share of its warpgroup's wgmmas
@@ -490,7 +491,7 @@ inline void retire(std::vector<WgmmaOp>& group) {
         const int col = 8 * j + 2 * (lane % 4) + e % 2;
         float sum = 0.0f;
         for (int k = 0; k < 16; ++k) sum += a[e / 2][k] * smem_element(operand_offset(B, op.trans_b, col, k), op.bf16);
-        op.d[4 * j + e] += sum;
+        op.d[4 * j + e] = (op.accumulate ? op.d[4 * j + e] : 0.0f) + sum;
       }
     if (!op.chunks.empty()) {
       std::lock_guard<std::mutex> lock(block->chunks_mutex);
@@ -508,8 +509,8 @@ namespace dev {
 // checks what the instruction reads: every chunk's copy landed, was fenced (fence.proxy.async) and
 // a barrier passed since; until the retiring wait, a cp.async into those chunks is reported.
 template <typename T, int N, bool TRANS_A, bool TRANS_B>
-inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
-  emu::WgmmaOp op{d, desc_a, desc_b, N, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, {}};
+inline void wgmma_m64nNk16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  emu::WgmmaOp op{d, desc_a, desc_b, N, TRANS_A, TRANS_B, std::is_same<T, __nv_bfloat16>::value, accumulate != 0, {}};
   if (emu::thread_idx.x % 128 == 0) {
     if ((emu::thread_idx.x / 128 + 1) * 128 > emu::block_dim.x)
       emu::report("wgmma by thread %u of a block of %u threads: its warpgroup is not whole", emu::thread_idx.x,
