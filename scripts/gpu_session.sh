@@ -15,8 +15,11 @@
 #     bash scripts/gpu_session.sh profile    # host time per eager call (scripts/profile_launch.py)
 #     bash scripts/gpu_session.sh cuda       # the CUDA backend: its tests, memcheck + racecheck of its
 #                                            # kernels, and scripts/bench_cuda_kernels.py (per-kernel times)
+#     bash scripts/gpu_session.sh wgmma      # quick turnaround on the sm_90a wgmma kernels: their GPU tests
+#                                            # (failures summed up per LORA_KERNELS_WGMMA_LOADS mode) and a
+#                                            # short bench (WGMMA_BENCH_ARGS)
 # Time boxes and arguments can be changed by environment: TEST_S, TEST_ARGS, LAYER_S, RANKS,
-# REPS, FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS, CUDA_BENCH_S, CUDA_BENCH_ARGS.
+# REPS, FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS, CUDA_BENCH_S, CUDA_BENCH_ARGS, WGMMA_BENCH_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_kernels_out}
 R=/tmp/lora_kernels_results
@@ -63,5 +66,16 @@ case "${1:-test}" in
     done
     box "${CUDA_BENCH_S:-240}" python3 scripts/bench_cuda_kernels.py ${CUDA_BENCH_ARGS:-} > "$R/cuda-bench.log" 2>&1
     cut -c1-200 "$R/cuda-bench.log" | head -90; pack ;;
-  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda"; exit 2 ;;
+  wgmma)
+    box "${TEST_S:-200}" python3 -m pytest tests/test_cuda_extension.py -q -p no:cacheprovider -rfE --tb=line \
+      -k "wgmma" > "$R/wgmma-test.log" 2>&1
+    grep -E "passed|failed" "$R/wgmma-test.log" | tail -1
+    for loads in producer tma cp.async; do  # which mode fails says which layer to suspect
+      echo "$loads: $(grep -c "^FAILED.*\[$loads-" "$R/wgmma-test.log") failed"
+    done
+    grep -E "^(FAILED|ERROR)" "$R/wgmma-test.log" | cut -c1-200 | head -12; pack
+    box "${CUDA_BENCH_S:-200}" python3 scripts/bench_cuda_kernels.py ${WGMMA_BENCH_ARGS:---shapes 4096x4096 --rows 16,1024,8192} \
+      > "$R/wgmma-bench.log" 2>&1
+    cut -c1-220 "$R/wgmma-bench.log" | head -40; pack ;;
+  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda|wgmma"; exit 2 ;;
 esac
