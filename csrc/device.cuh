@@ -13,6 +13,8 @@
 
 #include <cuda.h>  // CUtensorMap and its enums (types only)
 
+#include "lora_gemm.h"  // GemmParams, adapter_keep (keep_and_bias)
+
 #ifndef LORA_KERNELS_EMULATE
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_runtime.h>
@@ -417,6 +419,18 @@ __host__ __device__ __forceinline__ __half from_float<__half>(float v) { return 
 template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// What every kernel's epilogue does to element (m, n) of C before writing it: keep ⊙ v + bias
+// (lora_gemm.h). Where this C is the transpose of the caller's (c_transposed, the wgmma path's
+// few-row products), the mask and the bias index the caller's row and column. (m, n) must lie
+// inside C: the mask reads the adapter id of the caller's row.
+template <typename T>
+__host__ __device__ __forceinline__ float keep_and_bias(const GemmParams& g, int64_t m, int64_t n, float v) {
+  const int64_t row = g.c_transposed ? n : m, column = g.c_transposed ? m : n;
+  v *= adapter_keep(g.adapters, row, column);
+  if (g.bias != nullptr) v += to_float(static_cast<const T*>(g.bias)[column]);
+  return v;
 }
 
 // Matrix descriptor of a wgmma operand in shared memory laid out with the 128-byte swizzle (what

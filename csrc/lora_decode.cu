@@ -132,9 +132,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gemm(Params params) {
       float v = 0.0f;
 #pragma unroll
       for (int s = 0; s < WARPS_PER_COLUMN; ++s) v += partial[(column * WARPS_PER_COLUMN + s) * ROWS + r];
-      v *= adapter_keep(g.adapters, r, out_n);
-      if (g.bias != nullptr) v += dev::to_float(static_cast<const T*>(g.bias)[out_n]);
-      static_cast<T*>(g.C)[r * g.stride_cm + out_n * g.stride_cn] = dev::from_float<T>(v);
+      const float out = dev::keep_and_bias<T>(g, r, out_n, v);
+      static_cast<T*>(g.C)[r * g.stride_cm + out_n * g.stride_cn] = dev::from_float<T>(out);
     }
   }
 }
@@ -298,9 +297,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_gemm(MmaParams params) {
       g.workspace[(static_cast<int64_t>(blockIdx.y) * g.M + m) * g.N + n] = v;
       continue;
     }
-    float out = adapter_keep(g.adapters, m, n) * v;
-    if (g.bias != nullptr) out += dev::to_float(static_cast<const T*>(g.bias)[n]);
-    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(out);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(dev::keep_and_bias<T>(g, m, n, v));
   }
 }
 

@@ -80,7 +80,6 @@ __global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
   tile_product<T>(p.P, p.Q, p.M, p.N, p.K, m0, n0, acc, p_slab, q_slab);
   if (p.K2 > 0) tile_product<T>(p.P2, p.Q2, p.M, p.N, p.K2, m0, n0, acc2, p_slab, q_slab);
 
-  const T* bias = static_cast<const T*>(p.bias);
   T* c = static_cast<T*>(p.C);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 #pragma unroll
@@ -91,8 +90,7 @@ __global__ void __launch_bounds__(kThreads) simt_gemm(GemmParams p) {
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t n = n0 + tx + 16 * j;
       if (n >= p.N) continue;
-      float v = adapter_keep(p.adapters, m, n) * (p.alpha * acc[i][j] + p.alpha2 * acc2[i][j]);
-      if (bias != nullptr) v += dev::to_float(bias[n]);
+      const float v = dev::keep_and_bias<T>(p, m, n, p.alpha * acc[i][j] + p.alpha2 * acc2[i][j]);
       c[m * p.stride_cm + n * p.stride_cn] = dev::from_float<T>(v);
     }
   }
@@ -112,10 +110,7 @@ __global__ void __launch_bounds__(256) split_k_reduce(GemmParams g, int splits) 
     float sum = 0.0f;
     for (int z = 0; z < splits; ++z) sum += g.workspace[z * count + idx];
     const int64_t m = idx / g.N, n = idx % g.N;
-    const int64_t row = g.c_transposed ? n : m, column = g.c_transposed ? m : n;  // of the caller's C
-    sum *= adapter_keep(g.adapters, row, column);
-    if (g.bias != nullptr) sum += dev::to_float(static_cast<const T*>(g.bias)[column]);
-    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(sum);
+    static_cast<T*>(g.C)[m * g.stride_cm + n * g.stride_cn] = dev::from_float<T>(dev::keep_and_bias<T>(g, m, n, sum));
   }
 }
 

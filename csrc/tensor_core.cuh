@@ -98,14 +98,10 @@ __device__ __forceinline__ void store_pair(const Params& params, int split, int6
     if (n + 1 < g.N) partial[n + 1] = v1;
     return;
   }
-  const T* bias = static_cast<const T*>(g.bias);
   float v[2] = {v0, v1};
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int64_t row = g.c_transposed ? n + e : m, column = g.c_transposed ? m : n + e;  // of the caller's C
-    v[e] *= adapter_keep(g.adapters, row, column);
-    if (bias != nullptr && n + e < g.N) v[e] += dev::to_float(bias[column]);
-  }
+  for (int e = 0; e < 2; ++e)
+    if (n + e < g.N) v[e] = dev::keep_and_bias<T>(g, m, n + e, v[e]);
   T* out = static_cast<T*>(g.C) + m * g.stride_cm + n * g.stride_cn;
   if (params.pair_store && n + 1 < g.N) {
     *reinterpret_cast<uint32_t*>(out) = pack_pair<T>(v[0], v[1]);
