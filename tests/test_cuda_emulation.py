@@ -74,8 +74,8 @@ def lib():
 class Gemm:
     """C = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias) through the emulated launch_gemm, with the
     split-K scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the
-    kernel used, whether K was split and the launches (grid, threads per block). keep: the multi-adapter mask of ``adapters`` = (ids int32,
-    scales float32, rank), or 1."""
+    kernel used, whether K was split and the launches (grid, threads per block). keep: the
+    multi-adapter mask of ``adapters`` = (ids int32, scales float32, rank), or 1."""
 
     def __init__(self, lib):
         self.lib, self.kernels, self.split, self.launches = lib, [], [], []

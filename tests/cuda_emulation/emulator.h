@@ -105,6 +105,7 @@ struct TensorMap {
   const unsigned char* base;
   uint64_t inner, outer, row_bytes;
   uint32_t box_inner, box_outer;
+  uint32_t box_bytes() const { return box_inner * box_outer * 2; }  // 16-bit elements
 };
 struct BoxCopy {
   uint32_t dst;
@@ -583,26 +584,22 @@ inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
   b = emu::Mbarrier{};
   b.arrivals = b.arrivals_left = static_cast<int>(arrivals);
 }
+// One arrival on the current phase, announcing `bytes` of copies (mbarrier_arrive: none).
 inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
   emu::Mbarrier& b = mbarrier_at(bar);
   if (b.arrivals == 0) emu::report("mbarrier at shared offset %u used before mbarrier_init", smem_address(bar));
+  if (b.arrivals_left == 0) emu::report("mbarrier at shared offset %u: more arrivals than its count", smem_address(bar));
   b.tx += bytes;
   --b.arrivals_left;
 }
-inline void mbarrier_arrive(uint64_t* bar) {
-  std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
-  emu::Mbarrier& b = mbarrier_at(bar);
-  if (b.arrivals == 0) emu::report("mbarrier at shared offset %u used before mbarrier_init", smem_address(bar));
-  if (b.arrivals_left == 0) emu::report("mbarrier at shared offset %u: more arrivals than its count", smem_address(bar));
-  --b.arrivals_left;
-}
+inline void mbarrier_arrive(uint64_t* bar) { mbarrier_arrive_expect_tx(bar, 0); }
 // Issued now, landed by the first wait on its barrier's phase (see Mbarrier). A copy into a chunk
 // that a wgmma has not been waited for is reported, as for cp.async.
 inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_t outer, uint64_t* bar) {
   emu::TensorMap m;
   std::memcpy(&m, map, sizeof m);
-  const uint32_t at = smem_address(dst), bytes = m.box_inner * m.box_outer * 2;
+  const uint32_t at = smem_address(dst), bytes = m.box_bytes();
   if (at % 128 != 0 || at + bytes > emu::block->smem_bytes) {
     emu::report("bulk tensor copy of %u bytes to shared offset %u (not 128-byte aligned or past the end)", bytes, at);
     return;
@@ -632,7 +629,7 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       emu::Mbarrier& b = mbarrier_at(bar);
       if (b.phase != parity || emu::block->hung) return;  // that phase has completed (or the block hangs)
       int64_t started = 0;
-      for (const emu::BoxCopy& c : b.copies) started += int64_t(c.map.box_inner) * c.map.box_outer * 2;
+      for (const emu::BoxCopy& c : b.copies) started += c.map.box_bytes();
       if (b.arrivals_left == 0 && started >= b.tx) {  // the copies land now, and the phase completes
         unsigned char* smem = emu::block->shared();
         for (const emu::BoxCopy& c : b.copies) {
@@ -645,7 +642,7 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
               const uint32_t a = c.dst + (r * c.map.box_inner + e) * 2;
               std::memcpy(smem + (a ^ (((a >> 7) & 7) << 4)), &v, 2);  // the 128-byte swizzle, on the address
             }
-          const uint32_t bytes = c.map.box_inner * c.map.box_outer * 2;
+          const uint32_t bytes = c.map.box_bytes();
           for (uint32_t k = c.dst / 16; k < (c.dst + bytes) / 16; ++k)
             emu::block->chunks[k].landed = emu::block->chunks[k].fenced = emu::epoch;
         }
