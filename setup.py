@@ -40,7 +40,7 @@ def cuda_extension():
     ext = CUDAExtension(
         name="lora_kernels._C",
         sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu", "csrc/lora_tensor_core.cu", "csrc/lora_wgmma.cu",
-                 "csrc/lora_decode.cu"],
+                 "csrc/lora_decode.cu", "csrc/lora_dropout.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}, None

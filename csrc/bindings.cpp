@@ -82,10 +82,38 @@ bool overlap_allowed() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// LoRA dropout (fused_dropout below): the seed the kernels draw the mask from, checked; null when p = 0.
+const int64_t* dropout_seed(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like,
+                            const char* op) {
+  if (dropout_p == 0.0) return nullptr;
+  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "lora_kernels.", op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  TORCH_CHECK(seed && seed->is_cuda() && seed->device() == like.device() && seed->scalar_type() == at::kLong &&
+                  seed->numel() == 1,
+              "lora_kernels.", op, ": dropout_p > 0 needs seed, a one-element int64 tensor on ", like.device());
+  return seed->data_ptr<int64_t>();
+}
+
+// out = keep ⊙ src / (1 − p) (+ out when accumulate), the mask drawn from *seed (lora_dropout.cu).
+void dropout(at::Tensor& out, const at::Tensor& src, const int64_t* seed, double p, bool accumulate) {
+  const lora_kernels::DropoutParams d{src.size(0), src.size(1), plain(src), out.data_ptr(), out.stride(0),
+                                      seed, static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p)), accumulate};
+  const cudaError_t err = lora_kernels::launch_dropout(dtype_of(out), d, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// dropout(x), in a scratch tensor that lives only as long as the op (nothing M×K is kept for backward).
+at::Tensor dropped(const at::Tensor& x, const int64_t* seed, double p) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  dropout(out, x, seed, p, false);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                            const at::Tensor& lora_B, double scale,
-                                           const std::optional<at::Tensor>& x_lora,
+                                           const std::optional<at::Tensor>& x_lora, double dropout_p,
+                                           const std::optional<at::Tensor>& seed,
                                            const std::optional<at::Tensor>& adapter_ids,
                                            const std::optional<at::Tensor>& adapter_scales, int64_t adapter_rank) {
   check(x, "x", x, 2);
@@ -99,10 +127,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
     check(*bias, "bias", x, 1);
     TORCH_CHECK(bias->size(0) == N && bias->stride(0) == 1, "lora_kernels.cuda_forward: bias must be contiguous (N,)");
   }
-  const at::Tensor& lora_in = x_lora ? *x_lora : x;
-  check(lora_in, "x_lora", x, 2);
+  const int64_t* drop_seed = dropout_seed(dropout_p, seed, x, "cuda_forward");
+  TORCH_CHECK(!(x_lora && drop_seed), "lora_kernels.cuda_forward: pass x_lora or dropout_p > 0, not both");
+  if (x_lora) {
+    check(*x_lora, "x_lora", x, 2);
+    TORCH_CHECK(x_lora->sizes() == x.sizes(), "lora_kernels.cuda_forward: x_lora must have x's shape");
+  }
   const RowAdapters adapters = row_adapters(adapter_ids, adapter_scales, adapter_rank, x, M, R);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor lora_in = drop_seed ? dropped(x, drop_seed, dropout_p) : x_lora ? *x_lora : x;
   at::Tensor xa = at::empty({M, R}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
   gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
@@ -114,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x_lora,
                                                                     const at::Tensor& weight, const at::Tensor& lora_A,
                                                                     const at::Tensor& lora_B, const at::Tensor& xa,
-                                                                    double scale, bool fuse_lora_dx,
+                                                                    double scale, bool fuse_lora_dx, double dropout_p,
+                                                                    const std::optional<at::Tensor>& seed,
                                                                     const std::optional<at::Tensor>& adapter_ids,
                                                                     const std::optional<at::Tensor>& adapter_scales,
                                                                     int64_t adapter_rank) {
@@ -129,30 +163,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
                   lora_B.size(0) == N && lora_B.size(1) == R && xa.size(0) == M && xa.size(1) == R,
               "lora_kernels.cuda_backward: inconsistent shapes");
   const RowAdapters adapters = row_adapters(adapter_ids, adapter_scales, adapter_rank, dy, M, R);
+  // With dropout, x_lora is x itself: the mask is redrawn from the forward's seed.
+  const int64_t* drop_seed = dropout_seed(dropout_p, seed, dy, "cuda_backward");
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor g = at::empty({M, R}, dy.options());
   at::Tensor dx = at::empty({M, K}, dy.options());
   at::Tensor d_lora_A = at::empty({R, K}, dy.options());
   at::Tensor d_lora_B = at::empty({N, R}, dy.options());
+  const float s = static_cast<float>(scale);
   gemm(g, plain(dy), plain(lora_B), N, 1.0f, kNone, kNone, 0, 0.0f, nullptr, adapters);  // g = dY·B (masked)
-  if (fuse_lora_dx) {
-    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(lora_A), R, static_cast<float>(scale));
+  if (fuse_lora_dx && !drop_seed) {
+    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(lora_A), R, s);  // dX = dY·W₀ + s·g·A
   } else {
-    gemm(dx, plain(dy), plain(weight), N, 1.0f);                                   // dX = dY·W₀ (+ s·g·A)
+    gemm(dx, plain(dy), plain(weight), N, 1.0f);                                  // dX = dY·W₀ ...
+    if (fuse_lora_dx) {                                                          // ... + keep ⊙ s·g·A / (1 − p)
+      at::Tensor lora_dx = at::empty({M, K}, dy.options());
+      gemm(lora_dx, plain(g), plain(lora_A), R, s);
+      dropout(dx, lora_dx, drop_seed, dropout_p, true);
+    }
   }
-  gemm(d_lora_A, transposed(g), plain(x_lora), M, static_cast<float>(scale));     // dA = s·gᵀ·x
-  gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);                              // dB = dYᵀ·xa
+  const at::Tensor lora_in = drop_seed ? dropped(x_lora, drop_seed, dropout_p) : x_lora;
+  gemm(d_lora_A, transposed(g), plain(lora_in), M, s);                           // dA = s·gᵀ·dropout(x)
+  gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);                            // dB = dYᵀ·xa
   return {dx, d_lora_A, d_lora_B, g};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
-  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, Tensor? x_lora,"
-        " *, Tensor? adapter_ids=None, Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor)");
+  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale,"
+        " Tensor? x_lora=None, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
+        " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor)");
   m.def("cuda_backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
-        " bool fuse_lora_dx, *, Tensor? adapter_ids=None, Tensor? adapter_scales=None, int adapter_rank=0)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+        " bool fuse_lora_dx=True, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
+        " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {

@@ -54,6 +54,22 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
   return id >= 0 && id < a.count && n / a.rank == id ? a.scales[id] : 0.0f;
 }
 
+// LoRA dropout with the mask drawn on the device from *seed (an int64 in device memory, so no host
+// sync and CUDA-graph safe): out (M×K, row stride stride_out, unit column stride) = keep ⊙ src ·
+// keep_scale (1/(1 − p), rounded once from double), plus out's previous value when `accumulate`,
+// computed in fp32 and written once. Element (m, k) is kept as dev::dropout_keeps(seed, m·K + k, p)
+// says: the mask of the Triton kernels.
+struct DropoutParams {
+  int64_t M, K;
+  Operand src;
+  void* out;
+  int64_t stride_out;
+  const int64_t* seed;
+  float p, keep_scale;
+  bool accumulate;
+};
+cudaError_t launch_dropout(DType dtype, const DropoutParams& params, cudaStream_t stream);
+
 // The kernels behind launch_gemm, chosen per call from dtype, sizes and layout:
 //   kDecode      M ≤ 32 and Q's columns contiguous in k (x·W₀ᵀ, x·Aᵀ): W₀ streamed once with
 //                16-byte loads, on the tensor cores for 16-bit products with N ≥ 256 and aligned

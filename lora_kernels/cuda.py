@@ -15,6 +15,9 @@ except ImportError as exc:  # a CPU-only install, or built with LORA_KERNELS_SKI
     _LOAD_ERROR = exc
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Dropout from a seed: the kernels redraw the Triton kernels' mask (reference.dropout_keep) inside
+# each op, so no mask or dropped copy of x is kept between forward and backward.
+FUSED_DROPOUT = True
 
 
 def extension_loaded() -> bool:
@@ -40,18 +43,20 @@ def unavailable_reason(x: torch.Tensor):
     return None
 
 
-def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None, adapter_ids=None, adapter_scales=None,
-            adapter_rank=0):
-    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``; multi-adapter
-    batches as in :mod:`lora_kernels.ops`."""
+def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None, dropout_p=0.0, seed=None, adapter_ids=None,
+            adapter_scales=None, adapter_rank=0):
+    """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``; fused dropout and
+    multi-adapter batches as in :mod:`lora_kernels.ops`."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
-    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora, adapter_ids=adapter_ids,
-                                               adapter_scales=adapter_scales, adapter_rank=adapter_rank)
+    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora, dropout_p, seed,
+                                               adapter_ids=adapter_ids, adapter_scales=adapter_scales,
+                                               adapter_rank=adapter_rank)
 
 
-def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True, adapter_ids=None, adapter_scales=None,
-             adapter_rank=0):
-    """Backend contract: returns ``(dx, dA, dB, g)``."""
+def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True, dropout_p=0.0, seed=None,
+             adapter_ids=None, adapter_scales=None, adapter_rank=0):
+    """Backend contract: returns ``(dx, dA, dB, g)``. With ``dropout_p`` and the forward's ``seed``,
+    ``x_lora`` is the undropped x."""
     return torch.ops.lora_kernels.cuda_backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx,
-                                                adapter_ids=adapter_ids, adapter_scales=adapter_scales,
-                                                adapter_rank=adapter_rank)
+                                                dropout_p, seed, adapter_ids=adapter_ids,
+                                                adapter_scales=adapter_scales, adapter_rank=adapter_rank)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 
@@ -55,6 +56,42 @@ def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     d_lora_A = (g.t() @ x_lora).mul_(scale)
     d_lora_B = dy.t() @ xa
     return dx, d_lora_A, d_lora_B, g
+
+
+# Fused dropout (the Triton and CUDA kernels): element (m, k) of x (M×K) is kept iff
+# uniform(philox(seed, m·K + k)) ≥ p, the draw of Triton's tl.rand: Philox-4×32 with 10 rounds, key
+# (seed low 32 bits, high 32 bits), counter (offset low 32 bits, high 32 bits, 0, 0), its first output
+# read as int32 x and mapped to (x < 0 ? ~x : x)·4.6566127342e-10 in fp32. Any kernel, whatever its
+# tiling, redraws the same mask from the seed; here it is once more in int64 torch arithmetic.
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b):
+    """(a·b) >> 32 and (a·b) mod 2³² of 32-bit unsigned a (an int) and b (an int64 tensor), without
+    overflowing int64: b is split into 16-bit halves."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_part = a * b_lo                                   # < 2⁴⁸
+    mid = a * b_hi + (lo_part >> 16)                     # < 2⁴⁹
+    return mid >> 16, ((mid & 0xFFFF) << 16 | (lo_part & 0xFFFF)) & _LOW32
+
+
+def dropout_keep(seed: int, M: int, K: int, p: float, device=None):
+    """The (M, K) bool keep-mask the fused-dropout kernels draw for ``seed`` (see above)."""
+    offset = torch.arange(M * K, dtype=torch.int64, device=device)
+    c0, c1 = offset & _LOW32, offset >> 32
+    c2 = c3 = torch.zeros_like(offset)
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)         # the int32 bit pattern
+    x = torch.where(x < 0, -x - 1, x)
+    uniform = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return (uniform >= torch.tensor(p, dtype=torch.float32)).reshape(M, K)
 
 
 def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids):

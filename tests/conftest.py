@@ -51,22 +51,35 @@ def make_problem(M, K, N, r, dtype, bias=True, lead=(), device=DEVICE, scale=2.0
     return x, w, b, a, bb, scale
 
 
-def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False, strided_x=False):
+def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False, strided_x=False,
+                                dropout_p=0.0):
     """A backend module's forward and backward (the 2-D contract of lora_kernels.reference) against
     the same functions in float64, every output: y, xa, dX, dA, dB, g. ``strided_x``: x is a column
-    slice of a wider tensor (row stride ≠ K, start not 16-byte aligned)."""
+    slice of a wider tensor (row stride ≠ K, start not 16-byte aligned). ``dropout_p``: the
+    backend's fused dropout from a fresh seed, against x_lora = x ⊙ reference.dropout_keep / (1 − p)."""
     x, w, b, a, bb, s = make_problem(M, K, N, r, dtype)
     if strided_x:
         x = torch.randn(M, K + 8, dtype=dtype, device=x.device)[:, 3:3 + K]
     x_lora = x * (torch.rand_like(x) > 0.3).to(dtype) if x_lora_given else None
     dy = torch.randn(M, N, dtype=dtype, device=x.device)
-    y, xa = ops.forward(x, w, b, a, bb, s, x_lora=x_lora)
-    dx, da, db, g = ops.backward(dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx)
+    fused = {}
+    if dropout_p:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        fused = {"dropout_p": dropout_p, "seed": torch.tensor([seed], dtype=torch.int64, device=x.device)}
+    y, xa = ops.forward(x, w, b, a, bb, s, x_lora=x_lora, **fused)
+    dx, da, db, g = ops.backward(dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx,
+                                 **fused)
     f64 = [t.double() if t is not None else None for t in (x, w, b, a, bb, dy)]
     xl64 = f64[0] if x_lora is None else x_lora.double()
+    mask = 1.0
+    if dropout_p:
+        mask = lora_kernels.reference.dropout_keep(seed, M, K, dropout_p, device=x.device) / (1 - dropout_p)
+        xl64 = xl64 * mask
     y_ref, xa_ref = lora_kernels.reference.forward(*f64[:5], s, x_lora=xl64)
     dx_ref, da_ref, db_ref, g_ref = lora_kernels.reference.backward(f64[5], xl64, f64[1], f64[3], f64[4], xa_ref, s,
-                                                                    fuse_lora_dx)
+                                                                    False)
+    if fuse_lora_dx:  # the LoRA share of dX, through the dropout mask
+        dx_ref += mask * (s * g_ref @ f64[3])
     for out, ref, what in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
                            (db, db_ref, "dB"), (g, g_ref, "g")):
         assert out.dtype == dtype

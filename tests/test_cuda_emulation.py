@@ -54,6 +54,8 @@ def build_library():
     lib.workspace_elems.restype = i64
     lib.emulation_error.restype = ctypes.c_char_p
     lib.emulated_launches.argtypes = [ctypes.POINTER(i64), ctypes.c_int]
+    lib.emulated_dropout.argtypes = [ctypes.c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_double,
+                                     ctypes.c_bool]
     return lib
 
 
@@ -404,3 +406,76 @@ def test_random_shapes_strides_and_adapters(lib):
             check_against_float64(Gemm(lib), M, K, N, R, dtype, x=x, n_adapters=n_adapters)
         except AssertionError as e:
             raise AssertionError(f"{case}: {e}") from e
+
+
+def dropout(lib, out, src, seed, p, accumulate=False):
+    """out = keep ⊙ src / (1 − p) (+ out) through the emulated launch_dropout; seed: int64 (1,)."""
+    err = lib.emulated_dropout(DTYPE_CODE[out.dtype], src.shape[0], src.shape[1], src.data_ptr(), *src.stride(),
+                               out.data_ptr(), out.stride(0), seed.data_ptr(), p, accumulate)
+    assert err == 0, f"launch_dropout returned cudaError {err}"
+    problem = lib.emulation_error().decode()
+    assert not problem, problem
+    assert_guards_intact(out)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1234, 2**31 - 2, 2**40 + 7])
+@pytest.mark.parametrize("M, K, p", [(1, 1, 0.5), (37, 70, 0.25), (3, 300, 0.1), (300, 5, 0.9)])
+def test_emulated_dropout_draws_the_reference_mask(lib, seed, M, K, p):
+    """The CUDA kernel keeps exactly the elements reference.dropout_keep keeps (the Triton kernels'
+    mask, tests/triton), scaled by 1/(1 − p), for any strides of its input."""
+    from lora_kernels.reference import dropout_keep
+
+    keep = dropout_keep(seed, M, K, p)
+    seed_t = guarded(torch.tensor([seed], dtype=torch.int64))
+    x = guarded(torch.randn(M, K + 3))[:, 2:2 + K]  # a misaligned column slice
+    out = dropout(lib, poisoned(M, K, dtype=torch.float32), x, seed_t, p)
+    assert torch.equal(out != 0, keep & (x != 0))
+    assert torch.equal(out, torch.where(keep, x * torch.tensor(1 / (1 - p), dtype=torch.float32), 0.0))
+    xt = guarded(torch.randn(K, M)).t()  # column-major
+    assert torch.equal(dropout(lib, poisoned(M, K, dtype=torch.float32), xt, seed_t, p) != 0, keep & (xt != 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_emulated_dropout_forward_backward_match_float64(lib, shape, dtype):
+    """bindings.cpp's forward and backward with dropout_p > 0, launch by launch: x dropped into a
+    scratch copy for xa = s·dropout(x)·Aᵀ and dA = s·gᵀ·dropout(x), dX = dY·W₀ then + keep ⊙ s·g·A /
+    (1 − p) (accumulate), against float64 with reference.dropout_keep's mask."""
+    from lora_kernels.reference import dropout_keep
+
+    torch.manual_seed(hash((shape, str(dtype))) % 2**31)
+    M, K, N, R = shape
+    p, seed = 0.3, 20261123
+    gemm = Gemm(lib)
+    x = guarded(torch.randn(M, K, dtype=dtype))
+    w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
+    b = guarded(torch.randn(N).to(dtype))
+    a = guarded((torch.randn(R, K) / K ** 0.5).to(dtype))
+    bb = guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
+    dy = guarded(torch.randn(M, N).to(dtype))
+    seed_t = guarded(torch.tensor([seed], dtype=torch.int64))
+    s = 2.0
+    x_lora = dropout(lib, poisoned(M, K, dtype=dtype), x, seed_t, p)                  # forward's scratch
+    xa = gemm(poisoned(M, R, dtype=dtype), x_lora, a.t(), s)
+    y = gemm(poisoned(M, N, dtype=dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b, overlap_prior=True)
+    g = gemm(poisoned(M, R, dtype=dtype), dy, bb, 1.0)
+    dx = gemm(poisoned(M, K, dtype=dtype), dy, w, 1.0)                                 # dY·W₀
+    lora_dx = gemm(poisoned(M, K, dtype=dtype), g, a, s)                               # s·g·A
+    dropout(lib, dx, lora_dx, seed_t, p, accumulate=True)
+    x_lora = dropout(lib, poisoned(M, K, dtype=dtype), x, seed_t, p)                  # backward's scratch
+    da = gemm(poisoned(R, K, dtype=dtype), g.t(), x_lora, s)
+    mask = dropout_keep(seed, M, K, p).double() / (1 - p)
+    d = lambda t: t.double()  # noqa: E731
+    xd = d(x) * mask
+    expected = {
+        "xa": (xa, s * xd @ d(a).t(), s * xd.abs() @ d(a).abs().t()),
+        "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
+              d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
+        "dx": (dx, d(dy) @ d(w) + mask * (s * d(g) @ d(a)),
+               d(dy).abs() @ d(w).abs() + mask * (s * d(g).abs() @ d(a).abs())),
+        "dA": (da, s * d(g).t() @ xd, s * d(g).abs().t() @ xd.abs()),
+    }
+    for what, (out, ref, magnitude) in expected.items():
+        assert_close(out, ref, dtype, f"{what} ({M}×{K}→{N}, r={R}, dropout)", magnitude=magnitude)

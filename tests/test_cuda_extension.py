@@ -137,6 +137,39 @@ def test_strided_input_precomputed_xa_and_unfused_dx(M, dtype, poison):
 
 
 @ON_GPU
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 40, 24, 8), (19, 136, 300, 8), (200, 72, 56, 4), (130, 1040, 264, 16)],
+                         ids=str)
+def test_fused_dropout_contract(shape, dtype, poison):
+    """Dropout from a seed (decode, tensor-core and SIMT products): the mask is reference.dropout_keep's,
+    the Triton kernels' mask, in xa, dA and dX's LoRA share."""
+    contract_vs_float64(*shape, dtype, dropout_p=0.3)
+
+
+@ON_GPU
+def test_fused_dropout_keeps_nothing_m_by_k_and_checks_its_arguments():
+    from test_memory_determinism import saved_storages
+
+    M, K, N, r = 64, 48, 96, 4
+    x, w, b, a, bb, s = make_problem(M, K, N, r, torch.float32)
+    x.requires_grad_()
+    a.requires_grad_()
+    saved = saved_storages(lambda: lora_kernels.lora_linear(x, w, b, a, bb, s, dropout_p=0.1, backend="cuda"))
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, a, bb)}
+    extra = sorted(nbytes for ptr, nbytes in saved.items() if ptr not in inputs)
+    assert extra == [8, M * r * 4], f"only the seed and xa may be added, got {extra}"
+    seed = torch.tensor([7], dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="needs seed"):
+        lora_kernels.cuda.forward(x, w, b, a, bb, s, None, 0.1)
+    with pytest.raises(RuntimeError, match="needs seed"):
+        lora_kernels.cuda.forward(x, w, b, a, bb, s, None, 0.1, seed.int())
+    with pytest.raises(RuntimeError, match="not both"):
+        lora_kernels.cuda.forward(x, w, b, a, bb, s, x, 0.1, seed)
+    with pytest.raises(RuntimeError, match="x_lora must have x's shape"):
+        lora_kernels.cuda.forward(x, w, b, a, bb, s, x[:-1])
+
+
+@ON_GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_through_lora_linear_with_autograd(dtype, poison):
     x, w, b, a, bb, s = make_problem(37, 70, 50, 12, dtype)

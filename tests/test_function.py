@@ -17,11 +17,10 @@ def expected_dropout_mask(backend, seed, x, p):
     random draw is either the fused kernels' seed or the materialised bernoulli mask."""
     torch.manual_seed(seed)
     shape2d = (math.prod(x.shape[:-1]), x.shape[-1])
-    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
-        from lora_kernels import triton as tk
-
-        seed_t = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-        return tk.dropout_mask(seed_t, *shape2d, p, x.dtype).reshape(x.shape)
+    if backend in ("triton", "cuda") or (backend == "auto" and x.device.type == "cuda"):  # fused: drawn from a seed
+        kernel_seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64).item()
+        keep = lora_kernels.reference.dropout_keep(kernel_seed, *shape2d, p, device=x.device)
+        return (keep.double() / (1 - p)).reshape(x.shape)  # exact: compared in float64
     mask = torch.empty(shape2d, dtype=x.dtype, device=x.device)
     return mask.bernoulli_(1 - p).div_(1 - p).reshape(x.shape)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = ["lora_wgmma.cu", "lora_tensor_core.cu", "lora_decode.cu", "lora_gemm.cu"]
+KERNEL_SOURCES = ["lora_wgmma.cu", "lora_tensor_core.cu", "lora_decode.cu", "lora_gemm.cu", "lora_dropout.cu"]
 
 
 def nvcc():

@@ -4,6 +4,7 @@
 #include "emulator.h"
 
 #include "../../csrc/lora_decode.cu"
+#include "../../csrc/lora_dropout.cu"
 #include "../../csrc/lora_gemm.cu"
 #include "../../csrc/lora_tensor_core.cu"
 #include "../../csrc/lora_wgmma.cu"
@@ -47,6 +48,16 @@ int64_t workspace_elems(int dtype, GEMM_ARGS) { return lora_kernels::workspace_e
 // Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
 int chosen_kernel(int dtype, GEMM_ARGS) {
   return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), PARAMS));
+}
+
+// The emulated launch_dropout (lora_gemm.h), its arguments made as bindings.cpp makes them: out =
+// keep ⊙ src / (1 − p) (+ out); returns its cudaError_t.
+int emulated_dropout(int dtype, int64_t M, int64_t K, const void* src, int64_t src_stride_row,
+                     int64_t src_stride_col, void* out, int64_t out_stride, const int64_t* seed, double p,
+                     bool accumulate) {
+  const lora_kernels::DropoutParams d{M, K, {src, src_stride_row, src_stride_col}, out, out_stride, seed,
+                                      static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p)), accumulate};
+  return static_cast<int>(lora_kernels::launch_dropout(static_cast<DType>(dtype), d, nullptr));
 }
 
 // The launches since the last call, then forgets them: up to `max` of them into out, as (grid x, y,

@@ -34,6 +34,19 @@ def test_precomputed_xa_and_unfused_dx(dtype, poison):
     contract_vs_float64(23, 40, 36, 8, dtype, fuse_lora_dx=False, x_lora_given=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 40, 24, 8), (37, 70, 50, 12)], ids=str)
+def test_fused_dropout_contract(shape, dtype, poison):
+    contract_vs_float64(*shape, dtype, dropout_p=0.3)
+
+
+def test_dropout_mask_is_the_reference_draw():
+    """The mask the kernels draw is reference.dropout_keep's (which the CUDA backend also draws)."""
+    for seed, M, K, p in [(0, 1, 1, 0.5), (20261123, 37, 70, 0.25), (2**40 + 7, 5, 300, 0.9)]:
+        mask = tk.dropout_mask(torch.tensor([seed], dtype=torch.int64, device=DEVICE), M, K, p)
+        assert torch.equal(mask > 0, lora_kernels.reference.dropout_keep(seed, M, K, p, device=DEVICE))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU")
 @pytest.mark.parametrize("M", [1, 16, 128, 1024, 8192])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
