@@ -77,17 +77,22 @@ def _mul_hi_lo(a: int, b):
     return mid >> 16, ((mid & 0xFFFF) << 16 | (lo_part & 0xFFFF)) & _LOW32
 
 
-def dropout_keep(seed: int, M: int, K: int, p: float, device=None):
-    """The (M, K) bool keep-mask the fused-dropout kernels draw for ``seed`` (see above)."""
-    offset = torch.arange(M * K, dtype=torch.int64, device=device)
-    c0, c1 = offset & _LOW32, offset >> 32
-    c2 = c3 = torch.zeros_like(offset)
-    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox-4×32-10 (Salmon et al. 2011) of counters c0..c3 (int64 tensors of 32-bit values) and
+    key (k0, k1): the four 32-bit outputs."""
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
         hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
+    return c0, c1, c2, c3
+
+
+def dropout_keep(seed: int, M: int, K: int, p: float, device=None):
+    """The (M, K) bool keep-mask the fused-dropout kernels draw for ``seed`` (see above)."""
+    offset = torch.arange(M * K, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(offset)
+    c0 = philox4x32(offset & _LOW32, offset >> 32, zero, zero, seed & _LOW32, (seed >> 32) & _LOW32)[0]
     x = torch.where(c0 >= 2**31, c0 - 2**32, c0)         # the int32 bit pattern
     x = torch.where(x < 0, -x - 1, x)
     uniform = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)

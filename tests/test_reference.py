@@ -30,3 +30,24 @@ def test_gradcheck_float64_weight_gradient_when_asked():
 def test_lora_scale():
     assert reference.lora_scale(8, 16) == 2.0
     assert reference.lora_scale(16, 16, use_rslora=True) == 4.0
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox-4×32-10 (kat_vectors)."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in cases:
+        got = reference.philox4x32(*(torch.tensor([c]) for c in counter), *key)
+        assert [int(v) for v in got] == list(want)
+
+
+def test_dropout_keep_statistics():
+    p, M, K = 0.1, 300, 200
+    keep = reference.dropout_keep(20261123, M, K, p)
+    sigma = (p * (1 - p) / (M * K)) ** 0.5
+    assert keep.shape == (M, K) and abs(keep.double().mean().item() - (1 - p)) < 5 * sigma
+    assert torch.equal(keep, reference.dropout_keep(20261123, M, K, p))
+    assert not torch.equal(keep, reference.dropout_keep(20261124, M, K, p))
+    assert not reference.dropout_keep(1, 4, 4, 1.0).any() and reference.dropout_keep(1, 4, 4, 0.0).all()
