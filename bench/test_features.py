@@ -29,6 +29,8 @@ def pytest_generate_tests(metafunc):
                  ("multi", f"peft mixed batch, {N_ADAPTERS} adapters")]
         if info.device == "cuda" and lora_kernels.cuda.extension_loaded():  # the CUDA backend's own kernels
             cases.insert(5, ("multi", f"lora_kernels[cuda] {N_ADAPTERS} adapters"))
+            cases.insert(2, ("dropout", "lora_kernels[cuda] p=0.1"))
+            cases.insert(2, ("dropout", "lora_kernels[cuda] p=0"))
         metafunc.parametrize("feature_case", cases, ids=[f"{c}-{i}" for c, i in cases])
 
 
