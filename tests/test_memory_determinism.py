@@ -20,18 +20,26 @@ def saved_storages(fn):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_step_keeps_only_x_weights_and_xa(backend):
-    """nn.Linear with LoRA must keep x and the weights; the fused op adds only xa = s·x·Aᵀ (M×r)."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_training_step_keeps_only_x_weights_and_xa(backend, dropout_p):
+    """nn.Linear with LoRA must keep x and the weights; the fused op adds only xa = s·x·Aᵀ (M×r),
+    and with dropout the kernel backends an 8-byte seed (their kernels redraw the mask), the
+    reference backend the mask and dropout(x) (M×K each)."""
     M, K, N, r = 64, 48, 96, 4
     x, w, b, a, bb, s = make_problem(M, K, N, r, torch.float32)
     x.requires_grad_()
     a.requires_grad_()
     bb.requires_grad_()
-    saved = saved_storages(lambda: lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend))
+    saved = saved_storages(lambda: lora_kernels.lora_linear(x, w, b, a, bb, s, dropout_p=dropout_p, backend=backend))
     inputs = {t.untyped_storage().data_ptr() for t in (x, w, a, bb)}
-    extra = {ptr: nbytes for ptr, nbytes in saved.items() if ptr not in inputs}
-    assert inputs <= set(saved), "x, W, A and B are saved by reference, not copied"
-    assert list(extra.values()) == [M * r * 4], f"only xa (M×r) may be added, got {extra}"
+    extra = sorted(nbytes for ptr, nbytes in saved.items() if ptr not in inputs)
+    assert inputs - {x.untyped_storage().data_ptr()} <= set(saved), "W, A and B are saved by reference, not copied"
+    if dropout_p == 0.0:
+        assert x.untyped_storage().data_ptr() in saved
+        want = [M * r * 4]
+    else:
+        want = [M * r * 4, M * K * 4, M * K * 4] if backend == "reference" else [8, M * r * 4]
+    assert extra == want, f"saved beyond the inputs: {extra}, expected {want}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
