@@ -82,7 +82,7 @@ bool overlap_allowed() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// LoRA dropout (fused_dropout below): the seed the kernels draw the mask from, checked; null when p = 0.
+// LoRA dropout (forward and backward below): the seed the kernels draw the mask from, checked; null when p = 0.
 const int64_t* dropout_seed(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like,
                             const char* op) {
   if (dropout_p == 0.0) return nullptr;

@@ -6,7 +6,8 @@ Every kernel backend provides the two functions of :mod:`lora_kernels.reference`
     backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True) -> (dx, dA, dB, g)
 A backend with ``FUSED_DROPOUT = True`` (Triton, CUDA) also takes ``dropout_p`` and a ``seed``
 tensor (int64, one element, on the device) in both and drops elements of x inside its kernels, the
-mask drawn from the seed as :func:`lora_kernels.reference.dropout_keep` draws it. The kernel backends (Triton, CUDA) take the
+mask drawn from the seed as :func:`lora_kernels.reference.dropout_keep` draws it. The kernel
+backends (Triton, CUDA) take the
 keywords ``adapter_ids`` / ``adapter_scales`` / ``adapter_rank`` for multi-adapter batches (n
 adapters stacked as one rank-n·r LoRA; xa and g keep each row's own adapter's columns, times its
 scale). The shapes of the outputs are written once here (the fake implementations).

@@ -2,13 +2,14 @@
 
     y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ        W₀ (out, in) frozen, A (r, in), B (out, r)
 
-Two things live here:
+Three things live here:
 
 * :func:`lora_linear_reference` — the differentiable definition. Tests run it in float64 under
   autograd and compare every backend against it.
 * :func:`forward` / :func:`backward` — the same math split the way the fused kernels split it
   (the ``reference`` backend). Every backend implements exactly these two signatures on 2-D
   tensors, so :mod:`lora_kernels.function` can dispatch to any of them in one line.
+* :func:`dropout_keep` — the dropout mask the Triton and CUDA kernels draw from a seed.
 
 Names used throughout the package:
     x_lora = dropout(x)  (x itself when there is no dropout)
