@@ -421,25 +421,28 @@ __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(floa
   return __float2bfloat16_rn(v);
 }
 
-// LoRA dropout's decision for element m·K + k (= offset) of x (M×K): kept iff the uniform draw of
-// Triton's tl.rand(seed, offset) is ≥ p (Philox-4×32, 10 rounds; lora_kernels/reference.py,
-// dropout_keep, has the same in torch), so the CUDA and Triton backends drop the same elements.
-__host__ __device__ __forceinline__ bool dropout_keeps(uint64_t seed, uint64_t offset, float p) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+// LoRA dropout's uniform draws for columns 4·group … 4·group + 3 of row m of x: Philox-4×32-10
+// (Triton's tl.rand4x) at counter (group, m), key seed; element (m, k) is kept iff u[k % 4] ≥ p
+// (lora_kernels/reference.py, dropout_keep, has the same in torch), so the CUDA and Triton backends
+// drop the same elements.
+__host__ __device__ __forceinline__ void dropout_draws(uint64_t seed, uint64_t m, uint64_t group, float (&u)[4]) {
+  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(m), 0, 0};
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint64_t a = static_cast<uint64_t>(0xD2511F53u) * c0, b = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    c0 = static_cast<uint32_t>(b >> 32) ^ c1 ^ k0;
-    c2 = static_cast<uint32_t>(a >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(b);
-    c3 = static_cast<uint32_t>(a);
+    const uint64_t a = static_cast<uint64_t>(0xD2511F53u) * c[0], b = static_cast<uint64_t>(0xCD9E8D57u) * c[2];
+    c[0] = static_cast<uint32_t>(b >> 32) ^ c[1] ^ k0;
+    c[2] = static_cast<uint32_t>(a >> 32) ^ c[3] ^ k1;
+    c[1] = static_cast<uint32_t>(b);
+    c[3] = static_cast<uint32_t>(a);
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  int32_t x = static_cast<int32_t>(c0);
-  if (x < 0) x = ~x;
-  return static_cast<float>(x) * 4.6566127342e-10f >= p;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int32_t x = static_cast<int32_t>(c[i]);
+    u[i] = static_cast<float>(x < 0 ? ~x : x) * 4.6566127342e-10f;
+  }
 }
 
 // What every kernel's epilogue does to element (m, n) of C before writing it: keep ⊙ v + bias

@@ -57,8 +57,8 @@ __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, i
 // LoRA dropout with the mask drawn on the device from *seed (an int64 in device memory, so no host
 // sync and CUDA-graph safe): out (M×K, row stride stride_out, unit column stride) = keep ⊙ src ·
 // keep_scale (1/(1 − p), rounded once from double), plus out's previous value when `accumulate`,
-// computed in fp32 and written once. Element (m, k) is kept as dev::dropout_keeps(seed, m·K + k, p)
-// says: the mask of the Triton kernels.
+// computed in fp32 and written once. Element (m, k) is kept where its draw (dev::dropout_draws) is
+// ≥ p: the mask of the Triton kernels.
 struct DropoutParams {
   int64_t M, K;
   Operand src;

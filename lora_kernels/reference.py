@@ -59,11 +59,12 @@ def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     return dx, d_lora_A, d_lora_B, g
 
 
-# Fused dropout (the Triton and CUDA kernels): element (m, k) of x (M×K) is kept iff
-# uniform(philox(seed, m·K + k)) ≥ p, the draw of Triton's tl.rand: Philox-4×32 with 10 rounds, key
-# (seed low 32 bits, high 32 bits), counter (offset low 32 bits, high 32 bits, 0, 0), its first output
-# read as int32 x and mapped to (x < 0 ? ~x : x)·4.6566127342e-10 in fp32. Any kernel, whatever its
-# tiling, redraws the same mask from the seed; here it is once more in int64 torch arithmetic.
+# Fused dropout (the Triton and CUDA kernels): element (m, k) of x (M×K) is kept iff its uniform draw
+# is ≥ p. Draws come four at a time from Philox-4×32-10 (Salmon et al. 2011, as Triton's
+# tl.randint4x computes it): key (seed low 32 bits, high 32 bits), counter (k // 4, m, 0, 0), output
+# k % 4, read as int32 x and mapped to (x < 0 ? ~x : x)·4.6566127342e-10 in fp32 (tl.rand4x). Any
+# kernel, whatever its tiling, redraws the same mask from the seed; here it is once more in int64
+# torch arithmetic.
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
 _LOW32 = 0xFFFFFFFF
@@ -91,13 +92,16 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
 
 def dropout_keep(seed: int, M: int, K: int, p: float, device=None):
     """The (M, K) bool keep-mask the fused-dropout kernels draw for ``seed`` (see above)."""
-    offset = torch.arange(M * K, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(offset)
-    c0 = philox4x32(offset & _LOW32, offset >> 32, zero, zero, seed & _LOW32, (seed >> 32) & _LOW32)[0]
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)         # the int32 bit pattern
+    groups = (K + 3) // 4
+    c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(M, groups)
+    c1 = torch.arange(M, dtype=torch.int64, device=device)[:, None].expand(M, groups) & _LOW32
+    zero = torch.zeros_like(c0)
+    draws = torch.stack(philox4x32(c0, c1, zero, zero, seed & _LOW32, (seed >> 32) & _LOW32), dim=-1)
+    x = draws.reshape(M, groups * 4)[:, :K]               # column 4g + i: output i of group g
+    x = torch.where(x >= 2**31, x - 2**32, x)             # the int32 bit pattern
     x = torch.where(x < 0, -x - 1, x)
     uniform = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
-    return (uniform >= torch.tensor(p, dtype=torch.float32)).reshape(M, K)
+    return uniform >= torch.tensor(p, dtype=torch.float32)
 
 
 def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids):

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_keep, grouped_tile, kernel_flags,
+from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
 
@@ -73,7 +73,7 @@ def _lora_dx_kernel(
         if UPCAST:
             sg, a = sg.to(tl.float32), a.to(tl.float32)
         if DROPOUT:  # the LoRA branch saw dropout(x): its share of dX goes through the same mask
-            keep = dropout_keep(tl.load(seed_ptr), offs_m[:, None], offs_k[None, :], K, dropout_p)
+            keep = dropout_uniform(tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, BLOCK_K) >= dropout_p
             lora_dx = tl.dot(sg, a, input_precision=DOT_PRECISION)
             acc += tl.where(keep, lora_dx * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
@@ -102,7 +102,7 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
         rhs = tl.load(rhs_ptr + offs_m[:, None] * stride_rm + offs_d[None, :] * stride_rc,
                       mask=mask_m[:, None] & mask_d[None, :], other=0.0)                 # (BM, BD)
         if DROPOUT:
-            lhs_t = tl.where(dropout_keep(seed, offs_m[None, :], offs_c[:, None], C, dropout_p), lhs_t, 0.0)
+            lhs_t = tl.where(tl.trans(dropout_uniform(seed, offs_m, pid_c * BLOCK_C, BLOCK_C)) >= dropout_p, lhs_t, 0.0)
         if UPCAST:
             lhs_t, rhs = lhs_t.to(tl.float32), rhs.to(tl.float32)
         acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_keep, grouped_tile, kernel_flags,
+from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
 
@@ -111,7 +111,7 @@ def _dropout_xa_kernel(
         if UPCAST:
             x, a = x.to(tl.float32), a.to(tl.float32)
         # zero dropped elements exactly; 1/(1-p) goes into the fp32 scale below
-        keep = dropout_keep(seed, offs_m[:, None], (k * BLOCK_K + offs_k)[None, :], K, dropout_p)
+        keep = dropout_uniform(seed, offs_m, k * BLOCK_K, BLOCK_K) >= dropout_p
         acc = tl.dot(tl.where(keep, x, 0.0), a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
