@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
     __syncthreads();                     // ... for every thread, and tile t - 1's buffer is free
     if (t + kStages - 1 < total_tiles) load(t + kStages - 1);
     dev::cp_async_commit();
-    if (first_tile + t == k_tiles && g.K2 > 0) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q, scaled by alpha2 at the end
+    if (range.rescale_before(t, g)) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q, scaled by alpha2 at the end
       const float ratio = g.alpha / g.alpha2;
 #pragma unroll
       for (int i = 0; i < kFragsM; ++i)

@@ -194,9 +194,9 @@ __device__ __forceinline__ void zero(float (&acc)[N]) {
   for (int i = 0; i < N; ++i) acc[i] = 0.0f;
 }
 
-// Before the first K tile of P2·Q2, after some of P·Q, where alpha ≠ alpha2: acc = alpha/alpha2 ·
-// P·Q, so that alpha2 scales the sum at the end. (Its wait drains the wgmma pipeline once per tile;
-// y, with alpha = alpha2 = 1, does not need it.)
+// Before the first K tile of P2·Q2, after some of P·Q, where alpha ≠ alpha2 (TileRange::rescale_before):
+// acc = alpha/alpha2 · P·Q, so that alpha2 scales the sum at the end. (Its wait drains the wgmma
+// pipeline once per tile; y, with alpha = alpha2 = 1, does not need it.)
 template <int N>
 __device__ __forceinline__ void rescale_before_lora(float (&acc)[N], const GemmParams& g) {
   dev::wgmma_wait<0>();
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t + kAhead < w.range.count) load(t + kAhead);  // into tile t - 2's buffer
     if (!TMA) dev::cp_async_commit();
     if (TMA) dev::mbarrier_wait(&stages.landed[t % kStages], (t / kStages) & 1);  // tile t has landed
-    if (t > 0 && w.range.first + t == w.range.k_tiles && g.alpha != g.alpha2) rescale_before_lora(acc, g);
+    if (w.range.rescale_before(t, g)) rescale_before_lora(acc, g);
     multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(t % kStages), t == 0);
     dev::wgmma_wait<1>();  // tile t - 1's wgmmas are done: its buffer may be refilled after the next barrier
   }
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     for (int t = 0; t < w.range.count; ++t, ++use) {
       const int s = use % kStages;
       dev::mbarrier_wait(&stages.landed[s], (use / kStages) & 1);  // tile t has landed
-      if (t > 0 && w.range.first + t == w.range.k_tiles && g.alpha != g.alpha2) rescale_before_lora(acc, g);
+      if (w.range.rescale_before(t, g)) rescale_before_lora(acc, g);
       multiply_stage<T, kBN, P_K_MAJOR, Q_K_MAJOR>(acc, stages.p_address(s), t == 0);
       dev::wgmma_wait<1>();
       if (t > 0) release(use - 1);  // tile t - 1's wgmmas are done

@@ -119,6 +119,11 @@ struct TileRange {
   __device__ __forceinline__ float out_scale(const GemmParams& g) const {
     return g.K2 > 0 && first + count > k_tiles ? g.alpha2 : g.alpha;
   }
+  // Before local tile t, are the accumulators to be scaled by alpha/alpha2? Where the share's P·Q
+  // tiles end and its P2·Q2 tiles begin, after at least one P·Q tile, if alpha ≠ alpha2.
+  __device__ __forceinline__ bool rescale_before(int t, const GemmParams& g) const {
+    return t > 0 && first + t == k_tiles && g.alpha != g.alpha2;
+  }
 };
 template <int BK>
 __device__ __forceinline__ TileRange tile_range(const Params& params, int split) {
