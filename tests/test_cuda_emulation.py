@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import assert_close
+from lora_kernels.reference import dropout_keep
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc").glob("*.c*")) + sorted((ROOT / "csrc").glob("*.h")) + sorted(
@@ -134,23 +135,45 @@ def poisoned(*shape, dtype):
     return guarded(torch.full(shape, float("nan"), dtype=dtype))
 
 
-def run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters=None):
-    """csrc/bindings.cpp's forward and backward, product by product (multi-adapter: xa and g masked)."""
+def launch_dropout(lib, out, src, seed, p, accumulate=False):
+    """out = keep ⊙ src / (1 − p) (+ out) through the emulated launch_dropout; seed: int64 (1,)."""
+    err = lib.emulated_dropout(DTYPE_CODE[out.dtype], src.shape[0], src.shape[1], src.data_ptr(), *src.stride(),
+                               out.data_ptr(), out.stride(0), seed.data_ptr(), p, accumulate)
+    assert err == 0, f"launch_dropout returned cudaError {err}"
+    problem = lib.emulation_error().decode()
+    assert not problem, problem
+    assert_guards_intact(out)
+    return out
+
+
+def run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters=None, dropout=None):
+    """csrc/bindings.cpp's forward and backward, product by product (multi-adapter: xa and g
+    masked). dropout = (seed tensor, p): x is dropped into a scratch copy for xa and again for dA,
+    and dX = dY·W₀ then + keep ⊙ s·g·A / (1 − p) (launch_dropout's accumulate)."""
     M, N, R = x.shape[0], w.shape[0], a.shape[0]
-    xa = gemm(poisoned(M, R, dtype=x.dtype), x, a.t(), s, adapters=adapters)              # xa = s·x·Aᵀ
+    dropped = lambda: launch_dropout(gemm.lib, poisoned(*x.shape, dtype=x.dtype), x, *dropout)  # noqa: E731
+    x_lora = x if dropout is None else dropped()                                           # forward's scratch
+    xa = gemm(poisoned(M, R, dtype=x.dtype), x_lora, a.t(), s, adapters=adapters)         # xa = s·x·Aᵀ
     y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b,            # y = x·W₀ᵀ + xa·Bᵀ + b
              overlap_prior=True)  # as bindings.cpp launches it on sm_90+
     g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0, adapters=adapters)               # g = dY·B
-    dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                      # dX = dY·W₀ + s·g·A
-    da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x, s)                              # dA = s·gᵀ·x
+    if dropout is None:
+        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                  # dX = dY·W₀ + s·g·A
+    else:
+        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0)                           # dY·W₀ ...
+        lora_dx = gemm(poisoned(*x.shape, dtype=x.dtype), g, a, s)                         # ... + keep ⊙ s·g·A
+        launch_dropout(gemm.lib, dx, lora_dx, *dropout, accumulate=True)
+        x_lora = dropped()                                                                 # backward's scratch
+    da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x_lora, s)                         # dA = s·gᵀ·x
     db = gemm(poisoned(*bb.shape, dtype=x.dtype), dy.t(), xa, 1.0)                         # dB = dYᵀ·xa
     return xa, y, g, dx, da, db
 
 
-def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0):
+def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0, dropout_p=0.0):
     """Each product against float64 math on the same (rounded) inputs, including the intermediates
     xa and g the kernels produced, so every check isolates one launch. n_adapters > 0: R is
-    n_adapters stacked adapters and each row of x has a random one (or none)."""
+    n_adapters stacked adapters and each row of x has a random one (or none). dropout_p > 0: with
+    dropout from a seed, against reference.dropout_keep's mask."""
     x = guarded(torch.randn(M, K, dtype=dtype)) if x is None else x
     w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
     b = guarded(torch.randn(N).to(dtype))
@@ -166,19 +189,27 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0):
         own_columns = (torch.arange(R) // rank)[None, :] == ids[:, None].long()  # never true for id −1
         keep = torch.where(own_columns, scales.double()[ids.long()][:, None], 0.0)
         adapters = (ids, scales, rank)
-    xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters)
+    mask, dropout = 1.0, None  # the scaled keep-mask of dropout(x)
+    if dropout_p:
+        seed = 20261123
+        mask = dropout_keep(seed, M, K, dropout_p).double() / (1 - dropout_p)
+        dropout = (guarded(torch.tensor([seed], dtype=torch.int64)), dropout_p)
+    xa, y, g, dx, da, db = run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters, dropout)
     d = lambda t: t.double()  # noqa: E731
+    xl = d(x) * mask
     expected = {
-        "xa": (xa, keep * (s * d(x) @ d(a).t()), keep.abs() * (s * d(x).abs() @ d(a).abs().t())),
+        "xa": (xa, keep * (s * xl @ d(a).t()), keep.abs() * (s * xl.abs() @ d(a).abs().t())),
         "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
               d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
         "g": (g, keep * (d(dy) @ d(bb)), keep.abs() * (d(dy).abs() @ d(bb).abs())),
-        "dx": (dx, d(dy) @ d(w) + s * d(g) @ d(a), d(dy).abs() @ d(w).abs() + s * d(g).abs() @ d(a).abs()),
-        "dA": (da, s * d(g).t() @ d(x), s * d(g).abs().t() @ d(x).abs()),
+        "dx": (dx, d(dy) @ d(w) + mask * (s * d(g) @ d(a)),
+               d(dy).abs() @ d(w).abs() + mask * (s * d(g).abs() @ d(a).abs())),
+        "dA": (da, s * d(g).t() @ xl, s * d(g).abs().t() @ xl.abs()),
         "dB": (db, d(dy).t() @ d(xa), d(dy).abs().t() @ d(xa).abs()),
     }
+    case = f"{M}×{K}→{N}, r={R}" + (f", dropout {dropout_p}" if dropout_p else "")
     for what, (out, ref, magnitude) in expected.items():
-        assert_close(out, ref, dtype, f"{what} ({M}×{K}→{N}, r={R})", magnitude=magnitude)
+        assert_close(out, ref, dtype, f"{what} ({case})", magnitude=magnitude)
 
 
 # (M, K, N, R): decode sizes (M ≤ 32), both tensor-core tile configs, ragged edges everywhere,
@@ -408,74 +439,27 @@ def test_random_shapes_strides_and_adapters(lib):
             raise AssertionError(f"{case}: {e}") from e
 
 
-def dropout(lib, out, src, seed, p, accumulate=False):
-    """out = keep ⊙ src / (1 − p) (+ out) through the emulated launch_dropout; seed: int64 (1,)."""
-    err = lib.emulated_dropout(DTYPE_CODE[out.dtype], src.shape[0], src.shape[1], src.data_ptr(), *src.stride(),
-                               out.data_ptr(), out.stride(0), seed.data_ptr(), p, accumulate)
-    assert err == 0, f"launch_dropout returned cudaError {err}"
-    problem = lib.emulation_error().decode()
-    assert not problem, problem
-    assert_guards_intact(out)
-    return out
-
-
 @pytest.mark.parametrize("seed", [0, 1234, 2**31 - 2, 2**40 + 7])
 @pytest.mark.parametrize("M, K, p", [(1, 1, 0.5), (37, 70, 0.25), (3, 300, 0.1), (300, 5, 0.9)])
 def test_emulated_dropout_draws_the_reference_mask(lib, seed, M, K, p):
     """The CUDA kernel keeps exactly the elements reference.dropout_keep keeps (the Triton kernels'
     mask, tests/triton), scaled by 1/(1 − p), for any strides of its input."""
-    from lora_kernels.reference import dropout_keep
-
     keep = dropout_keep(seed, M, K, p)
     seed_t = guarded(torch.tensor([seed], dtype=torch.int64))
     x = guarded(torch.randn(M, K + 3))[:, 2:2 + K]  # a misaligned column slice
-    out = dropout(lib, poisoned(M, K, dtype=torch.float32), x, seed_t, p)
+    out = launch_dropout(lib, poisoned(M, K, dtype=torch.float32), x, seed_t, p)
     assert torch.equal(out != 0, keep & (x != 0))
     assert torch.equal(out, torch.where(keep, x * torch.tensor(1 / (1 - p), dtype=torch.float32), 0.0))
     xt = guarded(torch.randn(K, M)).t()  # column-major
-    assert torch.equal(dropout(lib, poisoned(M, K, dtype=torch.float32), xt, seed_t, p) != 0, keep & (xt != 0))
+    out = launch_dropout(lib, poisoned(M, K, dtype=torch.float32), xt, seed_t, p)
+    assert torch.equal(out != 0, keep & (xt != 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_emulated_dropout_forward_backward_match_float64(lib, shape, dtype):
-    """bindings.cpp's forward and backward with dropout_p > 0, launch by launch: x dropped into a
-    scratch copy for xa = s·dropout(x)·Aᵀ and dA = s·gᵀ·dropout(x), dX = dY·W₀ then + keep ⊙ s·g·A /
-    (1 − p) (accumulate), against float64 with reference.dropout_keep's mask."""
-    from lora_kernels.reference import dropout_keep
-
+    """bindings.cpp's forward and backward with dropout_p > 0, launch by launch (run_forward_backward),
+    against float64 with reference.dropout_keep's mask."""
     torch.manual_seed(hash((shape, str(dtype))) % 2**31)
-    M, K, N, R = shape
-    p, seed = 0.3, 20261123
-    gemm = Gemm(lib)
-    x = guarded(torch.randn(M, K, dtype=dtype))
-    w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
-    b = guarded(torch.randn(N).to(dtype))
-    a = guarded((torch.randn(R, K) / K ** 0.5).to(dtype))
-    bb = guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
-    dy = guarded(torch.randn(M, N).to(dtype))
-    seed_t = guarded(torch.tensor([seed], dtype=torch.int64))
-    s = 2.0
-    x_lora = dropout(lib, poisoned(M, K, dtype=dtype), x, seed_t, p)                  # forward's scratch
-    xa = gemm(poisoned(M, R, dtype=dtype), x_lora, a.t(), s)
-    y = gemm(poisoned(M, N, dtype=dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b, overlap_prior=True)
-    g = gemm(poisoned(M, R, dtype=dtype), dy, bb, 1.0)
-    dx = gemm(poisoned(M, K, dtype=dtype), dy, w, 1.0)                                 # dY·W₀
-    lora_dx = gemm(poisoned(M, K, dtype=dtype), g, a, s)                               # s·g·A
-    dropout(lib, dx, lora_dx, seed_t, p, accumulate=True)
-    x_lora = dropout(lib, poisoned(M, K, dtype=dtype), x, seed_t, p)                  # backward's scratch
-    da = gemm(poisoned(R, K, dtype=dtype), g.t(), x_lora, s)
-    mask = dropout_keep(seed, M, K, p).double() / (1 - p)
-    d = lambda t: t.double()  # noqa: E731
-    xd = d(x) * mask
-    expected = {
-        "xa": (xa, s * xd @ d(a).t(), s * xd.abs() @ d(a).abs().t()),
-        "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
-              d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
-        "dx": (dx, d(dy) @ d(w) + mask * (s * d(g) @ d(a)),
-               d(dy).abs() @ d(w).abs() + mask * (s * d(g).abs() @ d(a).abs())),
-        "dA": (da, s * d(g).t() @ xd, s * d(g).abs().t() @ xd.abs()),
-    }
-    for what, (out, ref, magnitude) in expected.items():
-        assert_close(out, ref, dtype, f"{what} ({M}×{K}→{N}, r={R}, dropout)", magnitude=magnitude)
+    check_against_float64(Gemm(lib), *shape, dtype, dropout_p=0.3)
