@@ -63,21 +63,21 @@ def main():
         for M in map(int, args.rows.split(",")):
             n_sets = input_sets_needed(2 * (N * K + M * (K + N)), "cuda")
             sets = problem(M, K, N, r, n_sets)
+            # the same call under each switch of ENV ("-" where a wgmma column cannot run)
+            cuda_fwd = lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s)  # noqa: E731
+            cuda_bwd = lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],  # noqa: E731
+                                             sets[i][0][:, :r], s)
             fns = {
                 "cuBLAS fwd": lambda i: F.linear(sets[i][0], sets[i][1]),
-                "cuda fwd": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
-                "cuda fwd, no PDL": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
-                # the large products on the sm_90a wgmma kernel (LORA_KERNELS_WGMMA=1; "-" where it cannot run)
-                "cuda fwd, wgmma": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
-                "cuda fwd, wgmma-tma": lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
+                "cuda fwd": cuda_fwd,
+                "cuda fwd, no PDL": cuda_fwd,
+                "cuda fwd, wgmma": cuda_fwd,
+                "cuda fwd, wgmma-tma": cuda_fwd,
                 "triton fwd": lambda i: tk.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s),
                 "cuBLAS dX": lambda i: sets[i][4] @ sets[i][1],
-                "cuda bwd": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
-                                                  sets[i][0][:, :r], s),
-                "cuda bwd, wgmma": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2],
-                                                         sets[i][3], sets[i][0][:, :r], s),
-                "cuda bwd, wgmma-tma": lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2],
-                                                             sets[i][3], sets[i][0][:, :r], s),
+                "cuda bwd": cuda_bwd,
+                "cuda bwd, wgmma": cuda_bwd,
+                "cuda bwd, wgmma-tma": cuda_bwd,
                 "triton bwd": lambda i: tk.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
                                                     sets[i][0][:, :r].contiguous(), s),
             }
