@@ -42,6 +42,21 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like, int64_
   TORCH_CHECK(t.dim() == dim, "lora_kernels: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
 }
 
+// lora_A / lora_B as the kernels multiply them: in x's dtype. Adapters may also be float32 on a 16-bit x
+// (PEFT's default; lora_kernels/precision.py): those are rounded to x's dtype here, once per call
+// (r·(K + N) elements), and their gradients are widened back to float32 on return.
+at::Tensor adapter_operand(const at::Tensor& t, const char* name, const at::Tensor& like, const at::Tensor& other) {
+  TORCH_CHECK(t.is_cuda(), "lora_kernels: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "lora_kernels: ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.dim() == 2, "lora_kernels: ", name, " must be 2-D, got ", t.dim(), "-D");
+  const bool half = like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == other.scalar_type() &&
+                  (t.scalar_type() == like.scalar_type() || (half && t.scalar_type() == at::kFloat)),
+              "lora_kernels: ", name, " has dtype ", t.scalar_type(), " (the other adapter ", other.scalar_type(),
+              "); adapters take x's dtype ", like.scalar_type(), ", or float32 on a 16-bit x");
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
+
 // out = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias); the inner sizes are passed explicitly.
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
           int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters,
@@ -118,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& adapter_scales, int64_t adapter_rank) {
   check(x, "x", x, 2);
   check(weight, "weight", x, 2);
-  check(lora_A, "lora_A", x, 2);
-  check(lora_B, "lora_B", x, 2);
+  const at::Tensor A = adapter_operand(lora_A, "lora_A", x, lora_B);
+  const at::Tensor B = adapter_operand(lora_B, "lora_B", x, lora_A);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
   TORCH_CHECK(weight.size(1) == K && lora_A.size(1) == K && lora_B.size(0) == N && lora_B.size(1) == R,
               "lora_kernels.cuda_forward: inconsistent shapes");
@@ -138,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const at::Tensor lora_in = drop_seed ? dropped(x, drop_seed, dropout_p) : x_lora ? *x_lora : x;
   at::Tensor xa = at::empty({M, R}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm(xa, plain(lora_in), transposed(lora_A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
-  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(lora_B), R, 1.0f,
+  gemm(xa, plain(lora_in), transposed(A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
+  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(B), R, 1.0f,
        bias ? bias->data_ptr() : nullptr, kNoAdapters, R > 0 && overlap_allowed());  // R = 0: no xa kernel ran
   return {y, xa};
 }
@@ -155,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   check(dy, "dy", dy, 2);
   check(x_lora, "x_lora", dy, 2);
   check(weight, "weight", dy, 2);
-  check(lora_A, "lora_A", dy, 2);
-  check(lora_B, "lora_B", dy, 2);
+  const at::Tensor A = adapter_operand(lora_A, "lora_A", dy, lora_B);
+  const at::Tensor B = adapter_operand(lora_B, "lora_B", dy, lora_A);
   check(xa, "xa", dy, 2);
   const int64_t M = dy.size(0), N = dy.size(1), K = weight.size(1), R = lora_A.size(0);
   TORCH_CHECK(weight.size(0) == N && x_lora.size(0) == M && x_lora.size(1) == K && lora_A.size(1) == K &&
@@ -171,21 +186,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   at::Tensor d_lora_A = at::empty({R, K}, dy.options());
   at::Tensor d_lora_B = at::empty({N, R}, dy.options());
   const float s = static_cast<float>(scale);
-  gemm(g, plain(dy), plain(lora_B), N, 1.0f, kNone, kNone, 0, 0.0f, nullptr, adapters);  // g = dY·B (masked)
+  gemm(g, plain(dy), plain(B), N, 1.0f, kNone, kNone, 0, 0.0f, nullptr, adapters);  // g = dY·B (masked)
   if (fuse_lora_dx && !drop_seed) {
-    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(lora_A), R, s);  // dX = dY·W₀ + s·g·A
+    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(A), R, s);  // dX = dY·W₀ + s·g·A
   } else {
     gemm(dx, plain(dy), plain(weight), N, 1.0f);                                  // dX = dY·W₀ ...
     if (fuse_lora_dx) {                                                          // ... + keep ⊙ s·g·A / (1 − p)
       at::Tensor lora_dx = at::empty({M, K}, dy.options());
-      gemm(lora_dx, plain(g), plain(lora_A), R, s);
+      gemm(lora_dx, plain(g), plain(A), R, s);
       dropout(dx, lora_dx, drop_seed, dropout_p, true);
     }
   }
   const at::Tensor lora_in = drop_seed ? dropped(x_lora, drop_seed, dropout_p) : x_lora;
   gemm(d_lora_A, transposed(g), plain(lora_in), M, s);                           // dA = s·gᵀ·dropout(x)
   gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);                            // dB = dYᵀ·xa
-  return {dx, d_lora_A, d_lora_B, g};
+  return {dx, d_lora_A.to(lora_A.scalar_type()), d_lora_B.to(lora_B.scalar_type()), g};
 }
 
 }  // namespace

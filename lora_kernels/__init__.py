@@ -2,7 +2,8 @@
 
     y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ      (W₀ frozen; gradients for x, A, B, bias)
 """
-from .function import LoRALinearFunction, lora_linear
+from .explain import explain
+from .function import Dispatch, LoRALinearFunction, lora_linear
 from .layers import (LoRALinear, LoRAMixin, inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
                      unmerge_lora, wrap_with_lora)
 from .multi import lora_linear_multi
@@ -34,7 +35,8 @@ def available_backends(device="cuda"):
 
 
 __all__ = [
-    "LoRALinear", "LoRALinearFunction", "LoRAMixin", "available_backends", "inject_lora", "load_peft_adapter",
+    "Dispatch", "LoRALinear", "LoRALinearFunction", "LoRAMixin", "available_backends", "explain", "inject_lora",
+    "load_peft_adapter",
     "lora_linear", "lora_linear_multi", "lora_linear_multi_reference", "lora_linear_reference", "lora_scale",
     "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "patch_peft", "save_peft_adapter",
     "unmerge_lora", "unpatch_peft", "wrap_with_lora",

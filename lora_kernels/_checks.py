@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from .precision import HALF_DTYPES, dtype_mix_error
+
 BACKENDS = ("auto", "reference", "triton", "cuda")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,10 +30,12 @@ def _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend) -> b
     which name the argument that is wrong."""
     try:
         dtype, device = x.dtype, x.device
+        adapter_dtype = lora_A.dtype  # x's, or fp32 adapters on a 16-bit base (lora_kernels.precision)
         return (type(scale) is float and math.isfinite(scale) and type(dropout_p) is float
                 and 0.0 <= dropout_p < 1.0 and backend in BACKENDS and dtype in _KERNEL_DTYPES
                 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
-                and weight.dtype is dtype and lora_A.dtype is dtype and lora_B.dtype is dtype
+                and weight.dtype is dtype and lora_B.dtype is adapter_dtype
+                and (adapter_dtype is dtype or (adapter_dtype is torch.float32 and dtype in HALF_DTYPES))
                 and x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_A.shape[0] > 0
                 and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
                 and weight.device == device and lora_A.device == device and lora_B.device == device
@@ -67,9 +71,10 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, ba
         if bias.shape[0] != out_features:
             raise ValueError(f"bias must have shape (out_features={out_features},), got {tuple(bias.shape)}")
         named.append(("bias", bias))
+    mix = dtype_mix_error(x, weight, bias, lora_A, lora_B)
+    if mix:
+        raise TypeError(mix)
     for name, t in named:
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
     if isinstance(scale, torch.Tensor):

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from .ops import backward_fake, forward_fake
+from .ops import backward_fake, forward_fake, register_autocast
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
     _LOAD_ERROR = None
-    torch.library.register_fake("lora_kernels::cuda_forward")(forward_fake)
-    torch.library.register_fake("lora_kernels::cuda_backward")(backward_fake)
+    for _op, _fake in (("lora_kernels::cuda_forward", forward_fake), ("lora_kernels::cuda_backward", backward_fake)):
+        torch.library.register_fake(_op)(_fake)
+        register_autocast(_op)
 except ImportError as exc:  # a CPU-only install, or built with LORA_KERNELS_SKIP_CUDA_BUILD=1
     _LOAD_ERROR = exc
 

@@ -9,11 +9,13 @@ its gradient is computed only if a caller explicitly asks for it with ``weight.r
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import cuda, reference
 from ._checks import check_lora_linear_args
+from .precision import autocast_args, autocast_dtype
 
 
 # Backend modules, imported once here (not per call) so torch.compile can trace the dispatch.
@@ -49,32 +51,73 @@ AUTO_TRITON_MAX_ROWS_FP32 = 16
 AUTO_CUDA_MAX_ROWS = 4
 
 
-def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> str:
+class Dispatch(NamedTuple):
+    """Which backend a call ran and why; layers keep their last one (see :func:`lora_kernels.explain`).
+    ``key`` names the kind of reason, so a layer logs each kind once."""
+    backend: str
+    fused: bool
+    why: str
+    key: str
+
+
+def _fused(backend, why, key):
+    return Dispatch(backend, True, why, key)
+
+
+# The common decisions, made once (no per-call formatting).
+_EXPLICIT = {name: Dispatch(name, name != "reference", f"backend={name!r} requested", "explicit")
+             for name in ("reference", "triton", "cuda")}
+_AUTO_TRITON = _fused("triton", f"auto: fused Triton kernels (up to {AUTO_TRITON_MAX_ROWS} rows at r <= 16, "
+                                f"{AUTO_TRITON_MAX_ROWS_HIGH_RANK} at r > 16 or fp32)", "auto-triton")
+_AUTO_TRITON_ANY_SIZE = _fused("triton", "auto: fused Triton kernels (dropout or multi-adapter batch: any size)",
+                               "auto-triton")
+_AUTO_CUDA = _fused("cuda", f"auto: CUDA decode kernel (16-bit inference at <= {AUTO_CUDA_MAX_ROWS} rows)",
+                    "auto-cuda")
+
+
+def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> Dispatch:
     if (by_size and inference and x.dtype in (torch.float16, torch.bfloat16)
             and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1] and out_features >= 256 and x.shape[-1] % 8 == 0
             and cuda.unavailable_reason(x) is None):
-        return "cuda"
-    usable = "triton" in _BACKENDS and _BACKENDS["triton"].unavailable_reason(x) is None
+        return _AUTO_CUDA
+    if "triton" not in _BACKENDS:
+        return Dispatch("reference", False, f"auto: {_TRITON_MISSING}", "triton-missing")
+    reason = _BACKENDS["triton"].unavailable_reason(x)
+    if reason is not None:
+        return Dispatch("reference", False, f"auto: {reason}", "triton-unavailable")
+    if not by_size:
+        return _AUTO_TRITON_ANY_SIZE
     limit = (AUTO_TRITON_MAX_ROWS_FP32 if x.dtype == torch.float32
              else AUTO_TRITON_MAX_ROWS_HIGH_RANK if rank > 16 else AUTO_TRITON_MAX_ROWS)
-    small = not by_size or x.numel() <= limit * x.shape[-1]
-    return "triton" if usable and small else "reference"
+    if x.numel() <= limit * x.shape[-1]:
+        return _AUTO_TRITON
+    return Dispatch("reference", False, f"auto: {x.numel() // max(x.shape[-1], 1)} rows > {limit} "
+                    f"({str(x.dtype).removeprefix('torch.')}, r={rank}): three cuBLAS calls measured faster",
+                    "auto-size")
 
 
-def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
-             rank: int = 0) -> str:
+def resolve(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
+            rank: int = 0) -> Dispatch:
     """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
     saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
     batches, whose reference path is a loop over adapters, and dropout). ``inference``: no backward
     will follow (auto may then pick the CUDA decode kernel)."""
-    if name == "reference" or (name == "auto" and x.device.type != "cuda"):
-        return "reference"
     if name == "auto":
+        if x.device.type != "cuda":
+            return Dispatch("reference", False, f"auto: tensors on {x.device.type}; the fused kernels run on CUDA "
+                            "tensors (backend='triton' with TRITON_INTERPRET=1 runs them on CPU, slowly)", "device")
         return _auto(x, by_size, inference, out_features, rank)
-    reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
-    if reason is not None:
-        raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
-    return name
+    if name != "reference":
+        reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
+    return _EXPLICIT[name]
+
+
+def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
+             rank: int = 0) -> str:
+    """The backend name :func:`resolve` picks."""
+    return resolve(name, x, by_size, inference, out_features, rank).backend
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -82,12 +125,9 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inference=False):
-    """The forward pass shared by the autograd Function and the inference path.
-    Returns y and what backward needs: (backend, x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
-    # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
-    backend = _backend(backend, x, by_size=dropout_p == 0.0, inference=inference, out_features=weight.shape[0],
-                       rank=lora_A.shape[0])
+def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """The forward pass shared by the autograd Function and the inference path, on a resolved
+    ``backend``. Returns y and what backward needs: (x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     ops = _BACKENDS[backend]
     x2d = rows(x)
     mask = seed = None
@@ -103,14 +143,19 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inferen
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
     y = y2d.reshape(*x.shape[:-1], weight.shape[0])
-    return y, (backend, x2d, x_lora, xa, mask, seed, dropout_p if fused_dropout else 0.0)
+    return y, (x2d, x_lora, xa, mask, seed, dropout_p if fused_dropout else 0.0)
 
 
 class LoRALinearFunction(torch.autograd.Function):
+    """``backend`` is a resolved name ("reference", "triton" or "cuda"; see :func:`resolve`)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-        y, (backend, x2d, x_lora, xa, mask, seed, fused_p) = _forward(
-            x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
+        if backend not in _BACKENDS:  # "auto", or a backend that is not installed (raises, saying why)
+            backend = resolve(backend, x, by_size=dropout_p == 0.0, out_features=weight.shape[0],
+                              rank=lora_A.shape[0]).backend
+        y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                                             backend)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask, seed)
         ctx.backend, ctx.scale, ctx.x_shape, ctx.fused_dropout_p = backend, scale, x.shape, fused_p
         return y
@@ -124,18 +169,31 @@ class LoRALinearFunction(torch.autograd.Function):
             dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, mask is None, **fused
         )
         if mask is not None:  # the LoRA branch saw dropout(x): its share of dX goes through the mask
-            dx = dx + (g @ lora_A).mul_(ctx.scale).mul_(mask)
+            dx = dx + (g @ lora_A.to(g.dtype)).mul_(ctx.scale).mul_(mask)
         d_weight = dy2d.t() @ x2d if ctx.needs_input_grad[1] else None
         d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
         return dx.reshape(ctx.x_shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
 
 
-def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-    """Inference (no gradient wanted) skips the autograd Function and its few microseconds."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
-                                    or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
-    return _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, inference=True)[0]
+def _lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """:func:`lora_linear`, also returning the :class:`Dispatch` it made (layers record it)."""
+    if isinstance(x, torch.Tensor):
+        amp = autocast_dtype(x.device.type)
+        if amp is not None:  # what autocast does for nn.Linear (lora_kernels.precision)
+            x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
+    scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
+    dropout_p = float(dropout_p)
+    # Inference (no gradient wanted) skips the autograd Function and its few microseconds.
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
+    # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
+    dispatch = resolve(backend, x, by_size=dropout_p == 0.0, inference=not grad, out_features=weight.shape[0],
+                       rank=lora_A.shape[0])
+    if grad:
+        y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend)
+    else:
+        y = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend)[0]
+    return y, dispatch
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="auto"):
@@ -145,13 +203,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p=0.0, backend="
         x: ``(..., in_features)``.
         weight: ``(out_features, in_features)``, the frozen base W₀ (no gradient unless it requires one).
         bias: ``(out_features,)`` or ``None``.
-        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout).
+        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)`` (PEFT's layout). In x's dtype,
+            or float32 on a float16/bfloat16 x (their gradients then come back in float32).
         scale: the LoRA scaling ``alpha / r`` (see :func:`lora_kernels.lora_scale`).
         dropout_p: dropout on the LoRA branch's input; applied whenever it is > 0.
         backend: ``"auto"`` (on a GPU: the fused Triton kernels up to 512 rows of x (fp32 or
             r > 16: 16 rows) or with dropout, else the cuBLAS-composed reference path; for
             fp16/bf16 inference at up to 4 rows the CUDA decode kernel; on CPU the reference
             path), ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Under ``torch.autocast`` it computes in the autocast dtype, as ``nn.Linear`` does (see
+    :mod:`lora_kernels.precision`).
     """
-    scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
-    return _apply(x, weight, bias, lora_A, lora_B, scale, float(dropout_p), backend)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)[0]

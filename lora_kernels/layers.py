@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import BACKENDS
-from .function import lora_linear
-from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
+from .explain import record, set_layer_name
+from .function import Dispatch, _lora_linear
+from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
 from .reference import lora_scale
 
 
@@ -21,6 +22,10 @@ def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
     """PEFT's default: Kaiming-uniform A, zero B, so a fresh adapter changes nothing."""
     nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
     nn.init.zeros_(lora_B.weight)
+
+
+_MERGED = Dispatch("merged", True, "adapter merged into weight: a plain F.linear", "merged")
+_BASE_ONLY = Dispatch("merged", True, "mixed batch of '__base__' rows only: a plain F.linear", "merged")
 
 
 class Adapter(NamedTuple):
@@ -95,13 +100,16 @@ class LoRAMixin:
                              f"{['default', *self.extra_adapters]} (and '__base__' for none)")
         names = [n for n in dict.fromkeys(adapter_names) if n != "__base__"]
         if not names:
+            record(self, _BASE_ONLY)
             return F.linear(x, self.base_weight(), self.bias)
         pick = lambda n: (self.lora_A, self.lora_B) if n == "default" else (  # noqa: E731
             self.extra_adapters[n]["lora_A"], self.extra_adapters[n]["lora_B"])
         lora_A, lora_B = stack_adapters([pick(n)[0].weight for n in names], [pick(n)[1].weight for n in names])
         scales = [self.scaling if n == "default" else self.extra_config[n]["scaling"] for n in names]
         ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
-        return lora_linear_multi(x, self.base_weight(), self.bias, lora_A, lora_B, scales, ids, self.backend)
+        y, dispatch = _lora_linear_multi(x, self.base_weight(), self.bias, lora_A, lora_B, scales, ids, self.backend)
+        record(self, dispatch)
+        return y
 
     def forward(self, x, adapter_names=None):
         """``adapter_names``: one adapter name per sample (x.shape[0]), "__base__" for none, as
@@ -109,15 +117,14 @@ class LoRAMixin:
         if adapter_names is not None:
             return self._mixed_batch(x, adapter_names)
         if self.merged:
+            record(self, _MERGED)
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
-        tensors = (x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight)
-        if torch.is_autocast_enabled(x.device.type):  # do what autocast does for nn.Linear: run in its dtype
-            dtype = torch.get_autocast_dtype(x.device.type)
-            tensors = [t if t is None else t.to(dtype) for t in tensors]
-            with torch.autocast(x.device.type, enabled=False):
-                return lora_linear(*tensors, self.scaling, p, self.backend)
-        return lora_linear(*tensors, self.scaling, p, self.backend)
+        # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
+        y, dispatch = _lora_linear(x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight,
+                                   self.scaling, p, self.backend)
+        record(self, dispatch)
+        return y
 
     def adapter(self, name="default"):
         """The :class:`Adapter` (lora_A, lora_B, r, alpha, use_rslora) called ``name``."""
@@ -261,7 +268,9 @@ def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, us
         if not name or not match(name) or isinstance(module, LoRAMixin):
             continue
         if isinstance(module, nn.Linear) or _is_conv1d(module):
-            replace_module(model, name, wrap_with_lora(module, r, alpha, dropout, use_rslora, backend))
+            layer = wrap_with_lora(module, r, alpha, dropout, use_rslora, backend)
+            set_layer_name(layer, name)
+            replace_module(model, name, layer)
             replaced.append(name)
     if not replaced:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D module of the model")

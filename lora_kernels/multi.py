@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_lora_linear_args
-from .function import _BACKENDS, _backend, rows
+from .function import _BACKENDS, resolve, rows
+from .precision import autocast_args, autocast_dtype
 
 
 class LoRALinearMultiFunction(torch.autograd.Function):
@@ -54,6 +55,11 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     Backends: ``"triton"`` and ``"cuda"`` (fused), ``"reference"`` (a loop over adapters),
     ``"auto"`` (Triton on CUDA tensors).
     """
+    return _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend)[0]
+
+
+def _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend):
+    """:func:`lora_linear_multi`, also returning the Dispatch it made (layers record it)."""
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 3:
         raise ValueError(f"lora_A must be a (n_adapters, r, in_features) tensor, got "
                          f"{tuple(lora_A.shape) if isinstance(lora_A, torch.Tensor) else type(lora_A).__name__}")
@@ -61,6 +67,9 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
         raise ValueError(f"lora_B must be a (n_adapters={lora_A.shape[0]}, out_features, r) tensor, got "
                          f"{tuple(lora_B.shape) if isinstance(lora_B, torch.Tensor) else type(lora_B).__name__}")
     n = lora_A.shape[0]
+    amp = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if amp is not None:  # as lora_linear: x, W₀, bias in the autocast dtype, fp32 adapters read as they are
+        x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
     check_lora_linear_args(x, weight, bias, lora_A[0] if n else lora_A.reshape(0, lora_A.shape[-1]),
                            lora_B[0] if n else lora_B.reshape(lora_B.shape[1], 0), 1.0, 0.0, backend)
     scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
@@ -75,10 +84,11 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
     if adapter_ids.numel() and not capturing and (adapter_ids.min() < -1 or adapter_ids.max() >= n):
         raise ValueError(f"adapter_ids must be in [-1, {n}), got values in "
                          f"[{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
-    resolved = _backend(backend, x, by_size=False)
-    if resolved == "reference":
-        return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids)
-    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, resolved)
+    dispatch = resolve(backend, x, by_size=False)
+    if dispatch.backend == "reference":
+        return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), dispatch
+    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids,
+                                         dispatch.backend), dispatch
 
 
 def stack_adapters(lora_As, lora_Bs):

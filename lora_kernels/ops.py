@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .precision import HALF_DTYPES, to_autocast_dtype
+
 
 def forward_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
                  x_lora: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
@@ -52,4 +54,40 @@ def define_ops(backend: str, forward_impl, backward_impl):
     def backward(*args, **kwargs):
         return (backward_op if torch.compiler.is_compiling() else backward_impl)(*args, **kwargs)
 
+    register_autocast(f"lora_kernels::{backend}_forward")
+    register_autocast(f"lora_kernels::{backend}_backward")
     return forward, backward
+
+
+# Under torch.autocast the ops compute as lora_linear does (lora_kernels.precision): activations and
+# W₀ in the autocast dtype, adapters read in fp32 or cast from the other 16-bit dtype. lora_linear
+# casts before it calls them, so this rule only acts on direct calls; registering it also lets
+# torch.compile trace the ops under autocast as ordinary ops.
+_ACTIVATIONS = ("x", "weight", "bias", "x_lora", "dy", "xa")
+_ADAPTERS = ("lora_A", "lora_B")
+_LIB = torch.library.Library("lora_kernels", "FRAGMENT")
+
+
+def register_autocast(qualname: str):
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    names = [a.name for a in op._schema.arguments if not a.kwarg_only]
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def autocast_impl(*args, _device_type=device_type, _key=key, **kwargs):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = list(args)
+            for i, arg_name in enumerate(names[:len(args)]):
+                half_adapter = arg_name in _ADAPTERS and getattr(args[i], "dtype", None) in HALF_DTYPES
+                if arg_name in _ACTIVATIONS or half_adapter:
+                    args[i] = to_autocast_dtype(args[i], dtype)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args, **kwargs)
+
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(autocast_impl)  # what torch.compile's tracing runs
+        _LIB.impl(name, lambda _keyset, *args, _impl=autocast_impl, **kwargs: _impl(*args, **kwargs), key_name,
+                  with_keyset=True)

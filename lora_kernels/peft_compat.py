@@ -6,14 +6,17 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
-from .function import lora_linear
-from .multi import lora_linear_multi, sample_adapter_ids, stack_adapters
+from .explain import record, set_layer_name
+from .function import Dispatch, _lora_linear
 from .layers import LoRAMixin, replace_module, wrap_with_lora
+from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
+from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
 from .reference import lora_scale
 
 log = logging.getLogger("lora_kernels")
@@ -28,45 +31,76 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 # PEFT's own, untouched; anything the fused op does not cover falls through to PEFT's forward.
 # ---------------------------------------------------------------------------------------------
 
+def _activation_args(x, weight, bias, lora_A, lora_B):
+    """The tensors as the fused op will see them (cast as autocast would), and '' or why their
+    dtypes are not a mix the op computes (then PEFT's own forward runs)."""
+    amp = autocast_dtype(x.device.type)
+    if amp is not None:
+        x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
+    return (x, weight, bias, lora_A, lora_B), dtype_mix_error(x, weight, bias, lora_A, lora_B)
+
+
 def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
-    lora_linear_multi call; None where it cannot be fused (PEFT's loop then runs)."""
+    lora_linear_multi call: (y, Dispatch), y None where it cannot be fused (PEFT's loop then runs)."""
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
-        return None
+        return None, _peft("a mixed batch with no adapter of this layer, or not one name per sample", "peft-args")
     if any(n in getattr(self, "lora_variant", {}) for n in names):
-        return None
+        return None, _peft("LoRA variants in a mixed batch are not fused", "peft-variant")
     if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names):
-        return None
+        return None, _peft("mixed batches with dropout in training are not fused", "peft-dropout")
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     lora_A, lora_B = stack_adapters([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names])
-    if not x.dtype == weight.dtype == lora_A.dtype:
-        return None
+    (x, weight, bias, lora_A, lora_B), mix = _activation_args(x, weight, base.bias, lora_A, lora_B)
+    if mix:
+        return None, _peft(mix, "peft-dtype")
     ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
-    return lora_linear_multi(x, weight, base.bias, lora_A, lora_B, [self.scaling[n] for n in names], ids,
-                             self.lora_kernels_backend)
+    return _lora_linear_multi(x, weight, bias, lora_A, lora_B, [self.scaling[n] for n in names], ids,
+                              self.lora_kernels_backend)
+
+
+def _peft(why, key):
+    return Dispatch("peft", False, f"PEFT's own forward: {why}", key)
+
+
+_PEFT_DISABLED = _peft("adapters disabled (the base layer alone)", "peft-disabled")
+_PEFT_MERGED = _peft("adapter merged into the base weight", "peft-merged")
+_PEFT_ARGS = _peft("extra forward arguments", "peft-args")
 
 
 def _fused_peft_forward(self, x, *args, **kwargs):
     peft_forward = super(type(self), self).forward
     if not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters and not self.merged:
-        out = _mixed_batch(self, x, kwargs["adapter_names"])
-        if out is not None:
-            return out
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-        return peft_forward(x, *args, **kwargs)  # extra args, several adapters, unfusable mixes: PEFT's path
-    adapter = self.active_adapters[0]
-    if adapter not in self.lora_A or adapter in getattr(self, "lora_variant", {}):
+        out, dispatch = _mixed_batch(self, x, kwargs["adapter_names"])
+        record(self, dispatch)
+        return peft_forward(x, *args, **kwargs) if out is None else out
+    dispatch = (_PEFT_DISABLED if self.disable_adapters else _PEFT_MERGED if self.merged
+                else _PEFT_ARGS if args or kwargs else None)
+    if dispatch is None and len(self.active_adapters) != 1:
+        dispatch = _peft(f"{len(self.active_adapters)} active adapters at once are not fused", "peft-active")
+    if dispatch is None:
+        adapter = self.active_adapters[0]
+        if adapter not in self.lora_A:
+            dispatch = _peft(f"active adapter {adapter!r} is not on this layer", "peft-absent")
+        elif adapter in getattr(self, "lora_variant", {}):
+            dispatch = _peft(f"LoRA variant {type(self.lora_variant[adapter]).__name__} is not fused", "peft-variant")
+    if dispatch is not None:
+        record(self, dispatch)
         return peft_forward(x, *args, **kwargs)
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    if not x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype:
-        return peft_forward(x, *args, **kwargs)  # PEFT casts between dtypes; we require one dtype
+    (xc, weight, bias, lora_A, lora_B), mix = _activation_args(x, weight, base.bias, self.lora_A[adapter].weight,
+                                                               self.lora_B[adapter].weight)
+    if mix:  # PEFT casts between dtypes where we would raise: its own forward gives its own result
+        record(self, _peft(mix, "peft-dtype"))
+        return peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return lora_linear(x, weight, base.bias, lora_A, lora_B, self.scaling[adapter], p, self.lora_kernels_backend)
+    y, dispatch = _lora_linear(xc, weight, bias, lora_A, lora_B, self.scaling[adapter], p, self.lora_kernels_backend)
+    record(self, dispatch)
+    return y
 
 
 _FUSED_CLASSES: Dict[type, type] = {}
@@ -102,28 +136,74 @@ def _unsupported(layer) -> str:
     return ""
 
 
+def _dtype_reason(layer) -> str:
+    """Why the active adapter's dtype keeps this (patched) layer's calls on PEFT's path outside
+    autocast ('' if its calls fuse: the base's dtype, or fp32 adapters on a 16-bit base)."""
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A:
+        return ""
+    base, lora = layer.get_base_layer().weight.dtype, layer.lora_A[adapter].weight.dtype
+    if adapters_fit(base, lora):
+        return ""
+    return f"{lora} adapters on a {base} base are fused only under torch.autocast"
+
+
+_UNFUSED = "_lora_kernels_unfused"
+
+
+def peft_layer_status(module):
+    """None if ``module`` is not a PEFT LoRA layer; '' if patch_peft switched it; else why it runs
+    PEFT's own forward."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    if not isinstance(module, LoraLayer):
+        return None
+    if type(module) in _FUSED_CLASSES.values():
+        return ""
+    return module.__dict__.get(_UNFUSED, "not patched (lora_kernels.patch_peft switches it)")
+
+
 def patch_peft(model: nn.Module, backend: str = "auto") -> int:
-    """Switch the LoRA layers of a PEFT model to the fused kernels, in place. Returns how many.
+    """Switch the LoRA layers of a PEFT model to the fused kernels, in place. Returns how many
+    layers will now run fused with their current dtypes.
 
     Layers that cannot be fused (DoRA, several active adapters, quantized bases, ...) stay on
-    PEFT's path, with one log line each. PEFT's mixed batches (``adapter_names=``) run as one fused
-    multi-adapter call. Calls the fused ops cannot serve (disabled or merged adapters, mixed dtypes,
-    LoRA variants in a mixed batch) go to PEFT's own forward.
+    PEFT's path; layers whose adapter dtype fits the base only under autocast (bf16 adapters on
+    an fp32 base) are switched but not counted. Each such layer gets one log line, and a summary
+    says how many were left and why; :func:`lora_kernels.explain` shows every layer's last call.
+    PEFT's mixed batches (``adapter_names=``) run as one fused multi-adapter call. Calls the fused
+    ops cannot serve (disabled or merged adapters, dtype mixes outside those above, LoRA variants in
+    a mixed batch) go to PEFT's own forward, logged once per layer.
     """
     from peft.tuners.lora import LoraLayer
 
-    switched = 0
+    fused, left = 0, Counter()
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or type(module) in _FUSED_CLASSES.values():
+        if not isinstance(module, LoraLayer):
             continue
-        reason = _unsupported(module)
-        if reason:
-            log.warning("lora_kernels.patch_peft: %s stays on PEFT's path: %s", name, reason)
-            continue
-        module.__class__ = _fused_class(type(module))
+        set_layer_name(module, name)
+        if type(module) not in _FUSED_CLASSES.values():
+            reason = _unsupported(module)
+            if reason:
+                log.warning("lora_kernels.patch_peft: %s stays on PEFT's path: %s", name, reason)
+                module.__dict__[_UNFUSED] = reason
+                left[reason] += 1
+                continue
+            module.__class__ = _fused_class(type(module))
         module.lora_kernels_backend = backend
-        switched += 1
-    return switched
+        reason = _dtype_reason(module)
+        if reason:
+            log.warning("lora_kernels.patch_peft: %s runs PEFT's forward outside autocast: %s", name, reason)
+            left[reason] += 1
+        else:
+            fused += 1
+    total = fused + sum(left.values())
+    summary = "; ".join(f"{why} ({n})" for why, n in left.items())
+    log.log(logging.WARNING if left else logging.INFO, "lora_kernels.patch_peft: %d of %d LoRA layers fused%s",
+            fused, total, f"; on PEFT's path: {summary}" if left else "")
+    return fused
 
 
 def unpatch_peft(model: nn.Module) -> int:

@@ -39,7 +39,10 @@ def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None):
     """2-D forward of the backend contract: returns ``(y, xa)``, both in x's dtype.
 
     Three cuBLAS calls, the LoRA product accumulated into y in place (Unsloth's ``addmm_``): the
-    fastest unfused form measured (bench/results/, H100), which ``backend="auto"`` uses for large M on a GPU."""
+    fastest unfused form measured (bench/results/, H100), which ``backend="auto"`` uses for large M on a GPU.
+    fp32 adapters on a 16-bit x are rounded to x's dtype first (r·(in + out) elements; see
+    :mod:`lora_kernels.precision`)."""
+    lora_A, lora_B = _in_dtype(lora_A, x.dtype), _in_dtype(lora_B, x.dtype)
     xa = F.linear(x if x_lora is None else x_lora, lora_A).mul_(scale)
     return F.linear(x, weight, bias).addmm_(xa, lora_B.t()), xa
 
@@ -48,15 +51,23 @@ def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True):
     """2-D backward of the backend contract for a frozen W₀: returns ``(dx, dA, dB, g)``.
 
     ``dx = dY·W₀ + s·g·A`` when ``fuse_lora_dx``, else only ``dY·W₀`` (the caller then applies the
-    dropout mask to the LoRA term itself). ``dA = s·gᵀ·x_lora``, ``dB = dYᵀ·xa``.
+    dropout mask to the LoRA term itself). ``dA = s·gᵀ·x_lora``, ``dB = dYᵀ·xa``, accumulated in
+    fp32 by the matmuls and returned in the adapters' own dtype (fp32 adapters on a 16-bit dy: the
+    activation-dtype result widened, as autocast's gradient of a cast weight is).
     """
+    adapter_A, adapter_B = lora_A, lora_B
+    lora_A, lora_B = _in_dtype(lora_A, dy.dtype), _in_dtype(lora_B, dy.dtype)
     g = dy @ lora_B
     dx = dy @ weight
     if fuse_lora_dx:
         dx.addmm_(g, lora_A, alpha=scale)
-    d_lora_A = (g.t() @ x_lora).mul_(scale)
-    d_lora_B = dy.t() @ xa
+    d_lora_A = (g.t() @ x_lora).mul_(scale).to(adapter_A.dtype)
+    d_lora_B = (dy.t() @ xa).to(adapter_B.dtype)
     return dx, d_lora_A, d_lora_B, g
+
+
+def _in_dtype(t, dtype):
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 # Fused dropout (the Triton and CUDA kernels): element (m, k) of x (M×K) is kept iff its uniform draw
@@ -109,6 +120,7 @@ def lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter
     ``scales`` (n,), ``adapter_ids`` (x.shape[:-1]) with −1 for the base layer alone. Written as a loop
     over adapters (an independent formulation from the kernels' stacked one)."""
     y = F.linear(x, weight, bias)
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # fp32 adapters on a 16-bit base
     for a in range(lora_A.shape[0]):
         rows = (adapter_ids == a).unsqueeze(-1).to(x.dtype)
         y = y + float(scales[a]) * F.linear(F.linear(x * rows, lora_A[a]), lora_B[a])

@@ -144,6 +144,17 @@ def kernel_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "DOT_PRECISION": "tf32" if tf32 or dtype != torch.float32 else "ieee"}
 
 
+def as_activation_dtype(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype):
+    """fp32 adapters on a 16-bit base (lora_kernels.precision), rounded once per call to the
+    activation dtype the tensor cores multiply in: r·(in + out) elements. Not inside the K loops:
+    there the conversion serialized the sm_90 forward's wgmmas (bench/results/mixed-precision.md)."""
+    if lora_A.dtype is not dtype:
+        lora_A = lora_A.to(dtype)
+    if lora_B.dtype is not dtype:
+        lora_B = lora_B.to(dtype)
+    return lora_A, lora_B
+
+
 # Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are ConstexprFunction wrappers
 # that cost 1.5 µs a call (triton 3.6 and 3.8, on the 2-core development CPU, 2026-11-22; ~10 calls
 # per training step), so the wrappers use these plain versions.

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
+from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
 
@@ -153,7 +153,8 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
 
     With ``dropout_p > 0`` and ``seed`` (fused dropout), ``x_lora`` is the undropped x: the kernels
     regenerate the forward's mask for the LoRA share of dX and for dA. Multi-adapter batches as in
-    fused_forward: the returned g is then already masked and scaled per row."""
+    fused_forward: the returned g is then already masked and scaled per row. fp32 adapters on a
+    16-bit dy: dA and dB are written in fp32 from the fp32 accumulators."""
     multi = adapter_ids is not None
     fused_dropout = dropout_p > 0.0
     if fused_dropout and seed is None:
@@ -163,6 +164,8 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     R = lora_A.shape[0]
     if M == 0 or N == 0 or K == 0:  # nothing to tile: g = dY·B is zero or empty, so is every LoRA term
         return reference.backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx)
+    adapter_dtype_A, adapter_dtype_B = lora_A.dtype, lora_B.dtype  # dA, dB are written in these (fp32 from fp32)
+    lora_A, lora_B = as_activation_dtype(lora_A, lora_B, dy.dtype)
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     g = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
     flags = kernel_flags(dy.dtype)
@@ -189,8 +192,8 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     splits = cdiv(M, rows_per_split)
     da_scale = (1.0 if multi else scale) / (1.0 - dropout_p)  # g carries the scale in multi-adapter mode
     if splits == 1:  # (always at M ≤ 256) the kernel writes the gradients themselves: no reduction launches
-        da_out = torch.empty((R, K), device=dy.device, dtype=lora_A.dtype)
-        db_out = torch.empty((N, R), device=dy.device, dtype=lora_B.dtype)
+        da_out = torch.empty((R, K), device=dy.device, dtype=adapter_dtype_A)
+        db_out = torch.empty((N, R), device=dy.device, dtype=adapter_dtype_B)
     else:  # fp32 partial sums per split, added below in a fixed order (deterministic)
         da_out = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
         db_out = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
@@ -202,6 +205,6 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     )
     if splits == 1:
         return dx, da_out, db_out, g
-    d_lora_A = da_out.sum(0).mul_(da_scale).to(lora_A.dtype)
-    d_lora_B = db_out.sum(0).to(lora_B.dtype)
+    d_lora_A = da_out.sum(0).mul_(da_scale).to(adapter_dtype_A)
+    d_lora_B = db_out.sum(0).to(adapter_dtype_B)
     return dx, d_lora_A, d_lora_B, g

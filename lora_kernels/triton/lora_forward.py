@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import (INTERPRETING, adapter_rows, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
+from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
 
@@ -127,7 +127,8 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   adapter_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
 
-    Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once.
+    Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once. fp32
+    adapters on a 16-bit x are rounded to x's dtype first (see as_activation_dtype).
     Dropout is fused: with ``dropout_p > 0`` a first pass drops elements of x for the LoRA branch
     with a counter-based RNG keyed by ``seed`` (an int64 tensor of one element) while it computes
     xa, and nothing of the mask is stored. A given ``x_lora`` instead (a caller's own dropout) is
@@ -141,6 +142,7 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     N, R = lora_B.shape
     if M == 0 or N == 0 or K == 0:  # nothing to tile; the LoRA term is zero or empty
         return reference.forward(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    lora_A, lora_B = as_activation_dtype(lora_A, lora_B, x.dtype)
     if x.stride(-1) != 1:  # any row stride is fine; the feature dimension must be dense
         x = x.contiguous()
     if bias is not None:  # the kernel reads bias with unit stride
