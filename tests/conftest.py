@@ -52,12 +52,16 @@ def make_problem(M, K, N, r, dtype, bias=True, lead=(), device=DEVICE, scale=2.0
 
 
 def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False, strided_x=False,
-                                dropout_p=0.0):
+                                dropout_p=0.0, adapter_dtype=None):
     """A backend module's forward and backward (the 2-D contract of lora_kernels.reference) against
     the same functions in float64, every output: y, xa, dX, dA, dB, g. ``strided_x``: x is a column
     slice of a wider tensor (row stride ≠ K, start not 16-byte aligned). ``dropout_p``: the
-    backend's fused dropout from a fresh seed, against x_lora = x ⊙ reference.dropout_keep / (1 − p)."""
+    backend's fused dropout from a fresh seed, against x_lora = x ⊙ reference.dropout_keep / (1 − p).
+    ``adapter_dtype``: A and B stored in that dtype (fp32 adapters on a 16-bit base); dA and dB
+    must come back in it."""
     x, w, b, a, bb, s = make_problem(M, K, N, r, dtype)
+    adapter_dtype = adapter_dtype or dtype
+    a, bb = a.to(adapter_dtype), bb.to(adapter_dtype)
     if strided_x:
         x = torch.randn(M, K + 8, dtype=dtype, device=x.device)[:, 3:3 + K]
     x_lora = x * (torch.rand_like(x) > 0.3).to(dtype) if x_lora_given else None
@@ -82,7 +86,7 @@ def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lor
         dx_ref += mask * (s * g_ref @ f64[3])
     for out, ref, what in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
                            (db, db_ref, "dB"), (g, g_ref, "g")):
-        assert out.dtype == dtype
+        assert out.dtype == (adapter_dtype if what in ("dA", "dB") else dtype), (what, out.dtype)
         assert_close(out, ref, dtype, what)
 
 

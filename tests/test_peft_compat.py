@@ -94,8 +94,11 @@ def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
     with caplog.at_level(logging.WARNING, logger="lora_kernels"):
         assert lora_kernels.patch_peft(model) == 0
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 * 3 and all("DoRA" in line for line in lines)
+    assert len(lines) == 2 * 3 + 1 and all("DoRA" in line for line in lines)  # one per layer, then the summary
+    assert "0 of 6 LoRA layers fused" in lines[-1] and "(6)" in lines[-1]
     torch.testing.assert_close(model(input_ids=ids).logits, before)
+    report = lora_kernels.explain(model)
+    assert len(report) == 6 and all(r.backend == "peft" and not r.fused and "DoRA" in r.why for r in report)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -111,8 +114,8 @@ def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
     ref = model(input_ids=ids, adapter_names=names).logits
     lora_kernels.patch_peft(model, backend=backend)
     calls = []
-    real = lora_kernels.peft_compat.lora_linear_multi
-    monkeypatch.setattr(lora_kernels.peft_compat, "lora_linear_multi", lambda *a: calls.append(1) or real(*a))
+    real = lora_kernels.peft_compat._lora_linear_multi
+    monkeypatch.setattr(lora_kernels.peft_compat, "_lora_linear_multi", lambda *a: calls.append(1) or real(*a))
     assert_close(model(input_ids=ids, adapter_names=names).logits, ref.double(), torch.float32, "mixed batch")
     assert len(calls) == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
 

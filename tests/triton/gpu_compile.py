@@ -95,14 +95,19 @@ def recorded_launches(quick):
     bwd._lora_dadb_kernel = LaunchRecorder(bwd._lora_dadb_kernel, launches)
     ms = [1, 128, 8192] if quick else [1, 16, 128, 1024, 8192]
     ranks = [16, 128] if quick else [1, 16, 64, 128]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    # (activation dtype, adapter dtype): fp32 adapters on a 16-bit base are PEFT's default (rounded to
+    # the activation dtype before the launches; dA and dB are written in fp32)
+    dtypes = [(torch.float16,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2, (torch.bfloat16, torch.float32)]
+    if not quick:
+        dtypes.append((torch.float16, torch.float32))
+    for dtype, adapter_dtype in dtypes:
         for M in ms:
             for r in ranks:
                 K, N = 4096, 11008
                 x = torch.empty(M, K, device="meta", dtype=dtype)
                 w = torch.empty(N, K, device="meta", dtype=dtype)
-                a = torch.empty(r, K, device="meta", dtype=dtype)
-                b = torch.empty(N, r, device="meta", dtype=dtype)
+                a = torch.empty(r, K, device="meta", dtype=adapter_dtype)
+                b = torch.empty(N, r, device="meta", dtype=adapter_dtype)
                 bias = torch.empty(N, device="meta", dtype=dtype)
                 dy = torch.empty(M, N, device="meta", dtype=dtype)
                 seed = torch.empty(1, device="meta", dtype=torch.int64)
@@ -138,14 +143,17 @@ def main():
         for fn, sig, consts, attrs, options in launches:
             blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI"))
             dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
-            label = f"sm_{arch} {fn.__name__:<18} {dtype:<4} w{options.get('num_warps')} s{options.get('num_stages')} {blocks}"
+            adapter = sig.get("a_ptr", sig.get("da_part_ptr", "*" + dtype))[1:]  # dA's type (fp32 partial sums too)
+            dtype = dtype if adapter == dtype else f"{dtype}+{adapter}"
+            label = (f"sm_{arch} {fn.__name__:<18} {dtype:<9} w{options.get('num_warps')} "
+                     f"s{options.get('num_stages')} {blocks}")
             try:
                 kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
                 if kernel.metadata.shared > MAX_SHARED.get(arch, 1 << 30):
                     raise RuntimeError(f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}")
                 use = resource_usage(kernel.asm["cubin"])
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
-                if dtype != "fp32" and use["stack"] > MAX_STACK_16BIT:
+                if not dtype.startswith("fp32") and use["stack"] > MAX_STACK_16BIT:
                     raise RuntimeError(f"spills: {usage}")
                 print(f"ok   {label} | {usage} smem {kernel.metadata.shared}", flush=True)
             except Exception as exc:  # report every failing launch, then fail
