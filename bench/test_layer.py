@@ -6,6 +6,10 @@ Implementations, all measured in this run on the same inputs:
   unsloth-style   o = x @ W₀ᵀ; o.addmm_(x @ Aᵀ, Bᵀ, alpha=s): Unsloth's matmul_lora
   peft            PEFT's own lora.Linear, when peft is installed
   lora_kernels[b] our lora_linear with backend b (triton, cuda, auto; reference on a CPU run)
+  ... +fp32 adapters  PEFT's default set-up on a 16-bit base (get_peft_model keeps lora_A/lora_B
+                  in fp32): PEFT's lora.Linear and ours (auto) with fp32 A and B, x and W₀ in the
+                  run's dtype; only in 16-bit runs. Against the pure 16-bit rows it shows what the
+                  fp32 adapters cost.
 The training step is forward + gradients for x, A, B (base: for x only, W₀ frozen).
 """
 from __future__ import annotations
@@ -18,7 +22,10 @@ from report import RESULTS
 from timing import input_sets_needed, peak_memory_mb, time_eager, time_graph
 
 
-def implementations(device):
+FP32_ADAPTERS = " +fp32 adapters"
+
+
+def implementations(device, dtype):
     names = ["base", "peft-style", "unsloth-style"]
     try:
         import peft  # noqa: F401
@@ -27,7 +34,11 @@ def implementations(device):
     except ImportError:
         pass
     backends = [b for b in lora_kernels.available_backends(device) if b != "reference"] or ["reference"]
-    return names + [f"lora_kernels[{b}]" for b in backends] + (["lora_kernels[auto]"] if device == "cuda" else [])
+    names += [f"lora_kernels[{b}]" for b in backends] + (["lora_kernels[auto]"] if device == "cuda" else [])
+    if dtype != torch.float32:  # PEFT's default on a 16-bit base
+        names += [n + FP32_ADAPTERS for n in ("peft", "lora_kernels[auto]" if device == "cuda" else names[-1])
+                  if n in names]
+    return names
 
 
 def pytest_generate_tests(metafunc):
@@ -35,7 +46,7 @@ def pytest_generate_tests(metafunc):
         from conftest import run_info
 
         info = run_info(metafunc.config)
-        impls = [i for i in implementations(info.device) if info.impls is None or i in info.impls]
+        impls = [i for i in implementations(info.device, info.dtype) if info.impls is None or i in info.impls]
         cases = [(K, N, M, r, impl) for (K, N) in info.shapes for r in info.ranks for M in info.ms for impl in impls]
         metafunc.parametrize("case", cases, ids=[f"{K}x{N}-M{M}-r{r}-{impl}" for K, N, M, r, impl in cases])
 
@@ -48,7 +59,7 @@ def make_layer_fn(impl, W, A, B, s):
         return (lambda x: F.linear(x, W) + F.linear(F.linear(x, A), B) * s), [A, B]
     if impl == "unsloth-style":
         return (lambda x: (x @ W.t()).addmm_(x @ A.t(), B.t(), alpha=s)), [A, B]
-    if impl == "peft":  # PEFT's own layer, built the version-independent way
+    if impl.startswith("peft") and impl != "peft-style":  # PEFT's own layer, built the version-independent way
         import peft
 
         holder = torch.nn.Module()
@@ -56,11 +67,12 @@ def make_layer_fn(impl, W, A, B, s):
         holder.base.weight = torch.nn.Parameter(W, requires_grad=False)
         peft.inject_adapter_in_model(peft.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["base"]),
                                      holder)
+        # A and B in their own dtype: the run's, or fp32 (PEFT's default on a 16-bit base)
         layer = holder.base
         layer.lora_A["default"].weight = A
         layer.lora_B["default"].weight = B
         return layer, [A, B]
-    backend = impl[len("lora_kernels["):-1]
+    backend = impl[len("lora_kernels["):impl.index("]")]
     return (lambda x: lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)), [A, B]
 
 
@@ -71,8 +83,9 @@ def test_layer(case, info, benchmark):
     sets = []
     for _ in range(n_sets):
         W = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
-        A = torch.nn.Parameter(torch.randn(r, K, device=device, dtype=dtype) / K ** 0.5)
-        B = torch.nn.Parameter(torch.randn(N, r, device=device, dtype=dtype) / r ** 0.5)
+        adapter_dtype = torch.float32 if impl.endswith(FP32_ADAPTERS) else dtype
+        A = torch.nn.Parameter(torch.randn(r, K, device=device, dtype=adapter_dtype) / K ** 0.5)
+        B = torch.nn.Parameter(torch.randn(N, r, device=device, dtype=adapter_dtype) / r ** 0.5)
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(M, N, device=device, dtype=dtype)
         fn, params = make_layer_fn(impl, W, A, B, s)

@@ -15,6 +15,9 @@
 #     bash scripts/gpu_session.sh profile    # host time per eager call (scripts/profile_launch.py)
 #     bash scripts/gpu_session.sh cuda       # the CUDA backend: its tests, memcheck + racecheck of its
 #                                            # kernels, and scripts/bench_cuda_kernels.py (per-kernel times)
+#     bash scripts/gpu_session.sh mixed      # mixed precision (issue 19): its tests (fp32 adapters on every
+#                                            # backend incl. CUDA, autocast, Trainer bf16/fp16) and the layer
+#                                            # suite's pure-bf16 vs "+fp32 adapters" rows (~6 min in all)
 #     bash scripts/gpu_session.sh wgmma      # quick turnaround on the sm_90a wgmma kernels: their GPU tests
 #                                            # (failures summed up per LORA_KERNELS_WGMMA_LOADS mode) and a
 #                                            # short bench (WGMMA_BENCH_ARGS)
@@ -66,6 +69,12 @@ case "${1:-test}" in
     done
     box "${CUDA_BENCH_S:-240}" python3 scripts/bench_cuda_kernels.py ${CUDA_BENCH_ARGS:-} > "$R/cuda-bench.log" 2>&1
     cut -c1-200 "$R/cuda-bench.log" | head -90; pack ;;
+  mixed)
+    box "${TEST_S:-200}" python3 -m pytest tests/test_mixed_precision.py tests/test_peft_compat.py \
+      tests/test_distributed.py -q -p no:cacheprovider -rfE --tb=short > "$R/mixed-test.log" 2>&1
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/mixed-test.log" | cut -c1-200 | head -40; pack
+    TAIL=40 bench mixed "${LAYER_S:-150}" --suite layer --shapes 4096x4096,4096x11008 --ranks 16 --m 1,16,1024,8192 \
+      --reps "${REPS:-30}" --impls "base,peft,peft +fp32 adapters,lora_kernels[auto],lora_kernels[auto] +fp32 adapters" ;;
   wgmma)
     box "${TEST_S:-200}" python3 -m pytest tests/test_cuda_extension.py -q -p no:cacheprovider -rfE --tb=line \
       -k "wgmma" > "$R/wgmma-test.log" 2>&1
@@ -77,5 +86,5 @@ case "${1:-test}" in
     box "${CUDA_BENCH_S:-200}" python3 scripts/bench_cuda_kernels.py ${WGMMA_BENCH_ARGS:---shapes 4096x4096 --rows 16,1024,8192} \
       > "$R/wgmma-bench.log" 2>&1
     cut -c1-220 "$R/wgmma-bench.log" | head -40; pack ;;
-  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda|wgmma"; exit 2 ;;
+  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda|mixed|wgmma"; exit 2 ;;
 esac
