@@ -45,10 +45,25 @@ def _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend) -> b
         return False
 
 
+def _number(name, value):
+    """A real number argument as a float: a Python or NumPy number, or a one-element tensor that does
+    not require grad (the op treats it as a constant, so a gradient it wanted would be lost)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad, but lora_linear takes it as a constant "
+                            f"and would drop its gradient: pass a float (or {name}.detach())")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-    """Validate the functional API's arguments; returns scale as a float."""
+    """Validate the functional API's arguments; returns (scale, dropout_p) as floats."""
     if isinstance(x, torch.Tensor) and _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-        return scale
+        return scale, dropout_p
     _tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
@@ -77,16 +92,45 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, ba
     for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise TypeError(f"scale must be a number, got a tensor of shape {tuple(scale.shape)}")
-        scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    scale = _number("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    dropout_p = _number("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return float(scale)
+    return scale, dropout_p
+
+
+# Layer and surgery arguments (LoRALinear, add_adapter, inject_lora, ...).
+
+def check_rank(r, name="r") -> int:
+    """A positive integer (Python or NumPy), as an int."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"{name} must be a positive integer, got {r!r} ({type(r).__name__})")
+    return int(r)
+
+
+def check_alpha(alpha, name="alpha") -> float:
+    """A finite real number (Python or NumPy), as a float."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {alpha!r} ({type(alpha).__name__})")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name} must be finite, got {alpha!r}")
+    return float(alpha)
+
+
+def check_dropout(p, name="dropout") -> float:
+    """A probability in [0, 1), as a float."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {p!r} ({type(p).__name__})")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend

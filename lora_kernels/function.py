@@ -147,7 +147,12 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``backend`` is a resolved name ("reference", "triton" or "cuda"; see :func:`resolve`)."""
+    """``backend`` is a resolved name ("reference", "triton" or "cuda"; see :func:`resolve`).
+
+    Saved for backward: x, W₀, A, B (the inputs, by reference), xa (M×r) and, with dropout, the
+    fused kernels' seed or the reference backend's mask. With ``create_graph=True`` the backward is
+    the reference math differentiated by autograd (see :func:`_backward_with_graph`), so second
+    derivatives (gradient penalties, ``gradgradcheck``) are exact on every backend."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
@@ -156,15 +161,18 @@ class LoRALinearFunction(torch.autograd.Function):
                               rank=lora_A.shape[0]).backend
         y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p,
                                                              backend)
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, x_lora, weight, lora_A, lora_B, xa, mask, seed)
-        ctx.backend, ctx.scale, ctx.x_shape, ctx.fused_dropout_p = backend, scale, x.shape, fused_p
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask, seed)
+        ctx.backend, ctx.scale, ctx.dropout_p, ctx.fused_dropout_p = backend, scale, dropout_p, fused_p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, x_lora, weight, lora_A, lora_B, xa, mask, seed = ctx.saved_tensors
-        dy2d = rows(dy)
+        x, weight, lora_A, lora_B, xa, mask, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _backward_with_graph(ctx, dy, x, weight, lora_A, lora_B, mask, seed)
+        x2d, dy2d = rows(x), rows(dy)
         fused = {} if seed is None else {"dropout_p": ctx.fused_dropout_p, "seed": seed}
+        x_lora = x2d if mask is None else x2d * mask  # the reference backend's dropout(x), rebuilt here
         dx, d_lora_A, d_lora_B, g = _BACKENDS[ctx.backend].backward(
             dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, mask is None, **fused
         )
@@ -172,17 +180,65 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = dx + (g @ lora_A.to(g.dtype)).mul_(ctx.scale).mul_(mask)
         d_weight = dy2d.t() @ x2d if ctx.needs_input_grad[1] else None
         d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
-        return dx.reshape(ctx.x_shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+        return dx.reshape(x.shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+
+
+def _backward_with_graph(ctx, dy, x, weight, lora_A, lora_B, mask, seed):
+    """The backward for ``create_graph=True``: y recomputed in plain torch from the saved inputs (which
+    keep their autograd history) with the forward's dropout mask, and differentiated by autograd, so
+    the gradients are themselves differentiable. Costs one unfused forward more; only then."""
+    x2d = rows(x)
+    if seed is not None:  # the fused kernels' mask, redrawn in torch from their seed
+        keep = reference.dropout_keep(int(seed.item()), *x2d.shape, ctx.fused_dropout_p, device=x.device)
+        mask = keep.to(x.dtype) / (1.0 - ctx.fused_dropout_p)
+    y = reference.lora_linear_reference(x2d, weight, None, lora_A.to(x.dtype), lora_B.to(x.dtype), ctx.scale, mask)
+    dx, d_weight, d_lora_A, d_lora_B = differentiate(y, rows(dy), (x, weight, lora_A, lora_B),
+                                                     [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)])
+    d_bias = rows(dy).sum(0) if ctx.needs_input_grad[2] else None
+    return dx, d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+
+
+def differentiate(y, dy, inputs, needs):
+    """The gradients of y (given dy) for the inputs whose ``needs`` is set, None for the others,
+    themselves differentiable (create_graph)."""
+    wrt = [t for t, n in zip(inputs, needs) if n]
+    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True) if wrt else ())
+    return [next(grads) if n else None for n in needs]
+
+
+_FUNCTORCH = Dispatch("reference", False, "inside a torch.func transform (grad, vmap, jacrev, ...): the "
+                      "plain-torch definition, which the transforms see as ordinary ops", "functorch")
+
+
+def in_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def prepare_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """The arguments as the op computes with them: cast as autocast would (lora_kernels.precision),
+    checked (bad input raises, naming the argument), scale and dropout_p as floats."""
+    if isinstance(x, torch.Tensor):
+        amp = autocast_dtype(x.device.type)
+        if amp is not None:  # what autocast does for nn.Linear
+            x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
+    scale, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
+    return x, weight, bias, lora_A, lora_B, scale, dropout_p
 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     """:func:`lora_linear`, also returning the :class:`Dispatch` it made (layers record it)."""
-    if isinstance(x, torch.Tensor):
-        amp = autocast_dtype(x.device.type)
-        if amp is not None:  # what autocast does for nn.Linear (lora_kernels.precision)
-            x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
-    scale = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend)
-    dropout_p = float(dropout_p)
+    return run_prepared(*prepare_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend), backend)
+
+
+def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    """:func:`lora_linear` on arguments :func:`prepare_args` returned: (y, Dispatch)."""
+    if in_functorch_transform():
+        mask = None
+        if dropout_p > 0.0:  # nn.Dropout's draw, so vmap's randomness= rules apply as to any dropout
+            mask = torch.nn.functional.dropout(torch.ones_like(x), dropout_p)
+        return reference.lora_linear_reference(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scale,
+                                               mask), _FUNCTORCH
     # Inference (no gradient wanted) skips the autograd Function and its few microseconds.
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                         or lora_B.requires_grad or (bias is not None and bias.requires_grad))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_lora_linear_args
-from .function import _BACKENDS, resolve, rows
+from .function import _BACKENDS, _FUNCTORCH, differentiate, in_functorch_transform, resolve, rows
 from .precision import autocast_args, autocast_dtype
 
 
@@ -30,21 +30,28 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         b_all = lora_B.permute(1, 0, 2).reshape(N, n * r)  # (out, n·r): a copy of n·r·out elements
         y2d, xa = ops.forward(x2d, weight, bias, a_all, b_all, 1.0, adapter_ids=ids, adapter_scales=scales,
                               adapter_rank=r)
-        ctx.save_for_backward(x2d, weight, a_all, b_all, xa, ids, scales)
-        ctx.shapes, ctx.backend = (x.shape, n, r), backend
+        ctx.save_for_backward(x, weight, lora_A, lora_B, a_all, b_all, xa, ids, scales, adapter_ids)
+        ctx.shapes, ctx.backend = (n, r), backend
         return y2d.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, a_all, b_all, xa, ids, scales = ctx.saved_tensors
-        x_shape, n, r = ctx.shapes
-        dy2d = rows(dy)
+        x, weight, lora_A, lora_B, a_all, b_all, xa, ids, scales, adapter_ids = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the reference loop differentiated by autograd
+            y = reference.lora_linear_multi_reference(x, weight, None, lora_A, lora_B, scales, adapter_ids)
+            dx, d_weight, d_lora_A, d_lora_B = differentiate(y, dy, (x, weight, lora_A, lora_B),
+                                                             [need[i] for i in (0, 1, 3, 4)])
+            return dx, d_weight, rows(dy).sum(0) if need[2] else None, d_lora_A, d_lora_B, None, None, None
+        n, r = ctx.shapes
+        x2d, dy2d = rows(x), rows(dy)
         dx, d_a, d_b, _ = _BACKENDS[ctx.backend].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True,
                                                           adapter_ids=ids, adapter_scales=scales, adapter_rank=r)
         d_lora_A = d_a.reshape(n, r, -1)
         d_lora_B = d_b.reshape(-1, n, r).permute(1, 0, 2)
-        d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
-        return dx.reshape(x_shape), None, d_bias, d_lora_A, d_lora_B, None, None, None
+        d_weight = dy2d.t() @ x2d if need[1] else None  # a trainable W₀ gets its true gradient, as in lora_linear
+        d_bias = dy2d.sum(0) if need[2] else None
+        return dx.reshape(x.shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
 
 
 def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend="auto"):
@@ -85,6 +92,8 @@ def _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, bac
         raise ValueError(f"adapter_ids must be in [-1, {n}), got values in "
                          f"[{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
     dispatch = resolve(backend, x, by_size=False)
+    if in_functorch_transform():  # torch.func sees the plain-torch loop (see lora_linear)
+        dispatch = _FUNCTORCH
     if dispatch.backend == "reference":
         return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), dispatch
     return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids,

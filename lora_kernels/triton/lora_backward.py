@@ -61,6 +61,7 @@ def _lora_dx_kernel(
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
 
+    acc_g = tl.where(mask_r[None, :], acc_g, 0.0)  # the rank padding stays zero where dY holds inf (0·inf)
     if MULTI:  # g of row m only through its own adapter, with that adapter's scale (dA then needs no scale)
         acc_g = adapter_rows(acc_g, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
     g = cast_to(acc_g, g_ptr.dtype.element_ty, UPCAST)

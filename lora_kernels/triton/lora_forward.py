@@ -72,6 +72,8 @@ def _lora_forward_kernel(
         xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
     else:
         # Rounded to the input dtype, as an unfused layer would hold it; stored once per row tile.
+        # the rank padding (columns R..BLOCK_R, zero in A) is exactly zero, also where x holds inf (0·inf)
+        acc_xa = tl.where(mask_r[None, :], acc_xa, 0.0)
         if MULTI:  # row m keeps only the columns of its own adapter, scaled by that adapter's scale
             acc_xa = adapter_rows(acc_xa, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
         xa = cast_to(acc_xa * scale, xa_ptr.dtype.element_ty, UPCAST)
