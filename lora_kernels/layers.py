@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from typing import Iterable, List, NamedTuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import BACKENDS
+from ._checks import check_alpha, check_backend, check_dropout, check_rank
 from .explain import record, set_layer_name
 from .function import Dispatch, _lora_linear
 from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
@@ -24,6 +25,7 @@ def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
     nn.init.zeros_(lora_B.weight)
 
 
+MERGED_KEY = "lora_merged"
 _MERGED = Dispatch("merged", True, "adapter merged into weight: a plain F.linear", "merged")
 _BASE_ONLY = Dispatch("merged", True, "mixed batch of '__base__' rows only: a plain F.linear", "merged")
 
@@ -48,11 +50,8 @@ class LoRAMixin:
     fan_in_fan_out = False
 
     def _init_lora(self, r, alpha, dropout, use_rslora, backend):
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.lora_A, self.lora_B = self._new_adapter(r)  # checks r
+        r, alpha, dropout, backend = check_rank(r), check_alpha(alpha), check_dropout(dropout), check_backend(backend)
+        self.lora_A, self.lora_B = self._new_adapter(r)
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.merged = False
@@ -62,8 +61,7 @@ class LoRAMixin:
 
     def _new_adapter(self, r):
         """(lora_A, lora_B) Linear modules of rank r, initialised so the adapter adds exactly zero."""
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
+        r = check_rank(r)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
@@ -80,8 +78,11 @@ class LoRAMixin:
     def add_adapter(self, name: str, r=8, alpha=16, use_rslora=False):
         """Another adapter, selectable per sample with ``forward(x, adapter_names=[...])``; the
         first adapter is named "default". Fresh adapters are Kaiming/zero initialised."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"the adapter name must be a non-empty string, got {name!r}")
         if name in ("default", "__base__") or name in self.extra_adapters:
             raise ValueError(f"adapter name {name!r} is taken")
+        r, alpha = check_rank(r), check_alpha(alpha)
         lora_A, lora_B = self._new_adapter(r)
         adapter = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B})
         self.extra_adapters[name] = adapter
@@ -90,6 +91,8 @@ class LoRAMixin:
         return adapter
 
     def _mixed_batch(self, x, adapter_names):
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}")
         if self.merged:
             raise RuntimeError("unmerge() before running a mixed-adapter batch")
         if self.training and self.lora_dropout > 0:
@@ -117,6 +120,10 @@ class LoRAMixin:
         if adapter_names is not None:
             return self._mixed_batch(x, adapter_names)
         if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.weight.requires_grad
+                                                             or self.lora_B.weight.requires_grad):
+                warnings.warn("a merged LoRA layer runs as a plain F.linear: its adapters get no gradient; "
+                              "unmerge() before training", stacklevel=2)
             record(self, _MERGED)
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
@@ -156,6 +163,27 @@ class LoRAMixin:
             self.weight.copy_(self.weight.float() - self._delta_weight())
             self.merged = False
         return self
+
+    # The merged state travels with the weight it describes: a merged layer's state dict has a
+    # "lora_merged" entry, and loading a weight sets ``merged`` from it, so a merged checkpoint
+    # loaded into a fresh layer does not add the adapter a second time.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged = bool(state_dict.pop(prefix + MERGED_KEY, False))
+        loads_weight = prefix + "weight" in state_dict
+        if self.merged and not loads_weight and any(k.startswith((prefix + "lora_A.", prefix + "lora_B."))
+                                                    for k in state_dict):
+            error_msgs.append(f"{prefix or 'the layer'}: adapter weights loaded into a merged layer would not match "
+                              "its merged weight; unmerge() first")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if loads_weight:
+            self.merged = merged
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, "
@@ -246,6 +274,8 @@ def _matcher(target_modules: Union[str, Iterable[str]]):
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return lambda name: pattern.fullmatch(name) is not None
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
     targets = list(target_modules)
     if not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
@@ -262,10 +292,19 @@ def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, us
     """Replace the ``nn.Linear`` (and Hugging Face ``Conv1D``) modules of ``model`` whose names match
     ``target_modules`` with LoRA wrappers, in place, sharing the original weights. Returns the
     names replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     match = _matcher(target_modules)
-    replaced = []
+    r, alpha, dropout, backend = check_rank(r), check_alpha(alpha), check_dropout(dropout), check_backend(backend)
+    replaced, already = [], []
+    lora_layers = [name for name, m in model.named_modules() if isinstance(m, LoRAMixin)]
     for name, module in list(model.named_modules()):
-        if not name or not match(name) or isinstance(module, LoRAMixin):
+        if not name or not match(name):
+            continue
+        if isinstance(module, LoRAMixin):
+            already.append(name)
+            continue
+        if any(name.startswith(layer + ".") for layer in lora_layers):  # a LoRA layer's own lora_A, lora_B, ...
             continue
         if isinstance(module, nn.Linear) or _is_conv1d(module):
             layer = wrap_with_lora(module, r, alpha, dropout, use_rslora, backend)
@@ -273,6 +312,10 @@ def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, us
             replace_module(model, name, layer)
             replaced.append(name)
     if not replaced:
+        if already:
+            raise ValueError(f"target_modules={target_modules!r} matched only modules that are LoRA layers already "
+                             f"({', '.join(already[:4])}{', ...' if len(already) > 4 else ''}): nothing to inject; "
+                             "add_adapter() gives a layer a second adapter")
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D module of the model")
     return replaced
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .explain import record, set_layer_name
-from .function import Dispatch, _lora_linear
+from .function import Dispatch, prepare_args, run_prepared
+from ._checks import check_backend
 from .layers import LoRAMixin, replace_module, wrap_with_lora
 from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
@@ -51,6 +52,9 @@ def _mixed_batch(self, x, adapter_names):
     if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names):
         return None, _peft("mixed batches with dropout in training are not fused", "peft-dropout")
     base = self.get_base_layer()
+    reason = _module_reason(base, *(self.lora_A[n] for n in names), *(self.lora_B[n] for n in names))
+    if reason is not None:
+        return None, reason
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     lora_A, lora_B = stack_adapters([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names])
     (x, weight, bias, lora_A, lora_B), mix = _activation_args(x, weight, base.bias, lora_A, lora_B)
@@ -68,6 +72,50 @@ def _peft(why, key):
 _PEFT_DISABLED = _peft("adapters disabled (the base layer alone)", "peft-disabled")
 _PEFT_MERGED = _peft("adapter merged into the base weight", "peft-merged")
 _PEFT_ARGS = _peft("extra forward arguments", "peft-args")
+_PEFT_HOOKS = _peft("the base layer has forward hooks (accelerate's offloading, or the user's), which PEFT's "
+                    "call of base_layer(x) runs", "peft-hooks")
+_FUSED_DROPOUT_TYPES = (nn.Dropout, nn.Identity)
+
+
+def _module_reason(*modules) -> Dispatch:
+    """Why these modules (the base layer, lora_A, lora_B) must be called as modules; None if their
+    weights can be read directly. PEFT calls each of them, so their hooks run there (accelerate's
+    offloading loads the weights in such a hook)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return _PEFT_HOOKS
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None:
+            return _PEFT_HOOKS
+        weight = module.weight
+        if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+            return _peft(f"the weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor",
+                         "peft-weight-type")
+        if weight.device.type == "meta":
+            return _peft("a weight is on the meta device (offloaded)", "peft-meta")
+    return None
+
+
+def _call_reason(self, args, kwargs) -> Dispatch:
+    """Why this call goes to PEFT's own forward; None if it can be fused. Checked on every call, so
+    adapters added, activated or loaded after patch_peft are judged as they are now."""
+    if self.disable_adapters:
+        return _PEFT_DISABLED
+    if self.merged:
+        return _PEFT_MERGED
+    if args or kwargs:
+        return _PEFT_ARGS
+    if len(self.active_adapters) != 1:
+        return _peft(f"{len(self.active_adapters)} active adapters at once are not fused", "peft-active")
+    adapter = self.active_adapters[0]
+    if adapter not in self.lora_A:
+        return _peft(f"active adapter {adapter!r} is not on this layer", "peft-absent")
+    if adapter in getattr(self, "lora_variant", {}):
+        return _peft(f"LoRA variant {type(self.lora_variant[adapter]).__name__} is not fused", "peft-variant")
+    if getattr(self, "lora_bias", {}).get(adapter):
+        return _peft("lora_bias is not fused", "peft-lora-bias")
+    if type(self.lora_dropout[adapter]) not in _FUSED_DROPOUT_TYPES:
+        return _peft(f"lora_dropout {type(self.lora_dropout[adapter]).__name__} is not fused", "peft-dropout")
+    return _module_reason(self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter])
 
 
 def _fused_peft_forward(self, x, *args, **kwargs):
@@ -76,51 +124,65 @@ def _fused_peft_forward(self, x, *args, **kwargs):
         out, dispatch = _mixed_batch(self, x, kwargs["adapter_names"])
         record(self, dispatch)
         return peft_forward(x, *args, **kwargs) if out is None else out
-    dispatch = (_PEFT_DISABLED if self.disable_adapters else _PEFT_MERGED if self.merged
-                else _PEFT_ARGS if args or kwargs else None)
-    if dispatch is None and len(self.active_adapters) != 1:
-        dispatch = _peft(f"{len(self.active_adapters)} active adapters at once are not fused", "peft-active")
-    if dispatch is None:
-        adapter = self.active_adapters[0]
-        if adapter not in self.lora_A:
-            dispatch = _peft(f"active adapter {adapter!r} is not on this layer", "peft-absent")
-        elif adapter in getattr(self, "lora_variant", {}):
-            dispatch = _peft(f"LoRA variant {type(self.lora_variant[adapter]).__name__} is not fused", "peft-variant")
+    dispatch = _call_reason(self, args, kwargs)
     if dispatch is not None:
         record(self, dispatch)
         return peft_forward(x, *args, **kwargs)
+    adapter = self.active_adapters[0]
     base = self.get_base_layer()
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    (xc, weight, bias, lora_A, lora_B), mix = _activation_args(x, weight, base.bias, self.lora_A[adapter].weight,
-                                                               self.lora_B[adapter].weight)
-    if mix:  # PEFT casts between dtypes where we would raise: its own forward gives its own result
-        record(self, _peft(mix, "peft-dtype"))
-        return peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    y, dispatch = _lora_linear(xc, weight, bias, lora_A, lora_B, self.scaling[adapter], p, self.lora_kernels_backend)
+    try:  # a valid PEFT layer our op would refuse (a dtype mix, dropout p = 1, ...) runs PEFT's own code
+        prepared = prepare_args(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                self.scaling[adapter], p, self.lora_kernels_backend)
+    except (TypeError, ValueError) as exc:
+        record(self, _peft(str(exc), "peft-dtype" if "dtype" in str(exc) else "peft-args-refused"))
+        return peft_forward(x, *args, **kwargs)
+    y, dispatch = run_prepared(*prepared, self.lora_kernels_backend)
     record(self, dispatch)
     return y
 
 
-_FUSED_CLASSES: Dict[type, type] = {}
+_FUSED_CLASSES: Dict[type, type] = {}  # PEFT's class -> its fused subclass
+_FUSED_ORIGINAL: Dict[type, type] = {}  # and back
 
 
 def _fused_class(cls):
+    """The subclass of PEFT's layer class ``cls`` whose forward is fused. It keeps ``cls``'s name, so
+    repr() and PEFT's layer status read as PEFT's (explain() shows the fused state), and pickles as
+    ``cls`` re-patched on load (torch.save(model), copy.deepcopy)."""
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_peft_forward,
-                                                                   "__module__": __name__})
+        _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": _fused_peft_forward, "__reduce_ex__": _reduce_patched, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__})
+        _FUSED_ORIGINAL[_FUSED_CLASSES[cls]] = cls
     return _FUSED_CLASSES[cls]
 
 
+def _reduce_patched(self, protocol):
+    reduced = list(object.__reduce_ex__(self, max(protocol, 2)))
+    reduced[0], reduced[1] = _new_patched, (_FUSED_ORIGINAL[type(self)],)
+    return tuple(reduced)
+
+
+def _new_patched(cls):
+    """Unpickling a patched layer: an instance of the fused subclass of PEFT's ``cls``."""
+    return object.__new__(_fused_class(cls))
+
+
 def _unsupported(layer) -> str:
-    """Why a PEFT LoRA layer cannot take the fused path ('' if it can)."""
+    """Why a PEFT LoRA layer is not switched to the fused path ('' if it is). What can change between
+    calls (active adapters, variants, hooks, dtypes) is checked again on every call."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     from .layers import _is_conv1d
 
     if not isinstance(layer, PeftLinear):
         return f"{type(layer).__name__} layers (quantized or non-linear bases) are not fused"
+    cls = _FUSED_ORIGINAL.get(type(layer), type(layer))
+    if cls.forward is not PeftLinear.forward:
+        return f"{cls.__name__} overrides lora.Linear.forward: its own forward runs"
     if any(getattr(layer, "use_dora", {}).values()):
         return "DoRA is not fused"
     if any(getattr(layer, "lora_bias", {}).values()):
@@ -133,6 +195,9 @@ def _unsupported(layer) -> str:
     base = layer.get_base_layer()
     if not (type(base) is nn.Linear or _is_conv1d(base)):
         return f"base layer {type(base).__name__} is not fused"
+    weight = base.weight
+    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+        return f"the base weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor"
     return ""
 
 
@@ -160,7 +225,7 @@ def peft_layer_status(module):
         return None
     if not isinstance(module, LoraLayer):
         return None
-    if type(module) in _FUSED_CLASSES.values():
+    if type(module) in _FUSED_ORIGINAL:
         return ""
     return module.__dict__.get(_UNFUSED, "not patched (lora_kernels.patch_peft switches it)")
 
@@ -179,18 +244,21 @@ def patch_peft(model: nn.Module, backend: str = "auto") -> int:
     """
     from peft.tuners.lora import LoraLayer
 
+    check_backend(backend)
     fused, left = 0, Counter()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         set_layer_name(module, name)
-        if type(module) not in _FUSED_CLASSES.values():
-            reason = _unsupported(module)
-            if reason:
-                log.warning("lora_kernels.patch_peft: %s stays on PEFT's path: %s", name, reason)
-                module.__dict__[_UNFUSED] = reason
-                left[reason] += 1
-                continue
+        reason = _unsupported(module)  # for layers patched before too: their adapters may have changed
+        if reason:
+            if type(module) in _FUSED_ORIGINAL:
+                module.__class__ = _FUSED_ORIGINAL[type(module)]
+            log.warning("lora_kernels.patch_peft: %s stays on PEFT's path: %s", name, reason)
+            module.__dict__[_UNFUSED] = reason
+            left[reason] += 1
+            continue
+        if type(module) not in _FUSED_ORIGINAL:
             module.__class__ = _fused_class(type(module))
         module.lora_kernels_backend = backend
         reason = _dtype_reason(module)
@@ -208,11 +276,10 @@ def patch_peft(model: nn.Module, backend: str = "auto") -> int:
 
 def unpatch_peft(model: nn.Module) -> int:
     """Undo :func:`patch_peft`. Returns how many layers were switched back."""
-    originals = {fused: cls for cls, fused in _FUSED_CLASSES.items()}
     count = 0
     for module in model.modules():
-        if type(module) in originals:
-            module.__class__ = originals[type(module)]
+        if type(module) in _FUSED_ORIGINAL:
+            module.__class__ = _FUSED_ORIGINAL[type(module)]
             count += 1
     return count
 
@@ -221,8 +288,8 @@ def unpatch_peft(model: nn.Module) -> int:
 # PEFT's adapter format for models built with LoRALinear / inject_lora.
 # ---------------------------------------------------------------------------------------------
 
-def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: str = None,
-                      adapter_name: str = "default") -> List[str]:
+def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
+                      base_model_name_or_path: str = None) -> List[str]:
     """Write adapter ``adapter_name`` of the model's LoRA layers as a PEFT adapter that
     ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved."""
     from safetensors.torch import save_file
@@ -263,11 +330,17 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapter_name: str = "default") -> List[str]:
+def load_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
+                      backend: str = "auto") -> List[str]:
     """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model or
     one with LoRA layers already: adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers, and
     the weights go into adapter ``adapter_name`` ("default", or a named adapter for mixed batches,
-    added where missing). Returns the module names loaded."""
+    added where missing). Returns the module names loaded.
+
+    Full tensors PEFT saves beside the adapters (biases with ``bias="all"`` or ``"lora_only"``,
+    ``modules_to_save`` such as ``lm_head``) are copied into the model's own parameters, in place,
+    as PEFT's model would use them; only for the default adapter (they are not per adapter). Any
+    tensor of the file that names no parameter of the model is an error, never skipped."""
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
@@ -275,6 +348,7 @@ def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapte
     for key in ("use_dora", "lora_bias"):
         if config.get(key):
             raise NotImplementedError(f"{path}: {key}=True adapters are not supported by lora_kernels")
+    check_backend(backend)
     weights_file = os.path.join(path, WEIGHTS_NAME)
     if os.path.exists(weights_file):
         from safetensors.torch import load_file
@@ -286,6 +360,7 @@ def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapte
     names = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
     if not names:
         raise ValueError(f"{weights_file} holds no lora_A weights")
+    full = _full_tensors(model, state, path, adapter_name)  # checked before the model changes
     use_rslora = config.get("use_rslora", False)
     for name in names:
         module = model.get_submodule(name)
@@ -308,4 +383,32 @@ def load_peft_adapter(model: nn.Module, path: str, backend: str = "auto", adapte
         with torch.no_grad():
             target.lora_A.weight.copy_(lora_A)
             target.lora_B.weight.copy_(lora_B)
+    with torch.no_grad():
+        for param, value in full:
+            param.copy_(value)
     return names
+
+
+def _full_tensors(model, state, path, adapter_name):
+    """[(the model's parameter, the file's tensor)] for the entries that are not LoRA factors: biases
+    (``q_proj.base_layer.bias`` in PEFT's naming is our ``q_proj.bias``) and modules_to_save."""
+    rest = {k: v for k, v in state.items() if not k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    if not rest:
+        return []
+    if adapter_name != "default":
+        raise NotImplementedError(f"{path} also holds full tensors ({', '.join(sorted(rest)[:3])}, ...): biases or "
+                                  "modules_to_save are not per adapter; load it as the default adapter")
+    params = dict(model.named_parameters())
+    out, unknown = [], []
+    for key, value in rest.items():
+        name = key.replace(".base_layer.", ".")
+        param = params.get(name)
+        if param is None or param.shape != value.shape:
+            unknown.append(key if param is None else f"{key} (shape {tuple(value.shape)}, the model's "
+                                                      f"{tuple(param.shape)})")
+        else:
+            out.append((param, value))
+    if unknown:
+        raise ValueError(f"{path} holds tensors that match no parameter of the model: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    return out
