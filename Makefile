@@ -9,6 +9,10 @@
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.14.1
 TRITON_SPEC ?= triton==3.8.*
+# PEFT and transformers pinned: tests/peft_suite/baseline-*.json records PEFT's own suite for these
+PEFT_SPEC   ?= peft==0.21.2 transformers==5.24.0
+# what PEFT's own test files import beyond the package
+PEFT_SUITE_DEPS ?= datasets==5.2.0 pyyaml==6.0.4 parameterized==0.9.0 scipy==1.17.1 diffusers==0.42.1 attrs==26.1.0
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
@@ -22,13 +26,13 @@ else
 DEPS   :=
 endif
 
-.PHONY: test test-triton36 bench install clean
+.PHONY: test test-triton36 test-peft bench install clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade "pip>=23"
 	$(VENV)/bin/pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy ninja setuptools wheel \
-		pytest hypothesis pytest-benchmark matplotlib peft transformers safetensors
+		pytest hypothesis pytest-benchmark matplotlib $(PEFT_SPEC) safetensors
 	touch $@
 
 install: $(DEPS)
@@ -49,8 +53,14 @@ test-triton36: install
 		--arch 90 > $(T36)/compile.log || (tail -40 $(T36)/compile.log; exit 1)
 	@echo "triton 3.6.0: $$(grep -c '^ok' $(T36)/compile.log) launch variants compiled for sm_90 (log: $(T36)/compile.log)"
 
+# PEFT's own LoRA tests, unpatched (from tests/peft_suite/baseline-*.json where it matches the
+# installed versions) and with every PEFT model patched: what passes unpatched must pass patched.
+test-peft: install
+	$(PYTHON) -m pip install -q $(PEFT_SUITE_DEPS)
+	$(PYTHON) scripts/peft_suite.py
+
 bench: install
 	$(PYTHON) -m pytest bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info lora_kernels/_C*.so .pytest_cache $(T36)
+	rm -rf build *.egg-info lora_kernels/_C*.so .pytest_cache $(T36) .peft-suite
