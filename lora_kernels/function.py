@@ -125,21 +125,28 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
     """The forward pass shared by the autograd Function and the inference path, on a resolved
-    ``backend``. Returns y and what backward needs: (x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
+    ``backend``. ``seed``: the dropout mask's seed where the caller fixes it (tensor parallelism:
+    the same mask on every rank), else drawn from torch's generator. Returns y and what backward
+    needs: (x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     ops = _BACKENDS[backend]
     x2d = rows(x)
-    mask = seed = None
+    mask = None
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
     if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+        if seed is None:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, None, dropout_p, seed)
         x_lora = x2d
     else:
-        if dropout_p > 0.0:  # materialised; rescaled like nn.Dropout; contiguous: same mask for any layout
+        if dropout_p > 0.0 and seed is not None:  # the fused kernels' mask for this seed, materialised
+            mask = reference.dropout_keep(int(seed.item()), *x2d.shape, dropout_p, device=x.device)
+            mask = mask.to(x.dtype).div_(1.0 - dropout_p)
+        elif dropout_p > 0.0:  # materialised; rescaled like nn.Dropout; contiguous: same mask for any layout
             mask = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
             mask = mask.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        seed = None
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
     y = y2d.reshape(*x.shape[:-1], weight.shape[0])
@@ -155,12 +162,12 @@ class LoRALinearFunction(torch.autograd.Function):
     derivatives (gradient penalties, ``gradgradcheck``) are exact on every backend."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
         if backend not in _BACKENDS:  # "auto", or a backend that is not installed (raises, saying why)
             backend = resolve(backend, x, by_size=dropout_p == 0.0, out_features=weight.shape[0],
                               rank=lora_A.shape[0]).backend
         y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                                             backend)
+                                                             backend, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask, seed)
         ctx.backend, ctx.scale, ctx.dropout_p, ctx.fused_dropout_p = backend, scale, dropout_p, fused_p
         return y
@@ -180,7 +187,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = dx + (g @ lora_A.to(g.dtype)).mul_(ctx.scale).mul_(mask)
         d_weight = dy2d.t() @ x2d if ctx.needs_input_grad[1] else None
         d_bias = dy2d.sum(0) if ctx.needs_input_grad[2] else None
-        return dx.reshape(x.shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+        return dx.reshape(x.shape), d_weight, d_bias, d_lora_A, d_lora_B, None, None, None, None
 
 
 def _backward_with_graph(ctx, dy, x, weight, lora_A, lora_B, mask, seed):
@@ -195,7 +202,7 @@ def _backward_with_graph(ctx, dy, x, weight, lora_A, lora_B, mask, seed):
     dx, d_weight, d_lora_A, d_lora_B = differentiate(y, rows(dy), (x, weight, lora_A, lora_B),
                                                      [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)])
     d_bias = rows(dy).sum(0) if ctx.needs_input_grad[2] else None
-    return dx, d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
+    return dx, d_weight, d_bias, d_lora_A, d_lora_B, None, None, None, None
 
 
 def differentiate(y, dy, inputs, needs):
@@ -226,12 +233,13 @@ def prepare_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     return x, weight, bias, lora_A, lora_B, scale, dropout_p
 
 
-def _lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
-    """:func:`lora_linear`, also returning the :class:`Dispatch` it made (layers record it)."""
-    return run_prepared(*prepare_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend), backend)
+def _lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
+    """:func:`lora_linear`, also returning the :class:`Dispatch` it made (layers record it).
+    ``seed``: see :func:`_forward`."""
+    return run_prepared(*prepare_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend), backend, seed)
 
 
-def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
+def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
     """:func:`lora_linear` on arguments :func:`prepare_args` returned: (y, Dispatch)."""
     if in_functorch_transform():
         mask = None
@@ -246,9 +254,9 @@ def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend):
     dispatch = resolve(backend, x, by_size=dropout_p == 0.0, inference=not grad, out_features=weight.shape[0],
                        rank=lora_A.shape[0])
     if grad:
-        y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend)
+        y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend, seed)
     else:
-        y = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend)[0]
+        y = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend, seed)[0]
     return y, dispatch
 
 

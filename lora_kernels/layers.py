@@ -127,9 +127,14 @@ class LoRAMixin:
             record(self, _MERGED)
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
-        # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
-        y, dispatch = _lora_linear(x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight,
-                                   self.scaling, p, self.backend)
+        if "_lora_kernels_tp" in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
+            from .parallel import tp_forward
+
+            y, dispatch = tp_forward(self, x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                                     self.scaling, p, self.backend)
+        else:  # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
+            y, dispatch = _lora_linear(x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight,
+                                       self.scaling, p, self.backend)
         record(self, dispatch)
         return y
 
@@ -328,8 +333,15 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """The adapter weights only, with PEFT-style key endings ``lora_A.weight`` / ``lora_B.weight``."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+    """The adapter weights only, with PEFT-style key endings ``lora_A.weight`` / ``lora_B.weight``.
+    Sharded (DTensor) factors are gathered into full tensors: call it on every rank."""
+    return {k: full_tensor(v) for k, v in model.state_dict().items()
+            if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+
+
+def full_tensor(t):
+    """``t`` itself, or the whole tensor of a DTensor (a collective over its mesh)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

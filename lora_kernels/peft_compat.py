@@ -15,7 +15,7 @@ import torch.nn as nn
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
 from ._checks import check_backend
-from .layers import LoRAMixin, replace_module, wrap_with_lora
+from .layers import LoRAMixin, full_tensor, replace_module, wrap_with_lora
 from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
 from .reference import lora_scale
@@ -291,7 +291,9 @@ def unpatch_peft(model: nn.Module) -> int:
 def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
                       base_model_name_or_path: str = None) -> List[str]:
     """Write adapter ``adapter_name`` of the model's LoRA layers as a PEFT adapter that
-    ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved."""
+    ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved.
+    Under torch.distributed the first rank writes; with tensor-parallel layers call it on every rank
+    (their factors are gathered whole)."""
     from safetensors.torch import save_file
 
     layers = {name: m.adapter(adapter_name) for name, m in model.named_modules()
@@ -311,14 +313,16 @@ def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
         "rank_pattern": {n: a.r for n, a in layers.items() if a.r != first.r},
         "alpha_pattern": {n: a.alpha for n, a in layers.items() if a.alpha != first.alpha},
     }
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
     tensors = {}
-    for name, a in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = a.lora_B.weight.detach().contiguous()
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    for name, a in layers.items():  # sharded (tensor-parallel) factors are gathered whole: a collective
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full_tensor(a.lora_A.weight.detach()).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full_tensor(a.lora_B.weight.detach()).contiguous()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # one writer
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME),
+                  metadata={"format": "pt"})
     return sorted(layers)
 
 

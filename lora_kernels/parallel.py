@@ -1,0 +1,178 @@
+"""Tensor parallelism for LoRA layers: plan styles named like torch's, for ``parallelize_module``.
+
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel   # in place of torch's
+    parallelize_module(model, tp_mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+
+How the factors are sharded, so that each rank's local problem is again one LoRA layer that the
+fused kernels compute in one call:
+
+* **Colwise** (y sharded by output columns): W₀, bias and ``lora_B`` by output rows (Shard(0)),
+  ``lora_A`` replicated. Rank k computes y_k = x·W₀ₖᵀ + b_k + s·(x·Aᵀ)·B_kᵀ. Backward: dX = Σ_k
+  (dY_k·W₀ₖ + s·g_k·A) and dA = Σ_k s·g_kᵀ·x with g_k = dY_k·B_k: one all-reduce of dX (as torch's
+  style issues) and one of dA (r×in, the replicated factor), dB_k local.
+* **Rowwise** (x sharded by input columns): W₀ and ``lora_A`` by input columns (Shard(1)),
+  ``lora_B`` and bias replicated. Rank k computes the partial sum x_k·W₀ₖᵀ + s·(x_k·A_kᵀ)·Bᵀ (the
+  LoRA term is linear in x·Aᵀ = Σ_k x_k·A_kᵀ, so partial sums add up exactly); the style's output
+  redistribution adds them (all-reduce, or reduce-scatter for a sharded output) as torch's does, and
+  the bias is added by the first rank's kernel only. Backward: dX_k, dA_k local (dY is replicated),
+  dB = Σ_k dYᵀ·xa_k: one all-reduce of dB (out×r, the replicated factor).
+
+With dropout, the colwise input is replicated and every rank must drop the same elements: the
+kernels' seed is broadcast from the first rank of the mesh (8 bytes; only when dropout is on).
+Parameters are DTensors (as torch's styles make them), so optimizers, ``fully_shard`` on a 2-D mesh
+(TP inside, FSDP2 outside) and ``torch.distributed.checkpoint`` see the usual objects;
+``lora_state_dict`` and ``save_peft_adapter`` write the full, unsharded adapter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
+from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
+
+from .layers import LoRAMixin
+
+_TP = "_lora_kernels_tp"  # the layer's style, "colwise" or "rowwise"; set when it is parallelized
+
+
+def _distribute(module: nn.Module, name: str, mesh, placement, src_data_rank):
+    param = getattr(module, name)
+    if param is None or isinstance(param, DTensor):
+        return
+    kwargs = {} if src_data_rank is None else {"src_data_rank": src_data_rank}
+    module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement], **kwargs),
+                                                 requires_grad=param.requires_grad))
+
+
+def _check_layer(module):
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        LoraLayer = ()
+    if LoraLayer and isinstance(module, LoraLayer):
+        raise NotImplementedError("PEFT's LoRA layers are not supported under tensor parallelism yet: load the "
+                                  "adapter into the plain model with lora_kernels.load_peft_adapter instead")
+    if not isinstance(module, LoRAMixin):
+        raise NotImplementedError(f"lora_kernels.parallel styles take LoRALinear / LoRAConv1D layers, got "
+                                  f"{type(module).__name__} (use torch's styles for plain layers)")
+    if module.extra_adapters:
+        raise NotImplementedError("tensor parallelism of layers with several adapters (mixed batches) is not "
+                                  "supported")
+    if module.fan_in_fan_out:
+        raise NotImplementedError("tensor parallelism of Conv1D-style (in, out) weights is not supported")
+
+
+class ColwiseParallel(_TorchColwise):
+    """torch's ``ColwiseParallel`` for LoRA layers (same arguments): W₀, bias, ``lora_B`` sharded by
+    output rows, ``lora_A`` replicated (see the module docstring)."""
+
+    def _partition_lora(self, name, module, mesh):
+        if not isinstance(module, LoRAMixin):
+            return  # lora_A / lora_B submodules: their parameters are placed with the layer's
+        src = getattr(self, "src_data_rank", None)
+        _distribute(module, "weight", mesh, Shard(0), src)
+        _distribute(module, "bias", mesh, Shard(0), src)
+        _distribute(module.lora_B, "weight", mesh, Shard(0), src)
+        _distribute(module.lora_A, "weight", mesh, Replicate(), src)
+        module.__dict__[_TP] = "colwise"
+
+    def _apply(self, module, device_mesh):
+        _check_layer(module)
+        return distribute_module(module, device_mesh, self._partition_lora,
+                                 lambda mod, inputs, mesh: self._prepare_input_fn(
+                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
+                                 lambda mod, outputs, mesh: self._prepare_output_fn(
+                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+
+
+class RowwiseParallel(_TorchRowwise):
+    """torch's ``RowwiseParallel`` for LoRA layers (same arguments): W₀ and ``lora_A`` sharded by
+    input columns, ``lora_B`` and bias replicated (see the module docstring)."""
+
+    def _partition_lora(self, name, module, mesh):
+        if not isinstance(module, LoRAMixin):
+            return
+        src = getattr(self, "src_data_rank", None)
+        _distribute(module, "weight", mesh, Shard(1), src)
+        _distribute(module, "bias", mesh, Replicate(), src)
+        _distribute(module.lora_A, "weight", mesh, Shard(1), src)
+        _distribute(module.lora_B, "weight", mesh, Replicate(), src)
+        module.__dict__[_TP] = "rowwise"
+
+    def _apply(self, module, device_mesh):
+        _check_layer(module)
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(module, device_mesh, self._partition_lora,
+                                 lambda mod, inputs, mesh: self._prepare_input_fn(
+                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
+                                 lambda mod, outputs, mesh: self._prepare_output_fn(
+                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+
+
+# ---- the local computation --------------------------------------------------------------------
+
+class _SumGradient(torch.autograd.Function):
+    """Identity forward; the gradient summed over the mesh's group (all-reduce) in backward."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ZeroWithGradient(torch.autograd.Function):
+    """Zeros in forward, the gradient passed through in backward: the rowwise bias on ranks other
+    than the first, so it is added once but every rank gets its (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.zeros_like(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def is_parallel(layer) -> bool:
+    return layer.__dict__.get(_TP) is not None
+
+
+def tp_forward(layer, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
+    """One tensor-parallel LoRA layer: DTensor x and parameters in, DTensor out (the style's
+    output function then redistributes it); one fused call on the local shards."""
+    from .function import _lora_linear
+
+    mesh = weight.device_mesh
+    group = mesh.get_group()
+    style = layer.__dict__[_TP]
+    x_local = x.to_local()
+    w_local = weight.to_local()
+    seed = None
+    if dropout_p > 0.0 and style == "colwise":  # the replicated x: the same mask on every rank
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x_local.device, dtype=torch.int64)
+        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+    if style == "colwise":
+        # dX is a partial sum per rank: torch's input redistribution adds them up (all-reduce, or
+        # reduce-scatter for a sharded input), as for a plain Linear
+        x_local = x.to_local(grad_placements=[Partial()])
+        a_local = _SumGradient.apply(lora_A.to_local(), group)  # dA: the replicated factor's sum
+        b_local = lora_B.to_local()
+        bias_local = None if bias is None else bias.to_local()
+    else:
+        a_local = lora_A.to_local()
+        b_local = _SumGradient.apply(lora_B.to_local(), group)  # dB: the replicated factor's sum
+        bias_local = None
+        if bias is not None:
+            bias_local = bias.to_local() if mesh.get_local_rank() == 0 else _ZeroWithGradient.apply(bias.to_local())
+    y_local, dispatch = _lora_linear(x_local, w_local, bias_local, a_local, b_local, scaling, dropout_p, backend,
+                                     seed=seed)
+    placement = Shard(-1) if style == "colwise" else Partial()
+    return DTensor.from_local(y_local, mesh, [placement], run_check=False), dispatch
