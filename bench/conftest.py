@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ FULL = dict(shapes="4096x4096,4096x11008,11008x4096", m="1,16,128,1024,8192", ra
 REDUCED = dict(shapes="256x256,256x704,704x256", m="1,16,128", ranks="16", dtype="fp32",
                reps=20, trials=10, table1_dtypes="fp32")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # in the checkout, wherever pytest runs from
 
 
 def pytest_addoption(parser):
@@ -29,11 +33,40 @@ def pytest_addoption(parser):
     g.addoption("--reps", type=int, default=None, help="timed calls per layer measurement")
     g.addoption("--trials", type=int, default=None, help="forward passes per Table 1 cell (the paper: 100)")
     g.addoption("--table1-dtypes", default=None, help="Table 1 dtypes, comma-separated (fp16,fp32)")
-    g.addoption("--results-dir", default="bench/results", help="where the md/json/png go")
+    g.addoption("--results-dir", default=str(RESULTS_DIR), help="where the md/json/png go (default: bench/results/)")
+    g.addoption("--benchmark-table", action="store_true",
+                help="also print pytest-benchmark's own table (its numbers are always in its JSON)")
 
 
 def _csv(text, cast=str):
     return [cast(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def _write_line(config):
+    """A function that writes one line to the terminal now, past pytest's output capture."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def write(line):
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return write
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark made its session
+def pytest_configure(config):
+    """pytest-benchmark's own table goes to its JSON in the results folder, printed only with
+    --benchmark-table: the run ends with the package's summary instead."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or config.getoption("benchmark_table"):
+        return
+    if session.json is None and config.getoption("suite") in ("all", "layer"):  # the suite that feeds it
+        os.makedirs(config.getoption("results_dir"), exist_ok=True)
+        session.json = Path(config.getoption("results_dir")) / "pytest-benchmark.json"
+    session.display = lambda terminalreporter: None
 
 
 def run_info(config) -> RunInfo:
@@ -53,6 +86,7 @@ def run_info(config) -> RunInfo:
             trials=opt("trials"),
             table1_dtypes=[DTYPES[d] for d in _csv(opt("table1_dtypes"))],
             results_dir=config.getoption("results_dir"),
+            write_line=_write_line(config),
         )
     return config._lora_bench_info
 

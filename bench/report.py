@@ -1,4 +1,11 @@
-"""Results of a bench run: collected in RESULTS, printed at the end, written as md, json and png."""
+"""Results of a bench run: collected in RESULTS, summarised at the end, written as md, json and png.
+
+Statistics. Every timing keeps its median and interquartile range (q1..q3) over the samples, and
+its mean ± std (what the LoRA paper reports). A ratio of two timings (× the base layer, or an
+overhead over the merged model) is the ratio of their medians, with the interval q1/q3' .. q3/q1';
+a ratio whose interval includes 1 (no difference) is marked noise ("~"): the spread exceeds the
+difference it shows.
+"""
 from __future__ import annotations
 
 import datetime
@@ -8,7 +15,7 @@ import platform
 import re
 import subprocess
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
@@ -21,6 +28,8 @@ PAPER_TABLE1 = {
     "AdapterL": [(1482.0, 1.0), (354.8, 0.5), (23.9, 2.1)],
     "AdapterH": [(1492.2, 1.0), (366.3, 0.5), (25.8, 2.2)],
 }
+MERGED = "Fine-Tune / LoRA (merged)"
+REDUCED_NOTE = "REDUCED CPU RUN: smoke test of the benchmark, not kernel performance"
 
 
 @dataclass
@@ -37,7 +46,62 @@ class RunInfo:
     table1_dtypes: List[torch.dtype]
     results_dir: str
     meta: dict = field(default_factory=dict)
+    write_line: Optional[Callable[[str], None]] = None  # progress lines, past pytest's capture
 
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+class Ratio(NamedTuple):
+    value: float
+    lo: float
+    hi: float
+    noisy: bool  # the interval includes 1: the spread is larger than the difference
+
+    @classmethod
+    def of(cls, num: Optional[dict], den: Optional[dict]) -> Optional["Ratio"]:
+        """num / den from their medians; the interval from their interquartile ranges."""
+        if not num or not den or not den["median"]:
+            return None
+        value = num["median"] / den["median"]
+        lo, hi = num["q1"] / den["q3"], num["q3"] / max(den["q1"], 1e-12)
+        return cls(value, lo, hi, lo <= 1.0 <= hi and num is not den)
+
+    def times(self) -> str:
+        return f"{self.value:.2f}×" + ("~" if self.noisy else "")
+
+    def percent(self) -> str:
+        return f"{100 * (self.value - 1):+.1f}%" + ("~" if self.noisy else "")
+
+
+def best(timings: Optional[dict]) -> Optional[dict]:
+    """The CUDA-graph timing where there is one (GPU time alone), else the eager one."""
+    if not timings:
+        return None
+    return timings.get("graph") or timings.get("eager")
+
+
+def _ms(t: Optional[dict]) -> str:
+    return "—" if not t else f"{t['median']:.4f} [{t['q1']:.4f}, {t['q3']:.4f}]"
+
+
+def _ratio_text(r: Optional[Ratio]) -> str:
+    return "—" if r is None else r.times()
+
+
+def cell_text(row: dict, phase: str) -> str:
+    """One layer measurement as a progress line shows it: median ms (graph if any)."""
+    t = best(row[phase])
+    return f"{t['median']:.4f} ms" if t else "—"
+
+
+def progress(info: RunInfo, suite: str, text: str) -> None:
+    """One line per measured cell, as it finishes (a full GPU run takes many minutes)."""
+    if info.write_line is not None:
+        done = len(RESULTS[suite])
+        info.write_line(f"[{suite} {done}] {text}")
+
+
+# ---- the run's context ---------------------------------------------------------------------------
 
 def _versions(info: RunInfo) -> dict:
     try:
@@ -56,79 +120,10 @@ def _versions(info: RunInfo) -> dict:
     gpu = torch.cuda.get_device_name() if info.device == "cuda" else None
     return {
         "device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "mode": "REDUCED CPU RUN: small sizes, reference path; not kernel performance" if info.reduced else "full",
+        "mode": REDUCED_NOTE if info.reduced else "full",
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
     }
-
-
-def _fmt(v, digits=4):
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _ratio(v, base):
-    return "—" if v is None or not base else f"{v / base:.2f}×"
-
-
-def layer_markdown(rows) -> List[str]:
-    out = ["| in×out | r | M | implementation | fwd eager ms | fwd graph ms | fwd ×base | train eager ms | "
-           "train graph ms | train ×base | train peak MiB |", "|" + "---|" * 11]
-    base = {}
-    for row in rows:
-        if row["impl"] == "base":
-            base[(row["K"], row["N"], row["M"], row["r"])] = row
-    for row in rows:
-        b = base.get((row["K"], row["N"], row["M"], row["r"]), {})
-        fwd_key = "fwd_graph_ms" if row.get("fwd_graph_ms") is not None else "fwd_eager_ms"
-        train_key = "train_graph_ms" if row.get("train_graph_ms") is not None else "train_eager_ms"
-        out.append(
-            f"| {row['K']}×{row['N']} | {row['r']} | {row['M']} | {row['impl']} | {_fmt(row['fwd_eager_ms'])} | "
-            f"{_fmt(row.get('fwd_graph_ms'))} | {_ratio(row.get(fwd_key), b.get(fwd_key))} | "
-            f"{_fmt(row['train_eager_ms'])} | {_fmt(row.get('train_graph_ms'))} | "
-            f"{_ratio(row.get(train_key), b.get(train_key))} | {_fmt(row.get('train_peak_mb'), 1)} |")
-    return out
-
-
-def table1_markdown(rows) -> List[str]:
-    out = []
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sub = [r for r in rows if r["dtype"] == dtype]
-        cols = list(dict.fromkeys((r["batch"], r["seq"]) for r in sub))
-        variants = list(dict.fromkeys(r["variant"] for r in sub))
-        cell = {(r["variant"], r["batch"], r["seq"]): r for r in sub}
-        for timing in ("eager", "graph"):
-            if all(r.get(timing) is None for r in sub):
-                continue
-            out += ["", f"**{dtype}, {timing}** — ms, mean±std over the trials (median); overhead over the merged "
-                    "model, the paper's in brackets", "",
-                    "| variant | " + " | ".join(f"batch {b} / seq {s}" for b, s in cols) + " |",
-                    "|---|" + "---|" * len(cols)]
-            for v in variants:
-                cells = []
-                for col_i, (b, s) in enumerate(cols):
-                    r = cell.get((v, b, s))
-                    if r is None or r.get(timing) is None:
-                        cells.append("—")
-                        continue
-                    t = r[timing]
-                    base = cell.get(("Fine-Tune / LoRA (merged)", b, s), {}).get(timing)
-                    text = f"{t['mean']:.2f}±{t['std']:.2f} ({t['median']:.2f})"
-                    if base and v != "Fine-Tune / LoRA (merged)":
-                        text += f" {100 * (t['mean'] / base['mean'] - 1):+.1f}%"
-                        paper = PAPER_TABLE1.get(v)
-                        if paper and (b, s) in PAPER_TABLE1["columns"] and not r.get("reduced"):
-                            p = paper[PAPER_TABLE1["columns"].index((b, s))][0]
-                            pb = PAPER_TABLE1["Fine-Tune / LoRA (merged)"][PAPER_TABLE1["columns"].index((b, s))][0]
-                            text += f" [{100 * (p / pb - 1):+.1f}%]"
-                    if r["params"]:
-                        text += f" · Θ {_count(r['params'])}"
-                    cells.append(text)
-                out.append(f"| {v} | " + " | ".join(cells) + " |")
-    return out
-
-
-def _count(n):
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
 def _header(meta) -> List[str]:
@@ -137,26 +132,182 @@ def _header(meta) -> List[str]:
             f"- date: {meta['date']}, commit: {meta['commit']}"]
 
 
+def stamp(meta) -> str:
+    """What every image carries: device, versions, date, commit."""
+    return (f"{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · {meta['date']} · "
+            f"commit {meta['commit']}")
+
+
+# ---- the layer suite -----------------------------------------------------------------------------
+
+def _base_rows(rows):
+    return {(r["K"], r["N"], r["M"], r["r"]): r for r in rows if r["impl"] == "base"}
+
+
+def layer_ratios(row: dict, base: dict) -> dict:
+    """{phase: Ratio to the base layer} for "fwd" and "train"."""
+    return {phase: Ratio.of(best(row[phase]), best(base.get(phase))) for phase in ("fwd", "train")}
+
+
+def layer_markdown(rows) -> List[str]:
+    out = ["| in×out | r | M | implementation | fwd ms [IQR] | fwd ×base | train ms [IQR] | train ×base | "
+           "train peak MiB |", "|" + "---|" * 9]
+    bases = _base_rows(rows)
+    for row in rows:
+        ratios = layer_ratios(row, bases.get((row["K"], row["N"], row["M"], row["r"]), {}))
+        peak = row.get("train_peak_mb")
+        out.append(f"| {row['K']}×{row['N']} | {row['r']} | {row['M']} | {row['impl']} | {_ms(best(row['fwd']))} | "
+                   f"{_ratio_text(ratios['fwd'])} | {_ms(best(row['train']))} | {_ratio_text(ratios['train'])} | "
+                   f"{'—' if peak is None else f'{peak:.1f}'} |")
+    return out
+
+
+def layer_summary(rows, width: int = 100) -> List[str]:
+    """× base per implementation and M, "forward/training step", one block per shape and rank."""
+    bases = _base_rows(rows)
+    out = []
+    for K, N, r in dict.fromkeys((row["K"], row["N"], row["r"]) for row in rows):
+        sub = [row for row in rows if (row["K"], row["N"], row["r"]) == (K, N, r)]
+        ms = sorted({row["M"] for row in sub})
+        name_w = min(28, max(len(row["impl"]) for row in sub))
+        out.append(f"{K}×{N}, r={r}: × base layer, forward/training step (~: within noise)")
+        out.append(" " * (name_w + 1) + "".join(f"{'M=' + str(m):>13}" for m in ms))
+        for impl in dict.fromkeys(row["impl"] for row in sub if row["impl"] != "base"):
+            cells = []
+            for m in ms:
+                row = next((x for x in sub if x["impl"] == impl and x["M"] == m), None)
+                ratios = layer_ratios(row, bases.get((K, N, m, r), {})) if row else {}
+                cells.append("/".join(_ratio_text(ratios.get(p)).replace("×", "") for p in ("fwd", "train")))
+            out.append(f"{impl[:name_w]:<{name_w}} " + "".join(f"{c:>13}" for c in cells))
+    return [line[:width] for line in out]
+
+
+# ---- fused dropout and multi-adapter batches ---------------------------------------------------
+
+def features_markdown(rows) -> List[str]:
+    out = ["| case | in×out | M | r | implementation | ms [IQR] | × first row |", "|" + "---|" * 7]
+    first = {}
+    for row in rows:
+        t = row["graph"] or row["eager"]
+        first.setdefault(row["case"], t)
+        out.append(f"| {row['case']} | {row['K']}×{row['N']} | {row['M']} | {row['r']} | {row['impl']} | {_ms(t)} | "
+                   f"{_ratio_text(Ratio.of(t, first[row['case']]))} |")
+    return out
+
+
+def features_summary(rows, width: int = 100) -> List[str]:
+    out, first = [], {}
+    for row in rows:
+        t = row["graph"] or row["eager"]
+        first.setdefault(row["case"], t)
+        out.append(f"{row['case']:<8} {row['impl'][:50]:<50} {t['median']:>10.4f} ms "
+                   f"{_ratio_text(Ratio.of(t, first[row['case']])):>8}")
+    return [line[:width] for line in out]
+
+
+# ---- Table 1 ------------------------------------------------------------------------------------
+
+def _paper_overhead(variant, batch, seq) -> Optional[str]:
+    paper = PAPER_TABLE1.get(variant)
+    if not paper or (batch, seq) not in PAPER_TABLE1["columns"]:
+        return None
+    i = PAPER_TABLE1["columns"].index((batch, seq))
+    return f"{100 * (paper[i][0] / PAPER_TABLE1[MERGED][i][0] - 1):+.1f}%"
+
+
+def table1_overhead(rows, row, timing) -> Optional[Ratio]:
+    merged = next((r for r in rows if r["variant"] == MERGED and (r["dtype"], r["batch"], r["seq"]) ==
+                   (row["dtype"], row["batch"], row["seq"])), None)
+    if merged is None or row is merged:
+        return None
+    return Ratio.of(row.get(timing), merged.get(timing))
+
+
+def table1_markdown(rows) -> List[str]:
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        cols = list(dict.fromkeys((r["batch"], r["seq"]) for r in sub))
+        cell = {(r["variant"], r["batch"], r["seq"]): r for r in sub}
+        for timing in ("eager", "graph"):
+            if all(r.get(timing) is None for r in sub):
+                continue
+            n = next(r[timing]["n"] for r in sub if r.get(timing))
+            out += ["", f"**{dtype}, {timing}**: ms, median [IQR] over {n} trials, then mean±std as the paper; "
+                    "overhead over the merged model from the medians (~: within noise), the paper's in brackets", "",
+                    "| variant | " + " | ".join(f"batch {b} / seq {s}" for b, s in cols) + " |",
+                    "|---|" + "---|" * len(cols)]
+            for v in dict.fromkeys(r["variant"] for r in sub):
+                cells = []
+                for b, s in cols:
+                    r = cell.get((v, b, s))
+                    t = r and r.get(timing)
+                    if not t:
+                        cells.append("—")
+                        continue
+                    text = f"{_ms(t)} · {t['mean']:.2f}±{t['std']:.2f}"
+                    overhead = table1_overhead(sub, r, timing)
+                    if overhead:
+                        text += f" {overhead.percent()}"
+                        paper = _paper_overhead(v, b, s)
+                        if paper and not r.get("reduced"):
+                            text += f" [{paper}]"
+                    if r["params"]:
+                        text += f" · Θ {_count(r['params'])}"
+                    cells.append(text)
+                out.append(f"| {v} | " + " | ".join(cells) + " |")
+    return out
+
+
+def table1_summary(rows, width: int = 100) -> List[str]:
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        timing = "graph" if any(r.get("graph") for r in sub) else "eager"
+        cols = list(dict.fromkeys((r["batch"], r["seq"]) for r in sub))
+        out.append(f"Table 1, {dtype}, {timing}: overhead over the merged model (median; paper's in brackets)")
+        out.append(f"{'':<36}" + "".join(f"{f'b{b}/s{s}':>20}" for b, s in cols))
+        for v in dict.fromkeys(r["variant"] for r in sub):
+            if v == MERGED:
+                cells = [f"{r[timing]['median']:.2f} ms" if r.get(timing) else "—"
+                         for b, s in cols for r in sub if (r["variant"], r["batch"], r["seq"]) == (v, b, s)]
+            else:
+                cells = []
+                for b, s in cols:
+                    r = next((x for x in sub if (x["variant"], x["batch"], x["seq"]) == (v, b, s)), None)
+                    overhead = r and table1_overhead(sub, r, timing)
+                    paper = _paper_overhead(v, b, s) if r and not r.get("reduced") else None
+                    cells.append((overhead.percent() if overhead else "—") + (f" [{paper}]" if paper else ""))
+            out.append(f"{v[:35]:<36}" + "".join(f"{c:>20}" for c in cells))
+    return [line[:width] for line in out]
+
+
+def _count(n):
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
 def report_lines(info: RunInfo) -> List[str]:
     meta = info.meta or _versions(info)
     lines = ["# lora_kernels benchmark", ""] + _header(meta)
+    if info.reduced:
+        lines += ["", f"**{REDUCED_NOTE}.** Small sizes on the CPU; the numbers say the benchmark runs, "
+                  "nothing about the kernels."]
+    lines += ["", "Times: medians with the interquartile range [q1, q3]. Ratios: of medians; `~` marks a "
+              "ratio whose interval (q1/q3′ … q3/q1′) includes 1, i.e. a difference the spread does not "
+              "resolve."]
     if RESULTS["layer"]:
         lines += ["", "## Layer: forward and training step (forward + dX, dA, dB)", "",
-                  "Medians over rotated input sets. `graph` = CUDA-graph replay (GPU time only). ×base = this "
-                  "implementation over the frozen base layer `x @ W₀ᵀ` in the same run (= merged LoRA); the "
+                  "Input sets rotated past L2; graph (CUDA-graph replay, GPU time only) where there is a GPU. "
+                  "×base = over the frozen base layer `x @ W₀ᵀ` in the same run (= merged LoRA); the "
                   "training-step base computes dX only.", ""]
         lines += layer_markdown(RESULTS["layer"])
     if RESULTS["features"]:
         lines += ["", "## Fused dropout and multi-adapter batches", "",
                   "dropout: training step (forward + dX, dA, dB); multi: forward of one batch. "
-                  "× = over the first row of the same case.", "",
-                  "| case | in×out | M | r | implementation | eager ms | graph ms | × |", "|" + "---|" * 8]
-        first = {}
-        for row in RESULTS["features"]:
-            t = row["graph_ms"] if row["graph_ms"] is not None else row["eager_ms"]
-            first.setdefault(row["case"], t)
-            lines.append(f"| {row['case']} | {row['K']}×{row['N']} | {row['M']} | {row['r']} | {row['impl']} | "
-                         f"{_fmt(row['eager_ms'])} | {_fmt(row['graph_ms'])} | {_ratio(t, first[row['case']])} |")
+                  "× = over the first row of the same case.", ""]
+        lines += features_markdown(RESULTS["features"])
     if RESULTS["table1"]:
         lines += ["", "## The LoRA paper's Table 1: GPT-2 medium single forward pass", ""]
         if info.reduced:
@@ -166,9 +317,21 @@ def report_lines(info: RunInfo) -> List[str]:
     return lines
 
 
+def summary_lines(info: RunInfo, width: int = 100) -> List[str]:
+    """The end-of-run summary, one block per suite, at most ``width`` columns."""
+    meta = info.meta or _versions(info)
+    lines = ["", "=" * min(width, 100), f"lora_kernels benchmark: {meta['device']}"[:width],
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, commit {meta['commit']}"[:width]]
+    if info.reduced:
+        lines.append(REDUCED_NOTE[:width])
+    for suite, summary in (("layer", layer_summary), ("features", features_summary), ("table1", table1_summary)):
+        if RESULTS[suite]:
+            lines += [""] + summary(RESULTS[suite], width)
+    return lines
+
+
 def print_report(write_line, info: RunInfo, paths=()):
-    write_line("")
-    for line in report_lines(info):
+    for line in summary_lines(info):
         write_line(line)
     for p in paths:
         write_line(f"wrote {p}")
@@ -191,33 +354,6 @@ def write_report(info: RunInfo) -> List[str]:
         json.dump({"meta": info.meta, **RESULTS}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(report_lines(info)) + "\n")
-    paths = [stem + ".json", stem + ".md"]
-    if RESULTS["layer"] and _plot(info, stem + ".png"):
-        paths.append(stem + ".png")
-    return paths
+    from plots import plot_all
 
-
-def _plot(info: RunInfo, path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = RESULTS["layer"]
-    panels = list(dict.fromkeys((r["K"], r["N"], r["r"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, (K, N, r) in zip(axes[0], panels):
-        sub = [row for row in rows if (row["K"], row["N"], row["r"]) == (K, N, r)]
-        for impl in dict.fromkeys(row["impl"] for row in sub):
-            pts = sorted((row["M"], row.get("fwd_graph_ms") or row["fwd_eager_ms"]) for row in sub if row["impl"] == impl)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="M (rows of x)", title=f"in={K} out={N} r={r}")
-    axes[0][0].set_ylabel("forward ms (" + ("CUDA-graph replay" if info.device == "cuda" else "CPU, eager") + ")")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"lora_kernels forward latency — {info.meta['device']} — {info.meta['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return [stem + ".json", stem + ".md"] + plot_all(RESULTS, info.meta, info.reduced, stem)

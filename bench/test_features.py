@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
-from report import RESULTS
+from report import RESULTS, progress
 from timing import input_sets_needed, time_eager, time_graph
 
 N_ADAPTERS = 8
@@ -84,5 +84,7 @@ def test_features(feature_case, info):
     with torch.set_grad_enabled(case == "dropout"):  # multi: inference
         eager = time_eager(run, len(sets), info.reps, 5, info.device)
         graph = time_graph(run, len(sets), info.reps, info.device)
-    RESULTS["features"].append(dict(case=case, impl=impl, K=K, N=N, M=M, r=r, eager_ms=eager.median_ms,
-                                    graph_ms=graph and graph.median_ms))
+    RESULTS["features"].append(dict(case=case, impl=impl, K=K, N=N, M=M, r=r, eager=eager.as_dict(),
+                                    graph=graph and graph.as_dict()))
+    t = graph or eager
+    progress(info, "features", f"{case} {impl}: {t.median_ms:.4f} ms [{t.q1_ms:.4f}, {t.q3_ms:.4f}]")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
-from report import RESULTS
+from report import RESULTS, cell_text, progress
 from timing import input_sets_needed, peak_memory_mb, time_eager, time_graph
 
 
@@ -106,11 +106,12 @@ def test_layer(case, info, benchmark):
     train = time_eager(train_step, n_sets, info.reps, warmup, device)
     fwd_graph = time_graph(forward, n_sets, info.reps, device)
     train_graph = time_graph(train_step, n_sets, info.reps, device)
-    row.update(fwd_eager_ms=fwd.median_ms, fwd_eager_mean_ms=fwd.mean_ms, fwd_eager_std_ms=fwd.std_ms,
-               train_eager_ms=train.median_ms,
-               fwd_graph_ms=fwd_graph and fwd_graph.median_ms, train_graph_ms=train_graph and train_graph.median_ms,
+    as_dict = lambda t: t and t.as_dict()  # noqa: E731
+    row.update(fwd=dict(eager=fwd.as_dict(), graph=as_dict(fwd_graph)),
+               train=dict(eager=train.as_dict(), graph=as_dict(train_graph)),
                train_peak_mb=peak_memory_mb(lambda: train_step(0), device))
     RESULTS["layer"].append(row)
+    progress(info, "layer", f"{K}x{N} r={r} M={M} {impl}: {cell_text(row, 'fwd')} fwd, {cell_text(row, 'train')} train")
     benchmark.extra_info.update(row)
 
     def synced_forward():  # what pytest-benchmark times: one eager forward, host-synchronised

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2 import MEDIUM_CONFIG, REDUCED_CONFIG, GPT2, adapter_params, add_lora_q_v
-from report import RESULTS
+from report import RESULTS, progress
 from timing import time_eager, time_graph
 
 # (batch, sequence, AdapterL bottleneck, AdapterH bottleneck): |Θ| 0.5M, 11M, 11M as in TABLE1.md
@@ -65,10 +65,11 @@ def test_table1(cell, info):
     warmup = 10 if info.device == "cuda" else 2
     eager = time_eager(forward, 1, info.trials, warmup, info.device)
     graph = time_graph(forward, 1, info.trials, info.device)
-    as_dict = lambda t: t and dict(mean=t.mean_ms, std=t.std_ms, median=t.median_ms, n=t.n)  # noqa: E731
     RESULTS["table1"].append(dict(dtype=str(dtype).replace("torch.", ""), variant=variant, batch=batch, seq=seq,
-                                  params=adapter_params(model), eager=as_dict(eager), graph=as_dict(graph),
-                                  reduced=info.reduced))
+                                  params=adapter_params(model), eager=eager.as_dict(),
+                                  graph=graph and graph.as_dict(), reduced=info.reduced))
+    t = graph or eager
+    progress(info, "table1", f"{str(dtype).replace('torch.', '')} b{batch}/s{seq} {variant}: {t.median_ms:.3f} ms")
     del model
     if info.device == "cuda":
         torch.cuda.empty_cache()

@@ -18,15 +18,24 @@ import torch
 
 @dataclass
 class Timing:
+    """A measurement's samples summarised: the median and its spread (the interquartile range,
+    q1..q3), mean ± std (what the LoRA paper reports), and how many samples."""
     median_ms: float
+    q1_ms: float
+    q3_ms: float
     mean_ms: float
     std_ms: float
     n: int
 
     @classmethod
     def of(cls, samples_ms):
-        return cls(statistics.median(samples_ms), statistics.fmean(samples_ms),
+        q1, _, q3 = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else (samples_ms[0],) * 3
+        return cls(statistics.median(samples_ms), q1, q3, statistics.fmean(samples_ms),
                    statistics.stdev(samples_ms) if len(samples_ms) > 1 else 0.0, len(samples_ms))
+
+    def as_dict(self) -> dict:
+        return dict(median=self.median_ms, q1=self.q1_ms, q3=self.q3_ms, mean=self.mean_ms, std=self.std_ms,
+                    n=self.n)
 
 
 def l2_bytes(device) -> int:
