@@ -26,7 +26,7 @@ else
 DEPS   :=
 endif
 
-.PHONY: test test-triton36 test-peft bench install clean
+.PHONY: test test-triton36 test-peft test-package test-oldest bench install clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
@@ -35,8 +35,14 @@ $(VENV)/.deps-installed: Makefile
 		pytest hypothesis pytest-benchmark matplotlib $(PEFT_SPEC) safetensors
 	touch $@
 
-install: $(DEPS)
+# The editable install compiles csrc/ (minutes): redone only when the build's inputs change, so the
+# targets below that need the package do not each compile it again.
+INSTALLED := build/.installed-$(subst /,_,$(PYTHON))
+$(INSTALLED): $(DEPS) setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
+
+install: $(INSTALLED)
 
 test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
@@ -59,8 +65,38 @@ test-peft: install
 	$(PYTHON) -m pip install -q $(PEFT_SUITE_DEPS)
 	$(PYTHON) scripts/peft_suite.py
 
+# The package as users install it: `python -m build` (sdist, then a wheel built from it), the sdist's
+# contents checked, then the sdist installed into a fresh virtual environment with torch, which
+# compiles the extension (for one arch, to keep CI short), and a smoke test run from outside the
+# checkout.
+PKG_VENV ?= .venv-package
+test-package: install
+	rm -rf dist $(PKG_VENV)
+	$(PYTHON) -m pip install -q build
+	$(PYTHON) -m build
+	$(PYTHON) scripts/check_sdist.py dist/lora_kernels-*.tar.gz
+	python3 -m venv $(PKG_VENV)
+	$(PKG_VENV)/bin/pip install -q "$(TORCH_SPEC)" numpy ninja setuptools wheel
+	TORCH_CUDA_ARCH_LIST=9.0a $(PKG_VENV)/bin/pip install -q --no-build-isolation dist/lora_kernels-*.tar.gz
+	cd $(PKG_VENV) && EXPECT_CUDA_EXTENSION=1 bin/python $(CURDIR)/scripts/smoke_test.py
+
+# The oldest versions setup.py claims: Python 3.10, torch 2.11 (a CUDA build from the registry; it
+# runs on CPU), triton 3.6, transformers 5.17, peft 0.21.2; the package installed without the
+# extension and the CPU suite run against it. Left out: the CUDA emulation, the sm_90 compiles and
+# the ptxas report, which do not depend on these versions and run in `make test`.
+OLDEST_PYTHON ?= python3.10
+OLDEST_VENV   ?= .venv-oldest
+OLDEST_SPEC   ?= torch==2.11.0 triton==3.6.0 "numpy<2.3" "setuptools<82" wheel peft==0.21.2 transformers==5.17.0 \
+	accelerate safetensors pytest hypothesis
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_SPEC)
+	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(OLDEST_VENV)/bin/pip install -q --no-build-isolation --no-deps --force-reinstall .
+	cd tests && LORA_KERNELS_SKIP_CUDA_BUILD=1 $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		--ignore=test_cuda_emulation.py --ignore=triton/test_gpu_compile.py --ignore=test_ptxas_report.py $(PYTEST_ARGS)
+
 bench: install
 	$(PYTHON) -m pytest bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info lora_kernels/_C*.so .pytest_cache $(T36) .peft-suite
+	rm -rf build dist *.egg-info lora_kernels/_C*.so .pytest_cache $(T36) .peft-suite $(PKG_VENV) $(OLDEST_VENV)

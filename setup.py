@@ -1,16 +1,29 @@
 """Builds lora_kernels, with the CUDA extension lora_kernels._C when a CUDA torch and nvcc exist.
 
-Environment switches:
-  LORA_KERNELS_SKIP_CUDA_BUILD=1   install the pure-Python package (Triton and reference backends)
-  TORCH_CUDA_ARCH_LIST             target GPUs (default "8.0;9.0a": A100 and H100/H200). The wgmma
-                                   kernel (csrc/lora_wgmma.cu) is built when the list has 9.0a and
-                                   not plain 9.0 (which H100s would then run instead).
-  MAX_JOBS                         parallel compile jobs for ninja
-Install with ``pip install --no-build-isolation .`` so the build sees the torch you run with.
+Install with ``pip install --no-build-isolation .`` so the build sees the torch you run with. The
+build-time switches (LORA_KERNELS_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME) are
+listed with every other switch in lora_kernels/_env.py and the README.
 """
+import importlib.util
 import os
+import re
 
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(path, name):
+    """A module of the package loaded by path: setup.py runs before the package (or torch) imports."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+env = _load("lora_kernels/_env.py", "lora_kernels_env")
+VERSION = re.search(r'^__version__ = "([^"]+)"', open(os.path.join(HERE, "lora_kernels", "__init__.py")).read(),
+                    re.M).group(1)
 
 
 def has_sm90a(arch_list):
@@ -22,7 +35,7 @@ def has_sm90a(arch_list):
 
 def cuda_extension():
     """(ext_modules, cmdclass, why-not) for the CUDA extension."""
-    if os.environ.get("LORA_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
+    if env.enabled("LORA_KERNELS_SKIP_CUDA_BUILD"):
         return [], {}, "LORA_KERNELS_SKIP_CUDA_BUILD=1"
     try:
         import torch
@@ -33,9 +46,9 @@ def cuda_extension():
         return [], {}, f"torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None:
         return [], {}, "nvcc was not found (set CUDA_HOME)"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    arch_list = env.with_default("TORCH_CUDA_ARCH_LIST")  # torch's build reads it from the environment
     nvcc_flags = ["-O3", "-lineinfo"]  # torch picks the C++ standard
-    if has_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"]):
+    if has_sm90a(arch_list):
         nvcc_flags.append("-DLORA_KERNELS_HAS_SM90A")
     ext = CUDAExtension(
         name="lora_kernels._C",
@@ -52,14 +65,36 @@ if skipped:
 
 setup(
     name="lora_kernels",
-    version="0.1.0",
+    version=VERSION,
     description="Fused LoRA forward and backward kernels (Triton and CUDA) with a drop-in nn.Linear replacement",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "hypothesis"], "bench": ["pytest-benchmark"]},
+    # The range CI tests: Python 3.10 with torch 2.11 (the oldest; `make test-oldest`), Python 3.11
+    # with torch 2.14.1 (`make test`); the GPU machines run Python 3.12 with torch 2.11 and triton 3.6.
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "peft": ["peft>=0.21.2", "transformers>=5.17", "safetensors"],
+        "test": ["pytest", "hypothesis", "numpy"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,12 +6,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "lora_gemm.h"
+#include "switches.h"
 
 namespace {
 
@@ -91,11 +90,8 @@ RowAdapters row_adapters(const std::optional<at::Tensor>& ids, const std::option
 }
 
 // May y's kernel overlap the xa kernel before it (programmatic dependent launch, where the GPU has
-// it)? Yes unless LORA_KERNELS_PDL=0, read per call so a benchmark can compare both in one process.
-bool overlap_allowed() {
-  const char* env = std::getenv("LORA_KERNELS_PDL");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+// it)? Yes unless LORA_KERNELS_PDL=0 (csrc/switches.h).
+bool overlap_allowed() { return lora_kernels::switches::pdl_allowed(); }
 
 // LoRA dropout (forward and backward below): the seed the kernels draw the mask from, checked; null when p = 0.
 const int64_t* dropout_seed(double dropout_p, const std::optional<at::Tensor>& seed, const at::Tensor& like,

@@ -6,11 +6,10 @@
 // into a second accumulator, and the epilogue writes keep·(alpha·acc + alpha2·acc2) + bias once. Correct
 // for any strides and size (64-bit indexing); templated on the element type, launched for float32
 // only (float16/bfloat16 products run on the tensor cores).
-#include <cstdlib>
-#include <cstring>
 
 #include "device.cuh"
 #include "lora_gemm.h"
+#include "switches.h"
 
 namespace lora_kernels {
 namespace simt {
@@ -149,10 +148,7 @@ constexpr int64_t kDecodeMaxRows = 32;
 bool wgmma_supported() { return dev::supports_wgmma(); }
 
 namespace {
-bool wgmma_requested() {
-  const char* env = std::getenv("LORA_KERNELS_WGMMA");
-  return env != nullptr && std::strcmp(env, "1") == 0 && wgmma_supported();
-}
+bool wgmma_requested() { return switches::wgmma_requested() && wgmma_supported(); }
 }  // namespace
 
 // Rows up to which the decode kernel keeps x·W₀ᵀ even when wgmma is asked for: its arrangement

@@ -30,9 +30,8 @@
 // Layouts. Every tile is stored with the 128-byte swizzle that wgmma's matrix descriptors read
 // (device.cuh, sw128_descriptor) and TMA writes: K-major operands as rows of 64 k; MN-major ones (W₀
 // in dY·W₀) as 64-wide column blocks of BK rows, read with wgmma's transpose bit.
-#include <cstdlib>
-#include <cstring>
 
+#include "switches.h"
 #include "tensor_core.cuh"
 
 namespace lora_kernels {
@@ -384,9 +383,8 @@ bool map_of(const View& v, bool k_major, int tile_i, bool bf16, CUtensorMap* map
 // is not, cp.async runs.
 enum class Loads { kProducer, kTma, kCpAsync };
 Loads loads_asked() {
-  const char* env = std::getenv("LORA_KERNELS_WGMMA_LOADS");
-  if (env != nullptr && std::strcmp(env, "tma") == 0) return Loads::kTma;
-  if (env != nullptr && std::strcmp(env, "cp.async") == 0) return Loads::kCpAsync;
+  if (switches::wgmma_loads_are("tma")) return Loads::kTma;
+  if (switches::wgmma_loads_are("cp.async")) return Loads::kCpAsync;
   return Loads::kProducer;
 }
 

@@ -1,7 +1,6 @@
 """What the Triton forward and backward share: interpreter detection, dtype flags, block sizes."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -9,15 +8,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _env
+
 # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors with numpy; it computes bf16
 # tl.dot and bf16 arithmetic wrongly, so kernels upcast dot operands to fp32 only when interpreting.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETING = _env.enabled("TRITON_INTERPRET")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # LORA_KERNELS_AUTOTUNE=1: time the table's tile config against a few neighbours on first use of
 # each shape key and keep the fastest (see tuned()). Off by default: a launch then costs no search.
-AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE") == "1"
+AUTOTUNE = _env.enabled("LORA_KERNELS_AUTOTUNE")
 _TUNED = {}
 
 
