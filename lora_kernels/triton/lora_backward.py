@@ -48,7 +48,8 @@ def _lora_dx_kernel(
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br       # (BN, BR) of B
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
+    # At least one trip (never launched with N = 0): see the forward kernel's K loop (C7515).
+    for n in range(0, tl.maximum(tl.cdiv(N, BLOCK_N), 1)):
         n_left = N - n * BLOCK_N
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & (offs_n[None, :] < n_left), other=0.0)
         w = tl.load(w_ptrs, mask=(offs_n[:, None] < n_left) & mask_k[None, :], other=0.0)
@@ -96,7 +97,10 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
     offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_c, mask_d = offs_c < C, offs_d < D
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
-    for m in range(m_start, m_end, BLOCK_M):
+    # At least one trip (every split has rows): a loop that may run zero times makes the compiler
+    # zero the accumulator on that path between the wgmmas and their wait, and ptxas then
+    # serializes them (C7515).
+    for _ in range(0, tl.maximum(tl.cdiv(m_end - m_start, BLOCK_M), 1)):
         mask_m = offs_m < m_end
         lhs_t = tl.load(lhs_ptr + offs_c[:, None] * stride_lc + offs_m[None, :] * stride_lm,
                         mask=mask_c[:, None] & mask_m[None, :], other=0.0)               # (BC, BM)

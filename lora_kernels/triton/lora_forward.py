@@ -50,7 +50,10 @@ def _lora_forward_kernel(
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    # At least one trip (the wrapper never launches with K = 0): a loop that may run zero times makes
+    # the compiler zero the accumulators on that path between the wgmmas and their wait, and ptxas
+    # then serializes them (C7515; tests/triton/gpu_compile.py checks every launch).
+    for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
@@ -106,7 +109,7 @@ def _dropout_xa_kernel(
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):  # at least one trip, as above
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)

@@ -5,13 +5,17 @@ compiler enforces (tl.dot shapes, types, shared-memory limits). This script runs
 wrappers on ``meta`` tensors with the kernel launches intercepted, so the exact arguments,
 constexprs, block sizes, warps and stages a GPU run would use are compiled with
 ``triton.compile(..., target=GPUTarget("cuda", arch, 32))`` down to a cubin, and prints each
-kernel's registers, spills and shared memory as read by cuobjdump.
+kernel's registers, spills and shared memory as read by cuobjdump. ptxas's own log is read too:
+a launch fails if ptxas serializes its wgmmas (sm_90 warnings C7515, C7511, C7518: every wgmma then
+waits for the previous one, which costs the Hopper tensor cores most of their speed).
 
     python tests/triton/gpu_compile.py --arch 90 --arch 80      (must run WITHOUT TRITON_INTERPRET)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -86,6 +90,27 @@ def resource_usage(cubin: bytes) -> dict:
     return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
 
 
+# ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
+SERIALIZED_WGMMA = re.compile(r"\((C75(?:11|15|18))\)[^\n]*wgmma[^\n]*serialized[^\n]*")
+
+
+def compile_with_ptxas_log(fn, sig, consts, attrs, arch, options):
+    """triton.compile for ``arch``, returning the kernel and what ptxas printed (Triton prints it
+    when dump_ptxas_log is on). For sm_90 never from Triton's cache: a cached kernel has no log,
+    and only wgmma (sm_90) can be serialized."""
+    knobs = triton.knobs
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = arch >= 90, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                                    options=options)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    return kernel, log.getvalue()
+
+
 def recorded_launches(quick):
     """Run forward and backward for a grid of problems on meta tensors; return unique launches."""
     launches = []
@@ -136,9 +161,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90; repeatable")
     parser.add_argument("--quick", action="store_true", help="fewer problem sizes (what CI compiles)")
+    parser.add_argument("--kernel", action="append", help="only launches of this kernel; repeatable")
     args = parser.parse_args()
     failures = 0
-    launches = recorded_launches(args.quick)
+    launches = [launch for launch in recorded_launches(args.quick)
+                if not args.kernel or launch[0].__name__ in args.kernel]
     for arch in args.arch or [90]:
         for fn, sig, consts, attrs, options in launches:
             blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI"))
@@ -148,7 +175,12 @@ def main():
             label = (f"sm_{arch} {fn.__name__:<18} {dtype:<9} w{options.get('num_warps')} "
                      f"s{options.get('num_stages')} {blocks}")
             try:
-                kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+                kernel, ptxas_log = compile_with_ptxas_log(fn, sig, consts, attrs, arch, options)
+                if arch >= 90 and "Compiling entry function" not in ptxas_log:
+                    raise RuntimeError("no ptxas log was captured, so serialization could not be checked")
+                serialized = SERIALIZED_WGMMA.search(ptxas_log)
+                if serialized:
+                    raise RuntimeError(f"ptxas serializes the wgmmas: {serialized[0].strip()[:200]}")
                 if kernel.metadata.shared > MAX_SHARED.get(arch, 1 << 30):
                     raise RuntimeError(f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}")
                 use = resource_usage(kernel.asm["cubin"])
