@@ -232,8 +232,22 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+# Shapes that exist for a 16-bit arrangement (tensor-core decode at N ≥ 256, dX split along N): in
+# fp32 they run the warp-per-row decode and the SIMT kernel, as the shapes above do, and cost most of
+# the emulation's time (2–3 min each under the emulator's OS threads on a 2-core machine), so they run
+# in 16-bit only.
+SIXTEEN_BIT_ONLY = {(8, 64, 264, 8), (8, 64, 128, 128), (2, 520, 270, 4), (19, 136, 300, 8), (32, 264, 257, 16),
+                    (24, 1040, 264, 8)}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def shape_dtype_cases(shapes):
+    """(shape, dtype) for every dtype, fp32 left out for the SIXTEEN_BIT_ONLY shapes."""
+    return [pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{dtype}") for shape in shapes
+            for dtype in DTYPES if not (dtype == torch.float32 and shape in SIXTEEN_BIT_ONLY)]
+
+
+@pytest.mark.parametrize("shape, dtype", shape_dtype_cases(SHAPES))
 def test_emulated_kernels_match_float64(lib, shape, dtype):
     torch.manual_seed(hash((shape, str(dtype))) % 2**31)
     gemm = Gemm(lib)
@@ -455,9 +469,8 @@ def test_emulated_dropout_draws_the_reference_mask(lib, seed, M, K, p):
     assert torch.equal(out != 0, keep & (xt != 0))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape, dtype",
+                         shape_dtype_cases([(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)]))
 def test_emulated_dropout_forward_backward_match_float64(lib, shape, dtype):
     """bindings.cpp's forward and backward with dropout_p > 0, launch by launch (run_forward_backward),
     against float64 with reference.dropout_keep's mask."""
