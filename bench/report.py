@@ -19,7 +19,7 @@ from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
-RESULTS = {"layer": [], "table1": [], "features": []}
+RESULTS = {"layer": [], "table1": [], "features": [], "host": []}
 
 # The paper's Table 1 (Quadro RTX8000, fp32 is not stated; ms, mean±std over 100 trials).
 PAPER_TABLE1 = {
@@ -207,6 +207,35 @@ def features_summary(rows, width: int = 100) -> List[str]:
 
 # ---- Table 1 ------------------------------------------------------------------------------------
 
+def _host_table(rows):
+    """{stage: {M: µs timing}} in the order the stages were measured, and the Ms."""
+    table, ms = {}, []
+    for row in rows:
+        table.setdefault(row["stage"], {})[row["M"]] = row["us"]
+        if row["M"] not in ms:
+            ms.append(row["M"])
+    return table, ms
+
+
+def host_markdown(rows) -> List[str]:
+    table, ms = _host_table(rows)
+    lines = ["| stage | " + " | ".join(f"M={m} µs [q1, q3]" for m in ms) + " |",
+             "|---|" + "---:|" * len(ms)]
+    for stage, by_m in table.items():
+        cells = [f"{by_m[m]['median']:.1f} [{by_m[m]['q1']:.1f}, {by_m[m]['q3']:.1f}]" if m in by_m else "" for m in ms]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def host_summary(rows, width: int = 100) -> List[str]:
+    table, ms = _host_table(rows)
+    lines = ["host µs per call (launches stubbed, meta tensors)".ljust(30) + "".join(f"M={m:<7}" for m in ms)]
+    for stage, by_m in table.items():
+        lines.append((f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:<9.1f}" if m in by_m else " " * 9
+                                                      for m in ms))[:width])
+    return lines
+
+
 def _paper_overhead(variant, batch, seq) -> Optional[str]:
     paper = PAPER_TABLE1.get(variant)
     if not paper or (batch, seq) not in PAPER_TABLE1["columns"]:
@@ -308,6 +337,12 @@ def report_lines(info: RunInfo) -> List[str]:
                   "dropout: training step (forward + dX, dA, dB); multi: forward of one batch. "
                   "× = over the first row of the same case.", ""]
         lines += features_markdown(RESULTS["features"])
+    if RESULTS["host"]:
+        lines += ["", "## Host time per eager call, by stage", "",
+                  "Every kernel launch stubbed, on meta tensors (bench/test_host.py): the Python and "
+                  "framework time of a call before any launch; the launches' own host time is not in it. "
+                  "Medians over samples of 200 calls.", ""]
+        lines += host_markdown(RESULTS["host"])
     if RESULTS["table1"]:
         lines += ["", "## The LoRA paper's Table 1: GPT-2 medium single forward pass", ""]
         if info.reduced:
@@ -324,7 +359,8 @@ def summary_lines(info: RunInfo, width: int = 100) -> List[str]:
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, commit {meta['commit']}"[:width]]
     if info.reduced:
         lines.append(REDUCED_NOTE[:width])
-    for suite, summary in (("layer", layer_summary), ("features", features_summary), ("table1", table1_summary)):
+    for suite, summary in (("layer", layer_summary), ("features", features_summary), ("table1", table1_summary),
+                           ("host", host_summary)):
         if RESULTS[suite]:
             lines += [""] + summary(RESULTS[suite], width)
     return lines
@@ -340,7 +376,7 @@ def print_report(write_line, info: RunInfo, paths=()):
 def _slug(info: RunInfo) -> str:
     """File name: the device, and the suite when only one ran (so it does not overwrite a full run)."""
     name = torch.cuda.get_device_name() if info.device == "cuda" else "cpu-reduced"
-    suites = [k for k in ("layer", "table1", "features") if RESULTS[k]]
+    suites = [k for k in ("layer", "table1", "features", "host") if RESULTS[k]]
     if len(suites) == 1:
         name += "-" + suites[0]
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

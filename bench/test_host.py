@@ -1,0 +1,133 @@
+"""Host time per eager call, by stage, with every kernel launch stubbed: what our Python costs.
+
+Eager LoRA (generate() without compilation, evaluation inside training) is host-bound at small M:
+a layer's time there is the time spent on the host before the GPU has work. This suite measures
+each stage of a lora_kernels call with the Triton kernels replaced by no-ops and the Triton
+backend accepting CPU tensors, so the same Python runs as on a GPU host, on any machine.
+
+What it cannot see: the launches themselves (a Triton ``JITFunction`` launch, the driver), which
+need a GPU; there the layer suite's eager column has everything. Nor a baseline layer's host time:
+on a CPU, nn.Linear and PEFT's layer would compute (and on meta tensors torch runs Python meta
+functions, which cost more than the GPU path's dispatch). ``torch.empty`` is given as the floor:
+one torch op's host cost on this machine.
+
+Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16):
+    torch.empty (M, N)      one tensor op, for scale
+    prepare_args            autocast look-up + argument checks (lora_kernels.function.prepare_args)
+    resolve (auto)          the backend decision backend="auto" makes for a CUDA tensor
+    triton wrapper          lora_kernels.triton.forward's host code: dtype flags, tiles, allocation, grid
+    lora_linear             the whole functional call on backend="triton" (the three above + glue)
+    LoRALinear              the module's forward (nn.Module call, explain() record, the functional call)
+    training: lora_linear   forward + backward through the autograd Function (backward kernels stubbed)
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import function
+from report import RESULTS, progress
+from timing import Timing
+
+K = N = 4096
+RANK = 16
+MS = (1, 8, 16, 32)
+CALLS_PER_SAMPLE = 200
+SAMPLES = 25
+
+triton_backend = pytest.importorskip("lora_kernels.triton")
+from lora_kernels.triton import lora_backward, lora_forward  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for a Triton JITFunction: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """The Triton kernels replaced by no-ops, and CPU tensors accepted as if on a GPU."""
+    names = [(lora_forward, "_lora_forward_kernel"), (lora_forward, "_dropout_xa_kernel"),
+             (lora_backward, "_lora_dx_kernel"), (lora_backward, "_lora_dadb_kernel")]
+    saved = [(mod, name, getattr(mod, name)) for mod, name in names]
+    saved_reason = triton_backend.unavailable_reason
+    try:
+        for mod, name, _ in saved:
+            setattr(mod, name, _NoLaunch())
+        triton_backend.unavailable_reason = lambda x: None
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+        triton_backend.unavailable_reason = saved_reason
+
+
+def per_call_us(fn) -> Timing:
+    """Median etc. of SAMPLES samples, each the mean over CALLS_PER_SAMPLE calls, in µs per call
+    (stored in Timing's *_ms fields, which here hold µs)."""
+    for _ in range(CALLS_PER_SAMPLE):
+        fn()
+    samples = []
+    for _ in range(SAMPLES):
+        t0 = time.perf_counter_ns()
+        for _ in range(CALLS_PER_SAMPLE):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / CALLS_PER_SAMPLE / 1e3)
+    return Timing.of(samples)
+
+
+def _auto_on_gpu(x, **kw):
+    """resolve("auto") past its device test: the branch a CUDA tensor takes."""
+    return function._auto(x, by_size=True, inference=kw.get("inference", True), out_features=N, rank=RANK)
+
+
+def stages(M):
+    """{stage: a no-argument callable running it once} for M rows."""
+    like = dict(dtype=torch.bfloat16)
+    x = torch.zeros(M, K, **like)
+    W = torch.zeros(N, K, **like)
+    A = torch.zeros(RANK, K, **like)
+    B = torch.zeros(N, RANK, **like)
+    layer = lora_kernels.LoRALinear(K, N, r=RANK, alpha=32, bias=False, backend="triton", **like)
+    layer.requires_grad_(False)
+    out = {
+        "torch.empty (M, N)": lambda: torch.empty(M, N, **like),
+        "prepare_args": lambda: function.prepare_args(x, W, None, A, B, 2.0, 0.0, "triton"),
+        "resolve (auto)": lambda: _auto_on_gpu(x),
+        "triton wrapper": lambda: triton_backend.forward(x, W, None, A, B, 2.0),
+        "lora_linear": lambda: lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="triton"),
+        "LoRALinear": lambda: layer(x),
+    }
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+    dy = torch.zeros(M, N, **like)
+
+    def training_step():
+        y = lora_kernels.lora_linear(xg, W, None, Ag, Bg, 2.0, backend="triton")
+        torch.autograd.backward(y, dy)
+
+    out["training: lora_linear"] = training_step
+    return out
+
+
+@pytest.mark.parametrize("M", MS)
+def test_host(M, info):
+    with stubbed_launches(), torch.no_grad():
+        inference = {name: fn for name, fn in stages(M).items() if not name.startswith("training")}
+        for name, fn in inference.items():
+            _record(info, name, M, per_call_us(fn))
+    with stubbed_launches():
+        training = {name: fn for name, fn in stages(M).items() if name.startswith("training")}
+        for name, fn in training.items():
+            _record(info, name, M, per_call_us(fn))
+
+
+def _record(info, stage, M, timing):
+    RESULTS["host"].append(dict(stage=stage, M=M, K=K, N=N, r=RANK, us=timing.as_dict()))
+    progress(info, "host", f"M={M:<3} {stage:<28} {timing.median_ms:7.1f} µs [{timing.q1_ms:.1f}, {timing.q3_ms:.1f}]")
