@@ -131,7 +131,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=No
     the same mask on every rank), else drawn from torch's generator. Returns y and what backward
     needs: (x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
     ops = _BACKENDS[backend]
-    x2d = rows(x)
+    x2d = x if x.dim() == 2 else rows(x)
     mask = None
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
     if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
@@ -149,7 +149,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=No
         seed = None
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
-    y = y2d.reshape(*x.shape[:-1], weight.shape[0])
+    y = y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
     return y, (x2d, x_lora, xa, mask, seed, dropout_p if fused_dropout else 0.0)
 
 

@@ -1,6 +1,7 @@
 """What the Triton forward and backward share: interpreter detection, dtype flags, block sizes."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -54,20 +55,26 @@ def tile_config(kernel: str, M: int, R: int, dtype: torch.dtype, dropout: bool =
     """Tile sizes for ``kernel`` ("forward" or "dx") by problem size: a table, so a launch costs no
     search (LORA_KERNELS_AUTOTUNE=1 times neighbours of these once per shape instead, see tuned).
     ``dropout``: the dX kernel redraws the mask of its (BLOCK_M, BLOCK_K) tile, which spilled
-    2.8 KB of registers at BLOCK_K = 256 (sm_90 cubin, triton 3.8, 2026-11-22), so K steps stay ≤ 128 there."""
+    2.8 KB of registers at BLOCK_K = 256 (sm_90 cubin, triton 3.8, 2026-11-22), so K steps stay ≤ 128 there.
+    The dict returned is shared between calls (worked out once per size class): do not modify it."""
+    bucket = 0 if M <= 16 else 1 if M <= 128 else 2
+    return _tile_config(kernel, bucket, rank_block(R), dtype, dropout and kernel == "dx")
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_config(kernel: str, bucket: int, block_r: int, dtype: torch.dtype, dropout_dx: bool) -> dict:
     if INTERPRETING:  # few programs × few K-steps keeps the numpy interpreter fast
         return _tiles(16, 32, 32, 4, 4, 1)
     if dtype == torch.float32:
-        wide_rank = rank_block(R) >= 64  # 8 warps spread the FMA-dot operands over more threads
-        block_n, block_k = _FP32_TILES[kernel][M > 16]
-        block_m = 16 if M <= 16 else 32 if wide_rank else 64
-        return _tiles(block_m, block_n, block_k, 1 if M <= 16 else 8, 8 if wide_rank else 4, 3)
-    bucket = 0 if M <= 16 else 1 if M <= 128 else 2
+        wide_rank = block_r >= 64  # 8 warps spread the FMA-dot operands over more threads
+        block_n, block_k = _FP32_TILES[kernel][bucket > 0]
+        block_m = 16 if bucket == 0 else 32 if wide_rank else 64
+        return _tiles(block_m, block_n, block_k, 1 if bucket == 0 else 8, 8 if wide_rank else 4, 3)
     cfg = dict(_TILES[kernel][bucket])
     steps = _K_STEP_BY_RANK.get((kernel, bucket))
     if steps:
-        cfg["BLOCK_K"] = next(block_k for max_r, block_k in steps if rank_block(R) <= max_r)
-    if dropout and kernel == "dx":
+        cfg["BLOCK_K"] = next(block_k for max_r, block_k in steps if block_r <= max_r)
+    if dropout_dx:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 128)
     return cfg
 
@@ -100,12 +107,14 @@ def _time_ms(fn) -> float:
 
 
 def tuned(key, default: dict, launch) -> dict:
-    """The tile config to launch for shape ``key``: the table's ``default`` or, with autotuning on,
+    """The tile config to launch for shape ``key`` (a tuple, or a function returning it, called only
+    when autotuning, so a plain launch does not build it): the table's ``default`` or, with autotuning on,
     the fastest of it and its :func:`tile_variants`, timed once per key on the call's own inputs
     (``launch(cfg)`` runs the kernel) and remembered for the process. Never tunes during CUDA-graph
     capture; configs that fail to launch (too much shared memory on this GPU) are skipped."""
     if not AUTOTUNE:
         return default
+    key = key() if callable(key) else key
     if key not in _TUNED:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return default
