@@ -26,6 +26,8 @@ SWITCHES = (
     Switch("CUDA_HOME", "build", "/usr/local/cuda (found by torch)", "the CUDA toolkit holding nvcc"),
     Switch("LORA_KERNELS_AUTOTUNE", "run", "0",
            "1: time the tile table's config against its neighbours once per shape and keep the fastest"),
+    Switch("LORA_KERNELS_DIRECT_LAUNCH", "run", "0",
+           "1: later Triton launches of a seen argument class skip the JIT's per-call work (not yet run on a GPU)"),
     Switch("TRITON_INTERPRET", "run", "0",
            "Triton's own: 1 runs the Triton kernels on CPU tensors with numpy (tests); read at import"),
     Switch("LORA_KERNELS_WGMMA", "run", "0",

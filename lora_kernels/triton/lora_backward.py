@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._launch import launch
 from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
@@ -184,9 +185,9 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
 
     def launch_dx(cfg):
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-        _lora_dx_kernel[grid](*args, **dx_flags, **cfg)
+        launch(_lora_dx_kernel, grid, *args, **dx_flags, **cfg)
 
-    key = ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))
+    key = lambda: ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))  # noqa: E731
     cfg = tuned(key, tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"]), launch_dx)
     launch_dx(cfg)
 
@@ -202,7 +203,8 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     else:  # fp32 partial sums per split, added below in a fixed order (deterministic)
         da_out = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
         db_out = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
-    _lora_dadb_kernel[(tiles, splits)](
+    launch(
+        _lora_dadb_kernel, (tiles, splits),
         g, x_lora, dy, xa, da_out, db_out, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
         da_scale if splits == 1 else 1.0, *g.stride(), *x_lora.stride(), *dy.stride(), *xa.stride(),
         DROPOUT=fused_dropout, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._launch import launch
 from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
                       next_power_of_2, rank_block, tile_config, tuned)
 
@@ -168,9 +169,9 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         # rows per program: enough programs for the 132 SMs of an H100 (fp32's FMA dots: smaller tiles)
         wide = x.dtype == torch.float32 or INTERPRETING
         block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
-        _dropout_xa_kernel[(cdiv(M, block_m),)](
-            x, lora_A, xa, seed, M, K, R, scale, dropout_p, *x.stride(), *lora_A.stride(), *xa.stride(),
-            BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=block_r, num_warps=4, num_stages=3, **flags)
+        launch(_dropout_xa_kernel, (cdiv(M, block_m),),
+               x, lora_A, xa, seed, M, K, R, scale, dropout_p, *x.stride(), *lora_A.stride(), *xa.stride(),
+               BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=block_r, num_warps=4, num_stages=3, **flags)
     args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
             adapter_ids if multi else y, adapter_scales if multi else y,
             M, N, K, R, scale, adapter_scales.shape[0] if multi else 0, adapter_rank,
@@ -178,10 +179,10 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi,
                  BLOCK_R=block_r)
 
-    def launch(cfg):
+    def launch_forward(cfg):
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-        _lora_forward_kernel[grid](*args, **flags, **cfg)
+        launch(_lora_forward_kernel, grid, *args, **flags, **cfg)
 
-    key = ("forward", next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))
-    launch(tuned(key, tile_config("forward", M, R, x.dtype), launch))
+    key = lambda: ("forward", next_power_of_2(M), N, K, R, x.dtype, tuple(sorted(flags.items())))  # noqa: E731
+    launch_forward(tuned(key, tile_config("forward", M, R, x.dtype), launch_forward))
     return y, xa

@@ -1,0 +1,147 @@
+"""The direct launch path (lora_kernels/triton/_launch.py, LORA_KERNELS_DIRECT_LAUNCH=1), without a GPU.
+
+Its logic against a stand-in for Triton's JITFunction and CompiledKernel (what launches where,
+which argument changes make a new class); and, on the real kernels, that the wrappers pass every
+parameter the compiled launcher takes (positional first, then only constexprs by name), since
+the launcher is called with all of them in order. On a GPU, scripts/gpu_session.sh launch runs
+the kernel tests with the switch on and times the host path.
+"""
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from lora_kernels.triton import _launch, lora_backward, lora_forward  # noqa: E402
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class FakeKernel:
+    """JITFunction's interface as _launch uses it: arg_names, and kernel[grid](...) returning the
+    compiled kernel."""
+    arg_names = ["x_ptr", "M", "scale", "BLOCK_M", "FLAG"]
+
+    def __init__(self):
+        self.log, self.compiled = [], None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            self.compiled = self.compiled or FakeCompiled(self.log)
+            return self.compiled
+        return run
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    monkeypatch.setattr(_launch, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+
+
+def kinds(kernel):
+    return [entry[0] for entry in kernel.log]
+
+
+def test_a_seen_class_launches_the_compiled_kernel_with_every_parameter_in_order(direct):
+    kernel, x = FakeKernel(), torch.zeros(64)
+    _launch.launch(kernel, (4,), x, 64, 2.0, BLOCK_M=16, FLAG=True, num_warps=4)
+    _launch.launch(kernel, (8,), x, 64, 2.0, BLOCK_M=16, FLAG=True, num_warps=4)
+    assert kinds(kernel) == ["jit", "direct"]
+    assert kernel.log[1] == ("direct", (8,), (x, 64, 2.0, 16, True))  # constexprs appended, options not
+    assert _launch.direct_launches() == 1
+
+
+@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "constexpr", "option"])
+def test_any_change_the_jit_could_specialise_on_takes_the_jit(direct, change):
+    kernel, x = FakeKernel(), torch.zeros(64)
+    _launch.launch(kernel, (1,), x, 64, 2.0, BLOCK_M=16, FLAG=True, num_warps=4)
+    args, consts = [x, 64, 2.0], dict(BLOCK_M=16, FLAG=True, num_warps=4)
+    if change == "int":
+        args[1] = 65
+    elif change == "float":
+        args[2] = 3.0
+    elif change == "dtype":
+        args[0] = x.to(torch.float16)
+    elif change == "alignment":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+        assert args[0].data_ptr() % 16 != 0
+    elif change == "constexpr":
+        consts["FLAG"] = False
+    else:
+        consts["num_warps"] = 8
+    _launch.launch(kernel, (1,), *args, **consts)
+    assert kinds(kernel) == ["jit", "jit"]
+
+
+def test_off_by_default_every_call_takes_the_jit(monkeypatch):
+    monkeypatch.setattr(_launch, "DIRECT_LAUNCH", False)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    for _ in range(3):
+        _launch.launch(kernel, (1,), x, 64, 2.0, BLOCK_M=16, FLAG=True)
+    assert kinds(kernel) == ["jit"] * 3
+
+
+def test_the_cache_is_bounded(direct, monkeypatch):
+    monkeypatch.setattr(_launch, "MAX_CLASSES", 2)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    for m in (1, 2, 3):
+        _launch.launch(kernel, (1,), x, m, 2.0, BLOCK_M=16, FLAG=True)
+    assert _launch.direct_launches() == 1  # started over at the third class
+
+
+@pytest.mark.parametrize("interpret, expected", [("0", "True"), ("1", "False")])
+def test_the_switch_turns_it_on_except_under_the_interpreter(interpret, expected):
+    """The interpreter has no compiled kernels: there the switch is ignored."""
+    env = {**os.environ, "LORA_KERNELS_DIRECT_LAUNCH": "1", "TRITON_INTERPRET": interpret}
+    code = "from lora_kernels.triton import _launch; print(_launch.DIRECT_LAUNCH)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
+
+
+def constexpr_parameters(kernel):
+    """The parameters annotated tl.constexpr (JITFunction and the interpreter's stand-in both keep
+    the Python function as .fn)."""
+    params = inspect.signature(kernel.fn).parameters
+    return {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+
+
+class Recorder:
+    def __init__(self, fn, seen):
+        self.fn, self.seen, self.arg_names = fn, seen, fn.arg_names
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append((self.fn, args, kwargs))
+
+
+def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(monkeypatch):
+    """What the compiled launcher needs: all of arg_names, positional ones first, and everything
+    passed by name a constexpr (or a launch option)."""
+    seen = []
+    for mod, name in ((lora_forward, "_lora_forward_kernel"), (lora_forward, "_dropout_xa_kernel"),
+                      (lora_backward, "_lora_dx_kernel"), (lora_backward, "_lora_dadb_kernel")):
+        monkeypatch.setattr(mod, name, Recorder(getattr(mod, name), seen))
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    M, K, N, R = 40, 64, 48, 8
+    x, w, a, b = (torch.empty(*s, **meta) for s in ((M, K), (N, K), (R, K), (N, R)))
+    seed = torch.empty(1, device="meta", dtype=torch.int64)
+    y, xa = lora_forward.fused_forward(x, w, None, a, b, 2.0, dropout_p=0.1, seed=seed)
+    lora_backward.fused_backward(torch.empty(M, N, **meta), x, w, a, b, xa, 2.0, dropout_p=0.1, seed=seed)
+    assert {fn.__name__ for fn, _, _ in seen} == {"_lora_forward_kernel", "_dropout_xa_kernel", "_lora_dx_kernel",
+                                                  "_lora_dadb_kernel"}
+    for fn, args, kwargs in seen:
+        by_name = fn.arg_names[len(args):]
+        assert set(by_name) <= set(kwargs), (fn.__name__, set(by_name) - set(kwargs))
+        assert set(kwargs) - set(by_name) <= {"num_warps", "num_stages"}, fn.__name__
+        constexprs = constexpr_parameters(fn)
+        assert set(by_name) <= constexprs, (fn.__name__, set(by_name) - constexprs)
+        assert not constexprs & set(fn.arg_names[:len(args)]), fn.__name__
