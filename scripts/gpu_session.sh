@@ -21,6 +21,9 @@
 #     bash scripts/gpu_session.sh wgmma      # quick turnaround on the sm_90a wgmma kernels: their GPU tests
 #                                            # (failures summed up per LORA_KERNELS_WGMMA_LOADS mode) and a
 #                                            # short bench (WGMMA_BENCH_ARGS)
+#     bash scripts/gpu_session.sh launch     # eager overhead (issue 24): the Triton and graph tests with
+#                                            # LORA_KERNELS_DIRECT_LAUNCH=1, host stages, eager layer cells
+#                                            # at M = 1..32 with the switch off and on, generate() tok/s (~7 min)
 # Time boxes and arguments can be changed by environment: TEST_S, TEST_ARGS, LAYER_S, RANKS,
 # REPS, FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS, CUDA_BENCH_S, CUDA_BENCH_ARGS, WGMMA_BENCH_ARGS.
 set -uo pipefail
@@ -86,5 +89,20 @@ case "${1:-test}" in
     box "${CUDA_BENCH_S:-200}" python3 scripts/bench_cuda_kernels.py ${WGMMA_BENCH_ARGS:---shapes 4096x4096 --rows 16,1024,8192} \
       > "$R/wgmma-bench.log" 2>&1
     cut -c1-220 "$R/wgmma-bench.log" | head -40; pack ;;
-  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda|mixed|wgmma"; exit 2 ;;
+  launch)
+    LORA_KERNELS_DIRECT_LAUNCH=1 box "${TEST_S:-150}" python3 -m pytest tests/triton/test_triton_kernels.py \
+      tests/triton/test_launch.py tests/test_function.py tests/test_compile.py tests/test_memory_determinism.py \
+      -q -p no:cacheprovider -rfE --tb=short -k "triton or launch or graph" > "$R/launch-test.log" 2>&1
+    grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/launch-test.log" | cut -c1-200 | head -30; pack
+    bench host 60 --suite host
+    for direct in 0 1; do
+      LORA_KERNELS_DIRECT_LAUNCH=$direct TAIL=30 bench "eager-direct$direct" "${LAYER_S:-90}" --suite layer \
+        --shapes 4096x4096 --ranks 16 --m 1,8,16,32 --reps "${REPS:-50}" \
+        --impls "base,peft,lora_kernels[triton],lora_kernels[cuda],lora_kernels[auto]"
+      LORA_KERNELS_DIRECT_LAUNCH=$direct box 60 python3 scripts/profile_launch.py > "$R/profile-direct$direct.log" 2>&1
+      head -12 "$R/profile-direct$direct.log" | cut -c1-160
+      LORA_KERNELS_DIRECT_LAUNCH=$direct box 90 python3 scripts/eager_generate.py --json "$R/generate-direct$direct.json" \
+        2>&1 | grep -v "^\[transformers\]" | tee "$R/generate-direct$direct.log" | tail -5; pack
+    done ;;
+  *) echo "usage: $0 test|bench|table1|sweep|profile|cuda|mixed|wgmma|launch"; exit 2 ;;
 esac

@@ -47,7 +47,9 @@ def table1_rows():
 def results(monkeypatch, tmp_path):
     results = {"layer": layer_rows(), "table1": table1_rows(), "features": [
         dict(case="dropout", impl="p=0", K=64, N=64, M=16, r=16, eager=timing(1.0, 0.01), graph=None),
-        dict(case="dropout", impl="p=0.1", K=64, N=64, M=16, r=16, eager=timing(1.2, 0.01), graph=None)]}
+        dict(case="dropout", impl="p=0.1", K=64, N=64, M=16, r=16, eager=timing(1.2, 0.01), graph=None)],
+        "host": [dict(stage=stage, M=M, K=64, N=64, r=16, us=timing(us * M, 0.1))
+                 for M in (1, 32) for stage, us in (("prepare_args", 4.0), ("training: lora_linear with a long name", 300.0))]}
     monkeypatch.setattr(report, "RESULTS", results)
     info = RunInfo(device="cpu", reduced=True, shapes=[(64, 64)], ms=[1, 16, 128], ranks=[16], dtype=torch.bfloat16,
                    impls=None, reps=5, trials=5, table1_dtypes=[torch.float16], results_dir=str(tmp_path))
@@ -71,6 +73,7 @@ def test_summary_fits_100_columns(results):
     assert max(len(line) for line in lines) <= 100
     text = "\n".join(lines)
     assert "1.80/1.80" in text and "1.10/1.10" in text and "Table 1, float16" in text
+    assert "prepare_args                  4.0      128.0" in text  # host µs per call at M = 1 and 32
 
 
 def test_images_are_written_with_their_stamp(results):

@@ -115,3 +115,49 @@ def test_cuda_graph_capture_forward_and_training_step(backend):
         eager = step()
         for got, want in zip(static_out, eager):
             assert_close(got, want.double(), torch.float32, "graph replay")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_replay_draws_a_new_dropout_mask(backend):
+    """As nn.Dropout under capture does (torch's generator state advances per replay): each replay of
+    a captured training forward with fused dropout has its own mask, and its outputs are those of
+    one mask, the same in its forward and its backward."""
+    torch.manual_seed(0)
+    M, K, N, r, p, s = 64, 48, 40, 8, 0.5, 2.0
+    x = torch.randn(M, K, device="cuda", requires_grad=True)
+    w = torch.randn(N, K, device="cuda") / K ** 0.5
+    a = (torch.randn(r, K, device="cuda") / K ** 0.5).requires_grad_()
+    b = (torch.randn(N, r, device="cuda") / r ** 0.5).requires_grad_()
+
+    def step():
+        y = lora_kernels.lora_linear(x, w, None, a, b, s, dropout_p=p, backend=backend)
+        return (y, *torch.autograd.grad(y.sum(), [a]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, da = step()
+    outputs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outputs.append((y.clone(), da.clone()))
+    assert not torch.equal(outputs[0][0], outputs[1][0]), "two replays drew the same dropout mask"
+    for y_r, da_r in outputs:
+        # with dY = 1, g = dY·B has the row b.sum(0) everywhere, so dA = s·gᵀ·(x⊙m) has rows
+        # b.sum(0)[j]·v with v = s·Σ_rows (x⊙m); the forward's LoRA term summed over rows is v·Aᵀ·Bᵀ
+        # for the same mask m: forward and backward of one replay used one mask
+        g = b.detach().double().sum(0)
+        j = g.abs().argmax()
+        v = da_r.double()[j] / g[j]
+        # (bf16's bound: the identity of the mask is checked, which a different one breaks by O(1))
+        assert_close(da_r, torch.outer(g, v), torch.bfloat16, "dA's rows, one mask")
+        lora_rows_sum = (y_r.double() - x.detach().double() @ w.double().t()).sum(0)
+        assert_close(lora_rows_sum.float(), v @ a.detach().double().t() @ b.detach().double().t(), torch.bfloat16,
+                     "forward's LoRA term, the backward's mask")
