@@ -26,7 +26,7 @@ else
 DEPS   :=
 endif
 
-.PHONY: test test-triton36 test-peft test-package test-oldest bench install clean
+.PHONY: test test-triton36 test-peft test-package test-oldest bench install lint format clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
@@ -97,6 +97,24 @@ test-oldest:
 	cd tests && LORA_KERNELS_SKIP_CUDA_BUILD=1 $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		--ignore=test_cuda_emulation.py --ignore=triton --ignore=test_ptxas_report.py \
 		--ignore=test_properties.py $(PYTEST_ARGS)
+
+# ruff (lint + format check, pyproject.toml) for the Python, clang-format (.clang-format) for csrc/;
+# `make format` applies both. Pinned, so every machine formats the same way.
+LINT_SPEC ?= ruff==0.17.6 clang-format==19.1.7
+PY_SOURCES := lora_kernels bench tests scripts setup.py
+C_SOURCES  := $(wildcard csrc/*.cu csrc/*.cpp csrc/*.h csrc/*.cuh)
+CLANG_FORMAT = $(PYTHON) -c "import sys, clang_format; sys.argv[0] = 'clang-format'; clang_format.clang_format()"
+lint: $(DEPS)
+	$(PYTHON) -m pip install -q $(LINT_SPEC)
+	$(PYTHON) -m ruff check $(PY_SOURCES)
+	$(PYTHON) -m ruff format --check $(PY_SOURCES)
+	$(CLANG_FORMAT) --dry-run -Werror $(C_SOURCES)
+
+format: $(DEPS)
+	$(PYTHON) -m pip install -q $(LINT_SPEC)
+	$(PYTHON) -m ruff check --fix $(PY_SOURCES)
+	$(PYTHON) -m ruff format $(PY_SOURCES)
+	$(CLANG_FORMAT) -i $(C_SOURCES)
 
 bench: install
 	$(PYTHON) -m pytest bench $(BENCH_ARGS)

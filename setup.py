@@ -4,6 +4,7 @@ Install with ``pip install --no-build-isolation .`` so the build sees the torch 
 build-time switches (LORA_KERNELS_SKIP_CUDA_BUILD, TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME) are
 listed with every other switch in lora_kernels/_env.py and the README.
 """
+
 import importlib.util
 import os
 import re
@@ -22,8 +23,9 @@ def _load(path, name):
 
 
 env = _load("lora_kernels/_env.py", "lora_kernels_env")
-VERSION = re.search(r'^__version__ = "([^"]+)"', open(os.path.join(HERE, "lora_kernels", "__init__.py")).read(),
-                    re.M).group(1)
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', open(os.path.join(HERE, "lora_kernels", "__init__.py")).read(), re.M
+).group(1)
 
 
 def has_sm90a(arch_list):
@@ -52,8 +54,14 @@ def cuda_extension():
         nvcc_flags.append("-DLORA_KERNELS_HAS_SM90A")
     ext = CUDAExtension(
         name="lora_kernels._C",
-        sources=["csrc/bindings.cpp", "csrc/lora_gemm.cu", "csrc/lora_tensor_core.cu", "csrc/lora_wgmma.cu",
-                 "csrc/lora_decode.cu", "csrc/lora_dropout.cu"],
+        sources=[
+            "csrc/bindings.cpp",
+            "csrc/lora_gemm.cu",
+            "csrc/lora_tensor_core.cu",
+            "csrc/lora_wgmma.cu",
+            "csrc/lora_decode.cu",
+            "csrc/lora_dropout.cu",
+        ],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}, None

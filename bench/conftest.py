@@ -1,9 +1,10 @@
 """`pytest bench`: options, the run's context (GPU or reduced CPU run), and the report at the end.
 
-    pytest bench                                   # everything, sizes from the issue (reduced on CPU)
-    pytest bench --suite table1 --trials 20        # only the paper's Table 1, fewer trials
-    pytest bench --suite layer --shapes 4096x4096 --m 1,1024 --ranks 16 --impls base,peft-style,lora_kernels[auto]
+pytest bench                                   # everything, sizes from the issue (reduced on CPU)
+pytest bench --suite table1 --trials 20        # only the paper's Table 1, fewer trials
+pytest bench --suite layer --shapes 4096x4096 --m 1,1024 --ranks 16 --impls base,peft-style,lora_kernels[auto]
 """
+
 from __future__ import annotations
 
 import os
@@ -11,20 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from report import RESULTS, RunInfo, print_report, write_report
 
-FULL = dict(shapes="4096x4096,4096x11008,11008x4096", m="1,16,128,1024,8192", ranks="16,64", dtype="bf16",
-            reps=100, trials=100, table1_dtypes="fp16,fp32")
-REDUCED = dict(shapes="256x256,256x704,704x256", m="1,16,128", ranks="16", dtype="fp32",
-               reps=20, trials=10, table1_dtypes="fp32")
+FULL = dict(
+    shapes="4096x4096,4096x11008,11008x4096",
+    m="1,16,128,1024,8192",
+    ranks="16,64",
+    dtype="bf16",
+    reps=100,
+    trials=100,
+    table1_dtypes="fp16,fp32",
+)
+REDUCED = dict(
+    shapes="256x256,256x704,704x256", m="1,16,128", ranks="16", dtype="fp32", reps=20, trials=10, table1_dtypes="fp32"
+)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # in the checkout, wherever pytest runs from
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("lora_kernels bench")
-    g.addoption("--suite", default="all", choices=["all", "layer", "table1", "features", "host"], help="which suites to run")
+    g.addoption(
+        "--suite", default="all", choices=["all", "layer", "table1", "features", "host"], help="which suites to run"
+    )
     g.addoption("--shapes", default=None, help="layer shapes IN x OUT, comma-separated (e.g. 4096x4096,4096x11008)")
     g.addoption("--m", default=None, help="rows of x for the layer suite, comma-separated")
     g.addoption("--ranks", default=None, help="LoRA ranks for the layer suite, comma-separated")
@@ -34,8 +44,11 @@ def pytest_addoption(parser):
     g.addoption("--trials", type=int, default=None, help="forward passes per Table 1 cell (the paper: 100)")
     g.addoption("--table1-dtypes", default=None, help="Table 1 dtypes, comma-separated (fp16,fp32)")
     g.addoption("--results-dir", default=str(RESULTS_DIR), help="where the md/json/png go (default: bench/results/)")
-    g.addoption("--benchmark-table", action="store_true",
-                help="also print pytest-benchmark's own table (its numbers are always in its JSON)")
+    g.addoption(
+        "--benchmark-table",
+        action="store_true",
+        help="also print pytest-benchmark's own table (its numbers are always in its JSON)",
+    )
 
 
 def _csv(text, cast=str):

@@ -7,6 +7,7 @@ PEFT-style unfused code. GPT-2 keeps Wq, Wk, Wv in one c_attn projection, so LoR
 one rank-8 update of c_attn: A = [A_q; A_v] (8, d) and B = [[B_q, 0], [0, 0], [0, B_v]] (3d, 8),
 exactly B_q·A_q·x on the q rows and B_v·A_v·x on the v rows (as loralib's MergedLinear does).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,8 +105,8 @@ def add_lora_q_v(model: GPT2, r=4, alpha=8, fused=True):
         with torch.no_grad():
             nn.init.normal_(lora.lora_B.weight, std=0.02)  # a trained adapter, not the zero init
             lora.lora_B.weight[:d, r:] = 0
-            lora.lora_B.weight[d:2 * d] = 0
-            lora.lora_B.weight[2 * d:, :r] = 0
+            lora.lora_B.weight[d : 2 * d] = 0
+            lora.lora_B.weight[2 * d :, :r] = 0
         block.c_attn = lora if fused else UnfusedLoRA(lora)
     return model
 

@@ -7,6 +7,7 @@
   our overhead over the merged model beside the paper's.
 Every image carries the device, versions, date and commit, and the reduced-run note where it applies.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -29,8 +30,18 @@ def _finish(fig, meta, reduced, title, path) -> str:
     fig.suptitle(title, fontsize=10)
     fig.text(0.5, 0.005, stamp(meta), ha="center", va="bottom", fontsize=7, color="0.35")
     if reduced:
-        fig.text(0.5, 0.5, REDUCED_NOTE, ha="center", va="center", fontsize=13, color="red", alpha=0.35,
-                 rotation=20, transform=fig.transFigure)
+        fig.text(
+            0.5,
+            0.5,
+            REDUCED_NOTE,
+            ha="center",
+            va="center",
+            fontsize=13,
+            color="red",
+            alpha=0.35,
+            rotation=20,
+            transform=fig.transFigure,
+        )
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
@@ -72,8 +83,9 @@ def plot_layer_ratios(rows, meta, reduced, path) -> str:
         axes[0][col].set_ylabel(f"× base layer ({timing})")
         axes[1][col].set_ylabel(f"× base layer ({timing})")
     axes[0][-1].legend(fontsize=7)
-    return _finish(fig, meta, reduced, "lora_kernels: one LoRA layer over the frozen base layer (lower is better)",
-                   path)
+    return _finish(
+        fig, meta, reduced, "lora_kernels: one LoRA layer over the frozen base layer (lower is better)", path
+    )
 
 
 def plot_memory(rows, meta, reduced, path) -> str:
@@ -83,12 +95,20 @@ def plot_memory(rows, meta, reduced, path) -> str:
     for ax, (K, N, r) in zip(axes[0], panels):
         sub = [row for row in rows if (row["K"], row["N"], row["r"]) == (K, N, r)]
         for impl in dict.fromkeys(row["impl"] for row in sub):
-            pts = sorted((row["M"], row["train_peak_mb"]) for row in sub if row["impl"] == impl
-                         and row.get("train_peak_mb") is not None)
+            pts = sorted(
+                (row["M"], row["train_peak_mb"])
+                for row in sub
+                if row["impl"] == impl and row.get("train_peak_mb") is not None
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="M (rows of x)", ylabel="training step peak MiB",
-               title=f"in={K} out={N} r={r}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="M (rows of x)",
+            ylabel="training step peak MiB",
+            title=f"in={K} out={N} r={r}",
+        )
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     return _finish(fig, meta, reduced, "lora_kernels: peak memory of one training step", path)
@@ -106,19 +126,35 @@ def plot_table1(rows, meta, reduced, path) -> str:
             timing = "graph" if any(r.get("graph") for r in sub) else "eager"
             sub = [r for r in sub if r.get(timing)]
             medians = [r[timing]["median"] for r in sub]
-            err = [[r[timing]["median"] - r[timing]["q1"] for r in sub], [r[timing]["q3"] - r[timing]["median"]
-                                                                          for r in sub]]
-            bars = ax.bar(range(len(sub)), medians, yerr=err, capsize=3,
-                          color=["0.6" if r["variant"] == MERGED else f"C{k}" for k, r in enumerate(sub)])
+            err = [
+                [r[timing]["median"] - r[timing]["q1"] for r in sub],
+                [r[timing]["q3"] - r[timing]["median"] for r in sub],
+            ]
+            bars = ax.bar(
+                range(len(sub)),
+                medians,
+                yerr=err,
+                capsize=3,
+                color=["0.6" if r["variant"] == MERGED else f"C{k}" for k, r in enumerate(sub)],
+            )
             for bar, r in zip(bars, sub):
                 overhead = table1_overhead(sub, r, timing)
                 paper = _paper_overhead(r["variant"], b, s) if not r.get("reduced") else None
-                label = (overhead.percent() if isinstance(overhead, Ratio) else "") + (f"\n[paper {paper}]"
-                                                                                       if paper else "")
-                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, r[timing]["q3"]), ha="center",
-                            va="bottom", fontsize=6.5, xytext=(0, 2), textcoords="offset points")
-            ax.set_xticks(range(len(sub)), [r["variant"].replace(": ", ":\n") for r in sub], rotation=35,
-                          ha="right", fontsize=6.5)
+                label = (overhead.percent() if isinstance(overhead, Ratio) else "") + (
+                    f"\n[paper {paper}]" if paper else ""
+                )
+                ax.annotate(
+                    label,
+                    (bar.get_x() + bar.get_width() / 2, r[timing]["q3"]),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6.5,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
+            ax.set_xticks(
+                range(len(sub)), [r["variant"].replace(": ", ":\n") for r in sub], rotation=35, ha="right", fontsize=6.5
+            )
             ax.set_title(f"{dtype}, batch {b} / seq {s} ({timing})", fontsize=9)
             ax.set_ylabel("ms (median, IQR)")
             ax.grid(axis="y", alpha=0.3)

@@ -6,6 +6,7 @@ overhead over the merged model) is the ratio of their medians, with the interval
 a ratio whose interval includes 1 (no difference) is marked noise ("~"): the spread exceeds the
 difference it shows.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -50,6 +51,7 @@ class RunInfo:
 
 
 # ---- statistics ---------------------------------------------------------------------------------
+
 
 class Ratio(NamedTuple):
     value: float
@@ -103,6 +105,7 @@ def progress(info: RunInfo, suite: str, text: str) -> None:
 
 # ---- the run's context ---------------------------------------------------------------------------
 
+
 def _versions(info: RunInfo) -> dict:
     try:
         import triton
@@ -112,8 +115,9 @@ def _versions(info: RunInfo) -> dict:
         triton_version = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         commit = commit + ("-dirty" if dirty else "") if commit else None
     except OSError:
         commit = None
@@ -121,24 +125,32 @@ def _versions(info: RunInfo) -> dict:
     return {
         "device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "mode": REDUCED_NOTE if info.reduced else "full",
-        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
     }
 
 
 def _header(meta) -> List[str]:
-    return [f"- device: {meta['device']}", f"- mode: {meta['mode']}",
-            f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
-            f"- date: {meta['date']}, commit: {meta['commit']}"]
+    return [
+        f"- device: {meta['device']}",
+        f"- mode: {meta['mode']}",
+        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
+        f"- date: {meta['date']}, commit: {meta['commit']}",
+    ]
 
 
 def stamp(meta) -> str:
     """What every image carries: device, versions, date, commit."""
-    return (f"{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · {meta['date']} · "
-            f"commit {meta['commit']}")
+    return (
+        f"{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · {meta['date']} · commit {meta['commit']}"
+    )
 
 
 # ---- the layer suite -----------------------------------------------------------------------------
+
 
 def _base_rows(rows):
     return {(r["K"], r["N"], r["M"], r["r"]): r for r in rows if r["impl"] == "base"}
@@ -150,15 +162,20 @@ def layer_ratios(row: dict, base: dict) -> dict:
 
 
 def layer_markdown(rows) -> List[str]:
-    out = ["| in×out | r | M | implementation | fwd ms [IQR] | fwd ×base | train ms [IQR] | train ×base | "
-           "train peak MiB |", "|" + "---|" * 9]
+    out = [
+        "| in×out | r | M | implementation | fwd ms [IQR] | fwd ×base | train ms [IQR] | train ×base | "
+        "train peak MiB |",
+        "|" + "---|" * 9,
+    ]
     bases = _base_rows(rows)
     for row in rows:
         ratios = layer_ratios(row, bases.get((row["K"], row["N"], row["M"], row["r"]), {}))
         peak = row.get("train_peak_mb")
-        out.append(f"| {row['K']}×{row['N']} | {row['r']} | {row['M']} | {row['impl']} | {_ms(best(row['fwd']))} | "
-                   f"{_ratio_text(ratios['fwd'])} | {_ms(best(row['train']))} | {_ratio_text(ratios['train'])} | "
-                   f"{'—' if peak is None else f'{peak:.1f}'} |")
+        out.append(
+            f"| {row['K']}×{row['N']} | {row['r']} | {row['M']} | {row['impl']} | {_ms(best(row['fwd']))} | "
+            f"{_ratio_text(ratios['fwd'])} | {_ms(best(row['train']))} | {_ratio_text(ratios['train'])} | "
+            f"{'—' if peak is None else f'{peak:.1f}'} |"
+        )
     return out
 
 
@@ -184,14 +201,17 @@ def layer_summary(rows, width: int = 100) -> List[str]:
 
 # ---- fused dropout and multi-adapter batches ---------------------------------------------------
 
+
 def features_markdown(rows) -> List[str]:
     out = ["| case | in×out | M | r | implementation | ms [IQR] | × first row |", "|" + "---|" * 7]
     first = {}
     for row in rows:
         t = row["graph"] or row["eager"]
         first.setdefault(row["case"], t)
-        out.append(f"| {row['case']} | {row['K']}×{row['N']} | {row['M']} | {row['r']} | {row['impl']} | {_ms(t)} | "
-                   f"{_ratio_text(Ratio.of(t, first[row['case']]))} |")
+        out.append(
+            f"| {row['case']} | {row['K']}×{row['N']} | {row['M']} | {row['r']} | {row['impl']} | {_ms(t)} | "
+            f"{_ratio_text(Ratio.of(t, first[row['case']]))} |"
+        )
     return out
 
 
@@ -200,12 +220,15 @@ def features_summary(rows, width: int = 100) -> List[str]:
     for row in rows:
         t = row["graph"] or row["eager"]
         first.setdefault(row["case"], t)
-        out.append(f"{row['case']:<8} {row['impl'][:50]:<50} {t['median']:>10.4f} ms "
-                   f"{_ratio_text(Ratio.of(t, first[row['case']])):>8}")
+        out.append(
+            f"{row['case']:<8} {row['impl'][:50]:<50} {t['median']:>10.4f} ms "
+            f"{_ratio_text(Ratio.of(t, first[row['case']])):>8}"
+        )
     return [line[:width] for line in out]
 
 
 # ---- Table 1 ------------------------------------------------------------------------------------
+
 
 def _host_table(rows):
     """{stage: {M: µs timing}} in the order the stages were measured, and the Ms."""
@@ -219,8 +242,7 @@ def _host_table(rows):
 
 def host_markdown(rows) -> List[str]:
     table, ms = _host_table(rows)
-    lines = ["| stage | " + " | ".join(f"M={m} µs [q1, q3]" for m in ms) + " |",
-             "|---|" + "---:|" * len(ms)]
+    lines = ["| stage | " + " | ".join(f"M={m} µs [q1, q3]" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
     for stage, by_m in table.items():
         cells = [f"{by_m[m]['median']:.1f} [{by_m[m]['q1']:.1f}, {by_m[m]['q3']:.1f}]" if m in by_m else "" for m in ms]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
@@ -231,8 +253,9 @@ def host_summary(rows, width: int = 100) -> List[str]:
     table, ms = _host_table(rows)
     lines = ["host µs per call (launches stubbed, meta tensors)".ljust(30) + "".join(f"M={m:<7}" for m in ms)]
     for stage, by_m in table.items():
-        lines.append((f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:<9.1f}" if m in by_m else " " * 9
-                                                      for m in ms))[:width])
+        lines.append(
+            (f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:<9.1f}" if m in by_m else " " * 9 for m in ms))[:width]
+        )
     return lines
 
 
@@ -245,8 +268,14 @@ def _paper_overhead(variant, batch, seq) -> Optional[str]:
 
 
 def table1_overhead(rows, row, timing) -> Optional[Ratio]:
-    merged = next((r for r in rows if r["variant"] == MERGED and (r["dtype"], r["batch"], r["seq"]) ==
-                   (row["dtype"], row["batch"], row["seq"])), None)
+    merged = next(
+        (
+            r
+            for r in rows
+            if r["variant"] == MERGED and (r["dtype"], r["batch"], r["seq"]) == (row["dtype"], row["batch"], row["seq"])
+        ),
+        None,
+    )
     if merged is None or row is merged:
         return None
     return Ratio.of(row.get(timing), merged.get(timing))
@@ -262,10 +291,14 @@ def table1_markdown(rows) -> List[str]:
             if all(r.get(timing) is None for r in sub):
                 continue
             n = next(r[timing]["n"] for r in sub if r.get(timing))
-            out += ["", f"**{dtype}, {timing}**: ms, median [IQR] over {n} trials, then mean±std as the paper; "
-                    "overhead over the merged model from the medians (~: within noise), the paper's in brackets", "",
-                    "| variant | " + " | ".join(f"batch {b} / seq {s}" for b, s in cols) + " |",
-                    "|---|" + "---|" * len(cols)]
+            out += [
+                "",
+                f"**{dtype}, {timing}**: ms, median [IQR] over {n} trials, then mean±std as the paper; "
+                "overhead over the merged model from the medians (~: within noise), the paper's in brackets",
+                "",
+                "| variant | " + " | ".join(f"batch {b} / seq {s}" for b, s in cols) + " |",
+                "|---|" + "---|" * len(cols),
+            ]
             for v in dict.fromkeys(r["variant"] for r in sub):
                 cells = []
                 for b, s in cols:
@@ -298,8 +331,12 @@ def table1_summary(rows, width: int = 100) -> List[str]:
         out.append(f"{'':<36}" + "".join(f"{f'b{b}/s{s}':>20}" for b, s in cols))
         for v in dict.fromkeys(r["variant"] for r in sub):
             if v == MERGED:
-                cells = [f"{r[timing]['median']:.2f} ms" if r.get(timing) else "—"
-                         for b, s in cols for r in sub if (r["variant"], r["batch"], r["seq"]) == (v, b, s)]
+                cells = [
+                    f"{r[timing]['median']:.2f} ms" if r.get(timing) else "—"
+                    for b, s in cols
+                    for r in sub
+                    if (r["variant"], r["batch"], r["seq"]) == (v, b, s)
+                ]
             else:
                 cells = []
                 for b, s in cols:
@@ -317,37 +354,61 @@ def _count(n):
 
 # ---- the report -----------------------------------------------------------------------------------
 
+
 def report_lines(info: RunInfo) -> List[str]:
     meta = info.meta or _versions(info)
     lines = ["# lora_kernels benchmark", ""] + _header(meta)
     if info.reduced:
-        lines += ["", f"**{REDUCED_NOTE}.** Small sizes on the CPU; the numbers say the benchmark runs, "
-                  "nothing about the kernels."]
-    lines += ["", "Times: medians with the interquartile range [q1, q3]. Ratios: of medians; `~` marks a "
-              "ratio whose interval (q1/q3′ … q3/q1′) includes 1, i.e. a difference the spread does not "
-              "resolve."]
+        lines += [
+            "",
+            f"**{REDUCED_NOTE}.** Small sizes on the CPU; the numbers say the benchmark runs, "
+            "nothing about the kernels.",
+        ]
+    lines += [
+        "",
+        "Times: medians with the interquartile range [q1, q3]. Ratios: of medians; `~` marks a "
+        "ratio whose interval (q1/q3′ … q3/q1′) includes 1, i.e. a difference the spread does not "
+        "resolve.",
+    ]
     if RESULTS["layer"]:
-        lines += ["", "## Layer: forward and training step (forward + dX, dA, dB)", "",
-                  "Input sets rotated past L2; graph (CUDA-graph replay, GPU time only) where there is a GPU. "
-                  "×base = over the frozen base layer `x @ W₀ᵀ` in the same run (= merged LoRA); the "
-                  "training-step base computes dX only.", ""]
+        lines += [
+            "",
+            "## Layer: forward and training step (forward + dX, dA, dB)",
+            "",
+            "Input sets rotated past L2; graph (CUDA-graph replay, GPU time only) where there is a GPU. "
+            "×base = over the frozen base layer `x @ W₀ᵀ` in the same run (= merged LoRA); the "
+            "training-step base computes dX only.",
+            "",
+        ]
         lines += layer_markdown(RESULTS["layer"])
     if RESULTS["features"]:
-        lines += ["", "## Fused dropout and multi-adapter batches", "",
-                  "dropout: training step (forward + dX, dA, dB); multi: forward of one batch. "
-                  "× = over the first row of the same case.", ""]
+        lines += [
+            "",
+            "## Fused dropout and multi-adapter batches",
+            "",
+            "dropout: training step (forward + dX, dA, dB); multi: forward of one batch. "
+            "× = over the first row of the same case.",
+            "",
+        ]
         lines += features_markdown(RESULTS["features"])
     if RESULTS["host"]:
-        lines += ["", "## Host time per eager call, by stage", "",
-                  "Every kernel launch stubbed, on meta tensors (bench/test_host.py): the Python and "
-                  "framework time of a call before any launch; the launches' own host time is not in it. "
-                  "Medians over samples of 200 calls.", ""]
+        lines += [
+            "",
+            "## Host time per eager call, by stage",
+            "",
+            "Every kernel launch stubbed, on meta tensors (bench/test_host.py): the Python and "
+            "framework time of a call before any launch; the launches' own host time is not in it. "
+            "Medians over samples of 200 calls.",
+            "",
+        ]
         lines += host_markdown(RESULTS["host"])
     if RESULTS["table1"]:
         lines += ["", "## The LoRA paper's Table 1: GPT-2 medium single forward pass", ""]
         if info.reduced:
-            lines += ["REDUCED: a small GPT-2 (see bench/gpt2.py REDUCED_CONFIG) at small batch and sequence, "
-                      "so the run ends in minutes on a CPU. Not comparable with the paper."]
+            lines += [
+                "REDUCED: a small GPT-2 (see bench/gpt2.py REDUCED_CONFIG) at small batch and sequence, "
+                "so the run ends in minutes on a CPU. Not comparable with the paper."
+            ]
         lines += table1_markdown(RESULTS["table1"])
     return lines
 
@@ -355,12 +416,20 @@ def report_lines(info: RunInfo) -> List[str]:
 def summary_lines(info: RunInfo, width: int = 100) -> List[str]:
     """The end-of-run summary, one block per suite, at most ``width`` columns."""
     meta = info.meta or _versions(info)
-    lines = ["", "=" * min(width, 100), f"lora_kernels benchmark: {meta['device']}"[:width],
-             f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, commit {meta['commit']}"[:width]]
+    lines = [
+        "",
+        "=" * min(width, 100),
+        f"lora_kernels benchmark: {meta['device']}"[:width],
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}, commit {meta['commit']}"[:width],
+    ]
     if info.reduced:
         lines.append(REDUCED_NOTE[:width])
-    for suite, summary in (("layer", layer_summary), ("features", features_summary), ("table1", table1_summary),
-                           ("host", host_summary)):
+    for suite, summary in (
+        ("layer", layer_summary),
+        ("features", features_summary),
+        ("table1", table1_summary),
+        ("host", host_summary),
+    ):
         if RESULTS[suite]:
             lines += [""] + summary(RESULTS[suite], width)
     return lines

@@ -6,13 +6,14 @@ multi:   forward of one batch whose rows use 8 different adapters (lora_linear_m
          same batch through one adapter, and against PEFT's mixed-batch forward (adapter_names=).
 Shape: the first --shapes entry, rank the first --ranks entry, M the largest --m entry.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lora_kernels
 from report import RESULTS, progress
 from timing import input_sets_needed, time_eager, time_graph
+
+import lora_kernels
 
 N_ADAPTERS = 8
 
@@ -23,10 +24,14 @@ def pytest_generate_tests(metafunc):
 
         info = run_info(metafunc.config)
         ours = "triton" if info.device == "cuda" else "reference"
-        cases = [("dropout", f"lora_kernels[{ours}] p=0"), ("dropout", f"lora_kernels[{ours}] p=0.1"),
-                 ("dropout", "peft-style p=0.1"),
-                 ("multi", f"lora_kernels[{ours}] 1 adapter"), ("multi", f"lora_kernels[{ours}] {N_ADAPTERS} adapters"),
-                 ("multi", f"peft mixed batch, {N_ADAPTERS} adapters")]
+        cases = [
+            ("dropout", f"lora_kernels[{ours}] p=0"),
+            ("dropout", f"lora_kernels[{ours}] p=0.1"),
+            ("dropout", "peft-style p=0.1"),
+            ("multi", f"lora_kernels[{ours}] 1 adapter"),
+            ("multi", f"lora_kernels[{ours}] {N_ADAPTERS} adapters"),
+            ("multi", f"peft mixed batch, {N_ADAPTERS} adapters"),
+        ]
         if info.device == "cuda" and lora_kernels.cuda.extension_loaded():  # the CUDA backend's own kernels
             cases.insert(5, ("multi", f"lora_kernels[cuda] {N_ADAPTERS} adapters"))
             cases.insert(2, ("dropout", "lora_kernels[cuda] p=0.1"))
@@ -35,8 +40,8 @@ def pytest_generate_tests(metafunc):
 
 
 def make_step(case, impl, K, N, M, r, dtype, device):
-    backend = impl[impl.find("[") + 1:impl.find("]")] if impl.startswith("lora_kernels") else None
-    W = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
+    backend = impl[impl.find("[") + 1 : impl.find("]")] if impl.startswith("lora_kernels") else None
+    W = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=case == "dropout")
     if case == "dropout":
         A = torch.randn(r, K, device=device, dtype=dtype, requires_grad=True)
@@ -48,8 +53,8 @@ def make_step(case, impl, K, N, M, r, dtype, device):
         else:
             fwd = lambda: F.linear(x, W) + F.linear(F.linear(F.dropout(x, p), A), B) * 2.0  # noqa: E731
         return lambda: torch.autograd.grad(fwd(), (x, A, B), dy)
-    A = torch.randn(N_ADAPTERS, r, K, device=device, dtype=dtype) / K ** 0.5
-    B = torch.randn(N_ADAPTERS, N, r, device=device, dtype=dtype) / r ** 0.5
+    A = torch.randn(N_ADAPTERS, r, K, device=device, dtype=dtype) / K**0.5
+    B = torch.randn(N_ADAPTERS, N, r, device=device, dtype=dtype) / r**0.5
     ids = torch.arange(M, device=device) % N_ADAPTERS
     scales = [2.0] * N_ADAPTERS
     if impl.endswith("1 adapter"):
@@ -78,13 +83,16 @@ def test_features(feature_case, info):
         pytest.importorskip("peft")
     K, N = info.shapes[0]
     M, r = max(info.ms), info.ranks[0]
-    sets = [make_step(case, impl, K, N, M, r, info.dtype, info.device)
-            for _ in range(input_sets_needed((M * K + N * K + M * N) * info.dtype.itemsize, info.device, cap=4))]
+    sets = [
+        make_step(case, impl, K, N, M, r, info.dtype, info.device)
+        for _ in range(input_sets_needed((M * K + N * K + M * N) * info.dtype.itemsize, info.device, cap=4))
+    ]
     run = lambda i: sets[i]()  # noqa: E731
     with torch.set_grad_enabled(case == "dropout"):  # multi: inference
         eager = time_eager(run, len(sets), info.reps, 5, info.device)
         graph = time_graph(run, len(sets), info.reps, info.device)
-    RESULTS["features"].append(dict(case=case, impl=impl, K=K, N=N, M=M, r=r, eager=eager.as_dict(),
-                                    graph=graph and graph.as_dict()))
+    RESULTS["features"].append(
+        dict(case=case, impl=impl, K=K, N=N, M=M, r=r, eager=eager.as_dict(), graph=graph and graph.as_dict())
+    )
     t = graph or eager
     progress(info, "features", f"{case} {impl}: {t.median_ms:.4f} ms [{t.q1_ms:.4f}, {t.q3_ms:.4f}]")

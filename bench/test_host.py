@@ -20,6 +20,7 @@ Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16
     LoRALinear              the module's forward (nn.Module call, explain() record, the functional call)
     training: lora_linear   forward + backward through the autograd Function (backward kernels stubbed)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,11 +28,11 @@ import time
 
 import pytest
 import torch
+from report import RESULTS, progress
+from timing import Timing
 
 import lora_kernels
 from lora_kernels import function
-from report import RESULTS, progress
-from timing import Timing
 
 K = N = 4096
 RANK = 16
@@ -53,8 +54,12 @@ class _NoLaunch:
 @contextlib.contextmanager
 def stubbed_launches():
     """The Triton kernels replaced by no-ops, and CPU tensors accepted as if on a GPU."""
-    names = [(lora_forward, "_lora_forward_kernel"), (lora_forward, "_dropout_xa_kernel"),
-             (lora_backward, "_lora_dx_kernel"), (lora_backward, "_lora_dadb_kernel")]
+    names = [
+        (lora_forward, "_lora_forward_kernel"),
+        (lora_forward, "_dropout_xa_kernel"),
+        (lora_backward, "_lora_dx_kernel"),
+        (lora_backward, "_lora_dadb_kernel"),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in names]
     saved_reason = triton_backend.unavailable_reason
     try:

@@ -12,15 +12,15 @@ Implementations, all measured in this run on the same inputs:
                   fp32 adapters cost.
 The training step is forward + gradients for x, A, B (base: for x only, W₀ frozen).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-import lora_kernels
 from report import RESULTS, cell_text, progress
 from timing import input_sets_needed, peak_memory_mb, time_eager, time_graph
 
+import lora_kernels
 
 FP32_ADAPTERS = " +fp32 adapters"
 
@@ -36,8 +36,9 @@ def implementations(device, dtype):
     backends = [b for b in lora_kernels.available_backends(device) if b != "reference"] or ["reference"]
     names += [f"lora_kernels[{b}]" for b in backends] + (["lora_kernels[auto]"] if device == "cuda" else [])
     if dtype != torch.float32:  # PEFT's default on a 16-bit base
-        names += [n + FP32_ADAPTERS for n in ("peft", "lora_kernels[auto]" if device == "cuda" else names[-1])
-                  if n in names]
+        names += [
+            n + FP32_ADAPTERS for n in ("peft", "lora_kernels[auto]" if device == "cuda" else names[-1]) if n in names
+        ]
     return names
 
 
@@ -65,14 +66,15 @@ def make_layer_fn(impl, W, A, B, s):
         holder = torch.nn.Module()
         holder.base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
         holder.base.weight = torch.nn.Parameter(W, requires_grad=False)
-        peft.inject_adapter_in_model(peft.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["base"]),
-                                     holder)
+        peft.inject_adapter_in_model(
+            peft.LoraConfig(r=A.shape[0], lora_alpha=s * A.shape[0], target_modules=["base"]), holder
+        )
         # A and B in their own dtype: the run's, or fp32 (PEFT's default on a 16-bit base)
         layer = holder.base
         layer.lora_A["default"].weight = A
         layer.lora_B["default"].weight = B
         return layer, [A, B]
-    backend = impl[len("lora_kernels["):impl.index("]")]
+    backend = impl[len("lora_kernels[") : impl.index("]")]
     return (lambda x: lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)), [A, B]
 
 
@@ -82,10 +84,10 @@ def test_layer(case, info, benchmark):
     n_sets = input_sets_needed((M * K + N * K + M * N + r * (K + N)) * dtype.itemsize, device)
     sets = []
     for _ in range(n_sets):
-        W = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
+        W = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
         adapter_dtype = torch.float32 if impl.endswith(FP32_ADAPTERS) else dtype
-        A = torch.nn.Parameter(torch.randn(r, K, device=device, dtype=adapter_dtype) / K ** 0.5)
-        B = torch.nn.Parameter(torch.randn(N, r, device=device, dtype=adapter_dtype) / r ** 0.5)
+        A = torch.nn.Parameter(torch.randn(r, K, device=device, dtype=adapter_dtype) / K**0.5)
+        B = torch.nn.Parameter(torch.randn(N, r, device=device, dtype=adapter_dtype) / r**0.5)
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(M, N, device=device, dtype=dtype)
         fn, params = make_layer_fn(impl, W, A, B, s)
@@ -107,9 +109,11 @@ def test_layer(case, info, benchmark):
     fwd_graph = time_graph(forward, n_sets, info.reps, device)
     train_graph = time_graph(train_step, n_sets, info.reps, device)
     as_dict = lambda t: t and t.as_dict()  # noqa: E731
-    row.update(fwd=dict(eager=fwd.as_dict(), graph=as_dict(fwd_graph)),
-               train=dict(eager=train.as_dict(), graph=as_dict(train_graph)),
-               train_peak_mb=peak_memory_mb(lambda: train_step(0), device))
+    row.update(
+        fwd=dict(eager=fwd.as_dict(), graph=as_dict(fwd_graph)),
+        train=dict(eager=train.as_dict(), graph=as_dict(train_graph)),
+        train_peak_mb=peak_memory_mb(lambda: train_step(0), device),
+    )
     RESULTS["layer"].append(row)
     progress(info, "layer", f"{K}x{N} r={r} M={M} {impl}: {cell_text(row, 'fwd')} fwd, {cell_text(row, 'train')} train")
     benchmark.extra_info.update(row)

@@ -4,20 +4,26 @@ Per cell: `--trials` forward passes (the paper: 100) after warm-up, each timed w
 (mean ± std like the paper, and the median), plus the same pass replayed from a CUDA graph (GPU
 time without launch overhead). A run without a GPU uses REDUCED_CONFIG and small batches.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from gpt2 import MEDIUM_CONFIG, REDUCED_CONFIG, GPT2, adapter_params, add_lora_q_v
+from gpt2 import GPT2, MEDIUM_CONFIG, REDUCED_CONFIG, adapter_params, add_lora_q_v
 from report import RESULTS, progress
 from timing import time_eager, time_graph
 
 # (batch, sequence, AdapterL bottleneck, AdapterH bottleneck): |Θ| 0.5M, 11M, 11M as in TABLE1.md
 COLUMNS = [(32, 512, 8, 5), (16, 256, 224, 112), (1, 128, 224, 112)]
 REDUCED_COLUMNS = [(4, 64, 1, 1), (2, 32, 28, 14), (1, 16, 28, 14)]
-VARIANTS = ["Fine-Tune / LoRA (merged)", "AdapterL", "AdapterH", "LoRA r=4 Wq,Wv: lora_kernels (auto)",
-            "LoRA r=4 Wq,Wv: PEFT-style (unfused)", "LoRA r=8 c_attn: PEFT's lora.Linear"]
+VARIANTS = [
+    "Fine-Tune / LoRA (merged)",
+    "AdapterL",
+    "AdapterH",
+    "LoRA r=4 Wq,Wv: lora_kernels (auto)",
+    "LoRA r=4 Wq,Wv: PEFT-style (unfused)",
+    "LoRA r=8 c_attn: PEFT's lora.Linear",
+]
 
 
 def pytest_generate_tests(metafunc):
@@ -27,8 +33,10 @@ def pytest_generate_tests(metafunc):
         info = run_info(metafunc.config)
         columns = REDUCED_COLUMNS if info.reduced else COLUMNS
         cells = [(dtype, v, col) for dtype in info.table1_dtypes for col in columns for v in VARIANTS]
-        ids = [f"{str(d).replace('torch.', '')}-{v.split(':')[-1].strip().replace(' ', '_')}-b{c[0]}s{c[1]}"
-               for d, v, c in cells]
+        ids = [
+            f"{str(d).replace('torch.', '')}-{v.split(':')[-1].strip().replace(' ', '_')}-b{c[0]}s{c[1]}"
+            for d, v, c in cells
+        ]
         metafunc.parametrize("cell", cells, ids=ids)
 
 
@@ -65,11 +73,20 @@ def test_table1(cell, info):
     warmup = 10 if info.device == "cuda" else 2
     eager = time_eager(forward, 1, info.trials, warmup, info.device)
     graph = time_graph(forward, 1, info.trials, info.device)
-    RESULTS["table1"].append(dict(dtype=str(dtype).replace("torch.", ""), variant=variant, batch=batch, seq=seq,
-                                  params=adapter_params(model), eager=eager.as_dict(),
-                                  graph=graph and graph.as_dict(), reduced=info.reduced))
+    RESULTS["table1"].append(
+        dict(
+            dtype=str(dtype).replace("torch.", ""),
+            variant=variant,
+            batch=batch,
+            seq=seq,
+            params=adapter_params(model),
+            eager=eager.as_dict(),
+            graph=graph and graph.as_dict(),
+            reduced=info.reduced,
+        )
+    )
     t = graph or eager
     progress(info, "table1", f"{str(dtype).replace('torch.', '')} b{batch}/s{seq} {variant}: {t.median_ms:.3f} ms")
-    del model
+    model = idx = None  # free the model (not del: the closures above refer to it)
     if info.device == "cuda":
         torch.cuda.empty_cache()

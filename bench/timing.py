@@ -6,6 +6,7 @@ call finds its weights still cached from the previous one. The CUDA-graph column
 per input set in a graph and times replays: GPU time with no launch overhead.
 CPU (no GPU): time.perf_counter around each call; there is no graph column.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -20,6 +21,7 @@ import torch
 class Timing:
     """A measurement's samples summarised: the median and its spread (the interquartile range,
     q1..q3), mean ± std (what the LoRA paper reports), and how many samples."""
+
     median_ms: float
     q1_ms: float
     q3_ms: float
@@ -30,12 +32,17 @@ class Timing:
     @classmethod
     def of(cls, samples_ms):
         q1, _, q3 = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else (samples_ms[0],) * 3
-        return cls(statistics.median(samples_ms), q1, q3, statistics.fmean(samples_ms),
-                   statistics.stdev(samples_ms) if len(samples_ms) > 1 else 0.0, len(samples_ms))
+        return cls(
+            statistics.median(samples_ms),
+            q1,
+            q3,
+            statistics.fmean(samples_ms),
+            statistics.stdev(samples_ms) if len(samples_ms) > 1 else 0.0,
+            len(samples_ms),
+        )
 
     def as_dict(self) -> dict:
-        return dict(median=self.median_ms, q1=self.q1_ms, q3=self.q3_ms, mean=self.mean_ms, std=self.std_ms,
-                    n=self.n)
+        return dict(median=self.median_ms, q1=self.q1_ms, q3=self.q3_ms, mean=self.mean_ms, std=self.std_ms, n=self.n)
 
 
 def l2_bytes(device) -> int:

@@ -1,11 +1,20 @@
 """lora_kernels: fused LoRA forward and backward kernels behind a drop-in nn.Linear replacement.
 
-    y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ      (W₀ frozen; gradients for x, A, B, bias)
+y = x·W₀ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ      (W₀ frozen; gradients for x, A, B, bias)
 """
+
 from .explain import explain
 from .function import Dispatch, LoRALinearFunction, lora_linear
-from .layers import (LoRALinear, LoRAMixin, inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
-                     unmerge_lora, wrap_with_lora)
+from .layers import (
+    LoRALinear,
+    LoRAMixin,
+    inject_lora,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    unmerge_lora,
+    wrap_with_lora,
+)
 from .multi import lora_linear_multi
 from .peft_compat import load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
 from .reference import lora_linear_multi_reference, lora_linear_reference, lora_scale
@@ -35,9 +44,25 @@ def available_backends(device="cuda"):
 
 
 __all__ = [
-    "Dispatch", "LoRALinear", "LoRALinearFunction", "LoRAMixin", "available_backends", "explain", "inject_lora",
+    "Dispatch",
+    "LoRALinear",
+    "LoRALinearFunction",
+    "LoRAMixin",
+    "available_backends",
+    "explain",
+    "inject_lora",
     "load_peft_adapter",
-    "lora_linear", "lora_linear_multi", "lora_linear_multi_reference", "lora_linear_reference", "lora_scale",
-    "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "patch_peft", "save_peft_adapter",
-    "unmerge_lora", "unpatch_peft", "wrap_with_lora",
+    "lora_linear",
+    "lora_linear_multi",
+    "lora_linear_multi_reference",
+    "lora_linear_reference",
+    "lora_scale",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora",
+    "patch_peft",
+    "save_peft_adapter",
+    "unmerge_lora",
+    "unpatch_peft",
+    "wrap_with_lora",
 ]

@@ -1,4 +1,5 @@
 """Argument checks for the functional API: every bad input gets an error that names the argument."""
+
 from __future__ import annotations
 
 import math
@@ -31,16 +32,36 @@ def _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend) -> b
     try:
         dtype, device = x.dtype, x.device
         adapter_dtype = lora_A.dtype  # x's, or fp32 adapters on a 16-bit base (lora_kernels.precision)
-        return (type(scale) is float and math.isfinite(scale) and type(dropout_p) is float
-                and 0.0 <= dropout_p < 1.0 and backend in BACKENDS and dtype in _KERNEL_DTYPES
-                and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
-                and weight.dtype is dtype and lora_B.dtype is adapter_dtype
-                and (adapter_dtype is dtype or (adapter_dtype is torch.float32 and dtype in HALF_DTYPES))
-                and x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_A.shape[0] > 0
-                and lora_B.shape[0] == weight.shape[0] and lora_B.shape[1] == lora_A.shape[0]
-                and weight.device == device and lora_A.device == device and lora_B.device == device
-                and (bias is None or (bias.dim() == 1 and bias.dtype is dtype and bias.shape[0] == weight.shape[0]
-                                      and bias.device == device)))
+        return (
+            type(scale) is float
+            and math.isfinite(scale)
+            and type(dropout_p) is float
+            and 0.0 <= dropout_p < 1.0
+            and backend in BACKENDS
+            and dtype in _KERNEL_DTYPES
+            and weight.dim() == 2
+            and lora_A.dim() == 2
+            and lora_B.dim() == 2
+            and weight.dtype is dtype
+            and lora_B.dtype is adapter_dtype
+            and (adapter_dtype is dtype or (adapter_dtype is torch.float32 and dtype in HALF_DTYPES))
+            and x.shape[-1] == weight.shape[1] == lora_A.shape[1]
+            and lora_A.shape[0] > 0
+            and lora_B.shape[0] == weight.shape[0]
+            and lora_B.shape[1] == lora_A.shape[0]
+            and weight.device == device
+            and lora_A.device == device
+            and lora_B.device == device
+            and (
+                bias is None
+                or (
+                    bias.dim() == 1
+                    and bias.dtype is dtype
+                    and bias.shape[0] == weight.shape[0]
+                    and bias.device == device
+                )
+            )
+        )
     except (AttributeError, IndexError, TypeError):
         return False
 
@@ -52,8 +73,10 @@ def _number(name, value):
         if value.numel() != 1 or value.is_complex():
             raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")
         if value.requires_grad:
-            raise TypeError(f"{name} is a tensor that requires grad, but lora_linear takes it as a constant "
-                            f"and would drop its gradient: pass a float (or {name}.detach())")
+            raise TypeError(
+                f"{name} is a tensor that requires grad, but lora_linear takes it as a constant "
+                f"and would drop its gradient: pass a float (or {name}.detach())"
+            )
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -73,7 +96,10 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, ba
     out_features, in_features = weight.shape
     rank = lora_A.shape[0]
     if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight {tuple(weight.shape)} expects in_features={in_features}")
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight {tuple(weight.shape)} "
+            f"expects in_features={in_features}"
+        )
     if lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
     if rank == 0:
@@ -104,6 +130,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scale, dropout_p, ba
 
 
 # Layer and surgery arguments (LoRALinear, add_adapter, inject_lora, ...).
+
 
 def check_rank(r, name="r") -> int:
     """A positive integer (Python or NumPy), as an int."""

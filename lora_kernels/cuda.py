@@ -1,4 +1,5 @@
 """CUDA backend: a thin wrapper over the ``torch.ops.lora_kernels.cuda_*`` ops built from csrc/."""
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,10 @@ def wgmma_supported() -> bool:
 def unavailable_reason(x: torch.Tensor):
     """None if the CUDA ops can run on tensors like ``x``, else a sentence saying why not."""
     if _LOAD_ERROR is not None:
-        return (f"the CUDA extension lora_kernels._C is not built ({_LOAD_ERROR}); install with a CUDA "
-                "build of torch and nvcc present: pip install --no-build-isolation .")
+        return (
+            f"the CUDA extension lora_kernels._C is not built ({_LOAD_ERROR}); install with a CUDA "
+            "build of torch and nvcc present: pip install --no-build-isolation ."
+        )
     if x.device.type != "cuda":
         return f"tensors are on {x.device}; the CUDA kernels need CUDA tensors"
     if x.dtype not in SUPPORTED_DTYPES:
@@ -44,20 +47,68 @@ def unavailable_reason(x: torch.Tensor):
     return None
 
 
-def forward(x, weight, bias, lora_A, lora_B, scale, x_lora=None, dropout_p=0.0, seed=None, adapter_ids=None,
-            adapter_scales=None, adapter_rank=0):
+def forward(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scale,
+    x_lora=None,
+    dropout_p=0.0,
+    seed=None,
+    adapter_ids=None,
+    adapter_scales=None,
+    adapter_rank=0,
+):
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``; fused dropout and
     multi-adapter batches as in :mod:`lora_kernels.ops`."""
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias with unit stride
-    return torch.ops.lora_kernels.cuda_forward(x, weight, bias, lora_A, lora_B, scale, x_lora, dropout_p, seed,
-                                               adapter_ids=adapter_ids, adapter_scales=adapter_scales,
-                                               adapter_rank=adapter_rank)
+    return torch.ops.lora_kernels.cuda_forward(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scale,
+        x_lora,
+        dropout_p,
+        seed,
+        adapter_ids=adapter_ids,
+        adapter_scales=adapter_scales,
+        adapter_rank=adapter_rank,
+    )
 
 
-def backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx=True, dropout_p=0.0, seed=None,
-             adapter_ids=None, adapter_scales=None, adapter_rank=0):
+def backward(
+    dy,
+    x_lora,
+    weight,
+    lora_A,
+    lora_B,
+    xa,
+    scale,
+    fuse_lora_dx=True,
+    dropout_p=0.0,
+    seed=None,
+    adapter_ids=None,
+    adapter_scales=None,
+    adapter_rank=0,
+):
     """Backend contract: returns ``(dx, dA, dB, g)``. With ``dropout_p`` and the forward's ``seed``,
     ``x_lora`` is the undropped x."""
-    return torch.ops.lora_kernels.cuda_backward(dy, x_lora, weight, lora_A, lora_B, xa, scale, fuse_lora_dx,
-                                                dropout_p, seed, adapter_ids=adapter_ids,
-                                                adapter_scales=adapter_scales, adapter_rank=adapter_rank)
+    return torch.ops.lora_kernels.cuda_backward(
+        dy,
+        x_lora,
+        weight,
+        lora_A,
+        lora_B,
+        xa,
+        scale,
+        fuse_lora_dx,
+        dropout_p,
+        seed,
+        adapter_ids=adapter_ids,
+        adapter_scales=adapter_scales,
+        adapter_rank=adapter_rank,
+    )

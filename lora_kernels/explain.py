@@ -7,6 +7,7 @@ where that is the documented choice (``auto`` on CPU tensors, ``auto``'s measure
 explicit ``backend="reference"``, a merged or disabled adapter), at WARNING otherwise (a dtype mix
 or feature the kernels do not cover, a missing backend). :func:`explain` prints the table.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,13 @@ def record(layer: nn.Module, dispatch) -> None:
         logged = state.setdefault(_LOGGED, set())
         if dispatch.key not in logged:
             logged.add(dispatch.key)
-            log.log(logging.INFO if dispatch.key in _EXPECTED else logging.WARNING,
-                    "lora_kernels: %s runs %s, not a fused kernel: %s", _layer_name(layer), dispatch.backend,
-                    dispatch.why)
+            log.log(
+                logging.INFO if dispatch.key in _EXPECTED else logging.WARNING,
+                "lora_kernels: %s runs %s, not a fused kernel: %s",
+                _layer_name(layer),
+                dispatch.backend,
+                dispatch.why,
+            )
 
 
 def last_dispatch(layer: nn.Module):
@@ -54,8 +59,8 @@ def last_dispatch(layer: nn.Module):
 
 class LayerReport(NamedTuple):
     name: str
-    layer: str         # the layer's class
-    backend: str       # what its last call ran: triton, cuda, reference, peft (PEFT's own forward), merged, -
+    layer: str  # the layer's class
+    backend: str  # what its last call ran: triton, cuda, reference, peft (PEFT's own forward), merged, -
     fused: Optional[bool]  # None: not called yet
     why: str
 

@@ -6,6 +6,7 @@ for backends that fuse it, a materialised mask for the others) and routes gradie
 its gradient is computed only if a caller explicitly asks for it with ``weight.requires_grad=True``
 (plain ``dYᵀ·x``, never inside the fused kernels).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,6 @@ import torch
 from . import cuda, reference
 from ._checks import check_lora_linear_args
 from .precision import autocast_args, autocast_dtype
-
 
 # Backend modules, imported once here (not per call) so torch.compile can trace the dispatch.
 _BACKENDS = {"reference": reference, "cuda": cuda}
@@ -54,6 +54,7 @@ AUTO_CUDA_MAX_ROWS = 4
 class Dispatch(NamedTuple):
     """Which backend a call ran and why; layers keep their last one (see :func:`lora_kernels.explain`).
     ``key`` names the kind of reason, so a layer logs each kind once."""
+
     backend: str
     fused: bool
     why: str
@@ -65,20 +66,32 @@ def _fused(backend, why, key):
 
 
 # The common decisions, made once (no per-call formatting).
-_EXPLICIT = {name: Dispatch(name, name != "reference", f"backend={name!r} requested", "explicit")
-             for name in ("reference", "triton", "cuda")}
-_AUTO_TRITON = _fused("triton", f"auto: fused Triton kernels (up to {AUTO_TRITON_MAX_ROWS} rows at r <= 16, "
-                                f"{AUTO_TRITON_MAX_ROWS_HIGH_RANK} at r > 16 or fp32)", "auto-triton")
-_AUTO_TRITON_ANY_SIZE = _fused("triton", "auto: fused Triton kernels (dropout or multi-adapter batch: any size)",
-                               "auto-triton")
-_AUTO_CUDA = _fused("cuda", f"auto: CUDA decode kernel (16-bit inference at <= {AUTO_CUDA_MAX_ROWS} rows)",
-                    "auto-cuda")
+_EXPLICIT = {
+    name: Dispatch(name, name != "reference", f"backend={name!r} requested", "explicit")
+    for name in ("reference", "triton", "cuda")
+}
+_AUTO_TRITON = _fused(
+    "triton",
+    f"auto: fused Triton kernels (up to {AUTO_TRITON_MAX_ROWS} rows at r <= 16, "
+    f"{AUTO_TRITON_MAX_ROWS_HIGH_RANK} at r > 16 or fp32)",
+    "auto-triton",
+)
+_AUTO_TRITON_ANY_SIZE = _fused(
+    "triton", "auto: fused Triton kernels (dropout or multi-adapter batch: any size)", "auto-triton"
+)
+_AUTO_CUDA = _fused("cuda", f"auto: CUDA decode kernel (16-bit inference at <= {AUTO_CUDA_MAX_ROWS} rows)", "auto-cuda")
 
 
 def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> Dispatch:
-    if (by_size and inference and x.dtype in (torch.float16, torch.bfloat16)
-            and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1] and out_features >= 256 and x.shape[-1] % 8 == 0
-            and cuda.unavailable_reason(x) is None):
+    if (
+        by_size
+        and inference
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1]
+        and out_features >= 256
+        and x.shape[-1] % 8 == 0
+        and cuda.unavailable_reason(x) is None
+    ):
         return _AUTO_CUDA
     if "triton" not in _BACKENDS:
         return Dispatch("reference", False, f"auto: {_TRITON_MISSING}", "triton-missing")
@@ -87,25 +100,40 @@ def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, ra
         return Dispatch("reference", False, f"auto: {reason}", "triton-unavailable")
     if not by_size:
         return _AUTO_TRITON_ANY_SIZE
-    limit = (AUTO_TRITON_MAX_ROWS_FP32 if x.dtype == torch.float32
-             else AUTO_TRITON_MAX_ROWS_HIGH_RANK if rank > 16 else AUTO_TRITON_MAX_ROWS)
+    limit = (
+        AUTO_TRITON_MAX_ROWS_FP32
+        if x.dtype == torch.float32
+        else AUTO_TRITON_MAX_ROWS_HIGH_RANK
+        if rank > 16
+        else AUTO_TRITON_MAX_ROWS
+    )
     if x.numel() <= limit * x.shape[-1]:
         return _AUTO_TRITON
-    return Dispatch("reference", False, f"auto: {x.numel() // max(x.shape[-1], 1)} rows > {limit} "
-                    f"({str(x.dtype).removeprefix('torch.')}, r={rank}): three cuBLAS calls measured faster",
-                    "auto-size")
+    return Dispatch(
+        "reference",
+        False,
+        f"auto: {x.numel() // max(x.shape[-1], 1)} rows > {limit} "
+        f"({str(x.dtype).removeprefix('torch.')}, r={rank}): three cuBLAS calls measured faster",
+        "auto-size",
+    )
 
 
-def resolve(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
-            rank: int = 0) -> Dispatch:
+def resolve(
+    name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0, rank: int = 0
+) -> Dispatch:
     """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
     saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
     batches, whose reference path is a loop over adapters, and dropout). ``inference``: no backward
     will follow (auto may then pick the CUDA decode kernel)."""
     if name == "auto":
         if x.device.type != "cuda":
-            return Dispatch("reference", False, f"auto: tensors on {x.device.type}; the fused kernels run on CUDA "
-                            "tensors (backend='triton' with TRITON_INTERPRET=1 runs them on CPU, slowly)", "device")
+            return Dispatch(
+                "reference",
+                False,
+                f"auto: tensors on {x.device.type}; the fused kernels run on CUDA "
+                "tensors (backend='triton' with TRITON_INTERPRET=1 runs them on CPU, slowly)",
+                "device",
+            )
         return _auto(x, by_size, inference, out_features, rank)
     if name != "reference":
         reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
@@ -114,8 +142,9 @@ def resolve(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = 
     return _EXPLICIT[name]
 
 
-def _backend(name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0,
-             rank: int = 0) -> str:
+def _backend(
+    name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0, rank: int = 0
+) -> str:
     """The backend name :func:`resolve` picks."""
     return resolve(name, x, by_size, inference, out_features, rank).backend
 
@@ -164,10 +193,12 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
         if backend not in _BACKENDS:  # "auto", or a backend that is not installed (raises, saying why)
-            backend = resolve(backend, x, by_size=dropout_p == 0.0, out_features=weight.shape[0],
-                              rank=lora_A.shape[0]).backend
-        y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                                             backend, seed)
+            backend = resolve(
+                backend, x, by_size=dropout_p == 0.0, out_features=weight.shape[0], rank=lora_A.shape[0]
+            ).backend
+        y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(
+            x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed
+        )
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask, seed)
         ctx.backend, ctx.scale, ctx.dropout_p, ctx.fused_dropout_p = backend, scale, dropout_p, fused_p
         return y
@@ -199,8 +230,9 @@ def _backward_with_graph(ctx, dy, x, weight, lora_A, lora_B, mask, seed):
         keep = reference.dropout_keep(int(seed.item()), *x2d.shape, ctx.fused_dropout_p, device=x.device)
         mask = keep.to(x.dtype) / (1.0 - ctx.fused_dropout_p)
     y = reference.lora_linear_reference(x2d, weight, None, lora_A.to(x.dtype), lora_B.to(x.dtype), ctx.scale, mask)
-    dx, d_weight, d_lora_A, d_lora_B = differentiate(y, rows(dy), (x, weight, lora_A, lora_B),
-                                                     [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)])
+    dx, d_weight, d_lora_A, d_lora_B = differentiate(
+        y, rows(dy), (x, weight, lora_A, lora_B), [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)]
+    )
     d_bias = rows(dy).sum(0) if ctx.needs_input_grad[2] else None
     return dx, d_weight, d_bias, d_lora_A, d_lora_B, None, None, None, None
 
@@ -213,8 +245,13 @@ def differentiate(y, dy, inputs, needs):
     return [next(grads) if n else None for n in needs]
 
 
-_FUNCTORCH = Dispatch("reference", False, "inside a torch.func transform (grad, vmap, jacrev, ...): the "
-                      "plain-torch definition, which the transforms see as ordinary ops", "functorch")
+_FUNCTORCH = Dispatch(
+    "reference",
+    False,
+    "inside a torch.func transform (grad, vmap, jacrev, ...): the "
+    "plain-torch definition, which the transforms see as ordinary ops",
+    "functorch",
+)
 
 
 def in_functorch_transform() -> bool:
@@ -245,14 +282,21 @@ def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, see
         mask = None
         if dropout_p > 0.0:  # nn.Dropout's draw, so vmap's randomness= rules apply as to any dropout
             mask = torch.nn.functional.dropout(torch.ones_like(x), dropout_p)
-        return reference.lora_linear_reference(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scale,
-                                               mask), _FUNCTORCH
+        return reference.lora_linear_reference(
+            x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scale, mask
+        ), _FUNCTORCH
     # Inference (no gradient wanted) skips the autograd Function and its few microseconds.
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
-                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad))
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or weight.requires_grad
+        or lora_A.requires_grad
+        or lora_B.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
     # with dropout, auto stays on Triton at any size: its fused dropout stores no M×K mask
-    dispatch = resolve(backend, x, by_size=dropout_p == 0.0, inference=not grad, out_features=weight.shape[0],
-                       rank=lora_A.shape[0])
+    dispatch = resolve(
+        backend, x, by_size=dropout_p == 0.0, inference=not grad, out_features=weight.shape[0], rank=lora_A.shape[0]
+    )
     if grad:
         y = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dispatch.backend, seed)
     else:

@@ -1,5 +1,6 @@
 """LoRALinear, a drop-in ``nn.Linear`` with a LoRA adapter (and LoRAConv1D for Hugging Face's
 Conv1D), and model surgery around them."""
+
 from __future__ import annotations
 
 import functools
@@ -32,6 +33,7 @@ _BASE_ONLY = Dispatch("merged", True, "mixed batch of '__base__' rows only: a pl
 
 class Adapter(NamedTuple):
     """One adapter of a LoRA layer, as :meth:`LoRAMixin.adapter` returns it."""
+
     lora_A: nn.Linear
     lora_B: nn.Linear
     r: int
@@ -52,7 +54,13 @@ class LoRAMixin:
     def _init_lora(self, r, alpha, dropout, use_rslora, backend):
         r, alpha, dropout, backend = check_rank(r), check_alpha(alpha), check_dropout(dropout), check_backend(backend)
         self.lora_A, self.lora_B = self._new_adapter(r)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.backend = (
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            backend,
+        )
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.merged = False
         self.weight.requires_grad_(False)
@@ -86,8 +94,9 @@ class LoRAMixin:
         lora_A, lora_B = self._new_adapter(r)
         adapter = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B})
         self.extra_adapters[name] = adapter
-        self.extra_config[name] = dict(r=r, alpha=alpha, use_rslora=use_rslora,
-                                       scaling=lora_scale(r, alpha, use_rslora))
+        self.extra_config[name] = dict(
+            r=r, alpha=alpha, use_rslora=use_rslora, scaling=lora_scale(r, alpha, use_rslora)
+        )
         return adapter
 
     def _mixed_batch(self, x, adapter_names):
@@ -99,14 +108,22 @@ class LoRAMixin:
             raise RuntimeError("mixed-adapter batches run without dropout: call eval() first")
         unknown = set(adapter_names) - set(self.extra_adapters) - {"default", "__base__"}
         if unknown:
-            raise ValueError(f"unknown adapter names {sorted(unknown)}; this layer has "
-                             f"{['default', *self.extra_adapters]} (and '__base__' for none)")
+            raise ValueError(
+                f"unknown adapter names {sorted(unknown)}; this layer has "
+                f"{['default', *self.extra_adapters]} (and '__base__' for none)"
+            )
         names = [n for n in dict.fromkeys(adapter_names) if n != "__base__"]
         if not names:
             record(self, _BASE_ONLY)
             return F.linear(x, self.base_weight(), self.bias)
-        pick = lambda n: (self.lora_A, self.lora_B) if n == "default" else (  # noqa: E731
-            self.extra_adapters[n]["lora_A"], self.extra_adapters[n]["lora_B"])
+        pick = lambda n: (
+            (self.lora_A, self.lora_B)
+            if n == "default"
+            else (  # noqa: E731
+                self.extra_adapters[n]["lora_A"],
+                self.extra_adapters[n]["lora_B"],
+            )
+        )
         lora_A, lora_B = stack_adapters([pick(n)[0].weight for n in names], [pick(n)[1].weight for n in names])
         scales = [self.scaling if n == "default" else self.extra_config[n]["scaling"] for n in names]
         ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
@@ -120,21 +137,29 @@ class LoRAMixin:
         if adapter_names is not None:
             return self._mixed_batch(x, adapter_names)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.weight.requires_grad
-                                                             or self.lora_B.weight.requires_grad):
-                warnings.warn("a merged LoRA layer runs as a plain F.linear: its adapters get no gradient; "
-                              "unmerge() before training", stacklevel=2)
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad)
+            ):
+                warnings.warn(
+                    "a merged LoRA layer runs as a plain F.linear: its adapters get no gradient; "
+                    "unmerge() before training",
+                    stacklevel=2,
+                )
             record(self, _MERGED)
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
         if "_lora_kernels_tp" in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
             from .parallel import tp_forward
 
-            y, dispatch = tp_forward(self, x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                                     self.scaling, p, self.backend)
+            y, dispatch = tp_forward(
+                self, x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.backend
+            )
         else:  # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
-            y, dispatch = _lora_linear(x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight,
-                                       self.scaling, p, self.backend)
+            y, dispatch = _lora_linear(
+                x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.backend
+            )
         record(self, dispatch)
         return y
 
@@ -145,8 +170,13 @@ class LoRAMixin:
         if name not in self.extra_adapters:
             raise KeyError(f"no adapter {name!r}; this layer has {['default', *self.extra_adapters]}")
         cfg = self.extra_config[name]
-        return Adapter(self.extra_adapters[name]["lora_A"], self.extra_adapters[name]["lora_B"], cfg["r"],
-                       cfg["alpha"], cfg["use_rslora"])
+        return Adapter(
+            self.extra_adapters[name]["lora_A"],
+            self.extra_adapters[name]["lora_B"],
+            cfg["r"],
+            cfg["alpha"],
+            cfg["use_rslora"],
+        )
 
     @torch.no_grad()
     def _delta_weight(self):
@@ -177,22 +207,31 @@ class LoRAMixin:
         if self.merged:
             destination[prefix + MERGED_KEY] = torch.tensor(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         merged = bool(state_dict.pop(prefix + MERGED_KEY, False))
         loads_weight = prefix + "weight" in state_dict
-        if self.merged and not loads_weight and any(k.startswith((prefix + "lora_A.", prefix + "lora_B."))
-                                                    for k in state_dict):
-            error_msgs.append(f"{prefix or 'the layer'}: adapter weights loaded into a merged layer would not match "
-                              "its merged weight; unmerge() first")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        if (
+            self.merged
+            and not loads_weight
+            and any(k.startswith((prefix + "lora_A.", prefix + "lora_B.")) for k in state_dict)
+        ):
+            error_msgs.append(
+                f"{prefix or 'the layer'}: adapter weights loaded into a merged layer would not match "
+                "its merged weight; unmerge() first"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if loads_weight:
             self.merged = merged
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, "
-                f"merged={self.merged}, backend={self.backend!r}")
+        return (
+            f"{super().extra_repr()}, r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, "
+            f"merged={self.merged}, backend={self.backend!r}"
+        )
 
     @classmethod
     def _wrap(cls, base: nn.Module, r, alpha, dropout, use_rslora, backend):
@@ -219,8 +258,20 @@ class LoRALinear(LoRAMixin, nn.Linear):
     ``F.linear``: zero extra latency); ``unmerge()`` takes it out again.
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        device=None,
+        dtype=None,
+        *,
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        use_rslora=False,
+        backend="auto",
+    ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_lora(r, alpha, dropout, use_rslora, backend)
 
@@ -292,8 +343,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False,
-                backend="auto") -> List[str]:
+def inject_lora(
+    model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, use_rslora=False, backend="auto"
+) -> List[str]:
     """Replace the ``nn.Linear`` (and Hugging Face ``Conv1D``) modules of ``model`` whose names match
     ``target_modules`` with LoRA wrappers, in place, sharing the original weights. Returns the
     names replaced."""
@@ -318,9 +370,11 @@ def inject_lora(model: nn.Module, target_modules, r=8, alpha=16, dropout=0.0, us
             replaced.append(name)
     if not replaced:
         if already:
-            raise ValueError(f"target_modules={target_modules!r} matched only modules that are LoRA layers already "
-                             f"({', '.join(already[:4])}{', ...' if len(already) > 4 else ''}): nothing to inject; "
-                             "add_adapter() gives a layer a second adapter")
+            raise ValueError(
+                f"target_modules={target_modules!r} matched only modules that are LoRA layers already "
+                f"({', '.join(already[:4])}{', ...' if len(already) > 4 else ''}): nothing to inject; "
+                "add_adapter() gives a layer a second adapter"
+            )
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or Conv1D module of the model")
     return replaced
 
@@ -335,8 +389,7 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict:
     """The adapter weights only, with PEFT-style key endings ``lora_A.weight`` / ``lora_B.weight``.
     Sharded (DTensor) factors are gathered into full tensors: call it on every rank."""
-    return {k: full_tensor(v) for k, v in model.state_dict().items()
-            if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+    return {k: full_tensor(v) for k, v in model.state_dict().items() if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
 
 
 def full_tensor(t):

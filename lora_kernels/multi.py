@@ -7,6 +7,7 @@ computes each row's product with all of them and keeps, per row, only its own ad
 base GEMM (6% for 8 adapters of rank 16 at out = 4096); backward reuses the fused kernels with g
 masked the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         ids = adapter_ids.reshape(-1).to(device=x.device, dtype=torch.int32).contiguous()
         a_all = lora_A.reshape(n * r, K)
         b_all = lora_B.permute(1, 0, 2).reshape(N, n * r)  # (out, n·r): a copy of n·r·out elements
-        y2d, xa = ops.forward(x2d, weight, bias, a_all, b_all, 1.0, adapter_ids=ids, adapter_scales=scales,
-                              adapter_rank=r)
+        y2d, xa = ops.forward(
+            x2d, weight, bias, a_all, b_all, 1.0, adapter_ids=ids, adapter_scales=scales, adapter_rank=r
+        )
         ctx.save_for_backward(x, weight, lora_A, lora_B, a_all, b_all, xa, ids, scales, adapter_ids)
         ctx.shapes, ctx.backend = (n, r), backend
         return y2d.reshape(*x.shape[:-1], N)
@@ -40,13 +42,15 @@ class LoRALinearMultiFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: the reference loop differentiated by autograd
             y = reference.lora_linear_multi_reference(x, weight, None, lora_A, lora_B, scales, adapter_ids)
-            dx, d_weight, d_lora_A, d_lora_B = differentiate(y, dy, (x, weight, lora_A, lora_B),
-                                                             [need[i] for i in (0, 1, 3, 4)])
+            dx, d_weight, d_lora_A, d_lora_B = differentiate(
+                y, dy, (x, weight, lora_A, lora_B), [need[i] for i in (0, 1, 3, 4)]
+            )
             return dx, d_weight, rows(dy).sum(0) if need[2] else None, d_lora_A, d_lora_B, None, None, None
         n, r = ctx.shapes
         x2d, dy2d = rows(x), rows(dy)
-        dx, d_a, d_b, _ = _BACKENDS[ctx.backend].backward(dy2d, x2d, weight, a_all, b_all, xa, 1.0, True,
-                                                          adapter_ids=ids, adapter_scales=scales, adapter_rank=r)
+        dx, d_a, d_b, _ = _BACKENDS[ctx.backend].backward(
+            dy2d, x2d, weight, a_all, b_all, xa, 1.0, True, adapter_ids=ids, adapter_scales=scales, adapter_rank=r
+        )
         d_lora_A = d_a.reshape(n, r, -1)
         d_lora_B = d_b.reshape(-1, n, r).permute(1, 0, 2)
         d_weight = dy2d.t() @ x2d if need[1] else None  # a trainable W₀ gets its true gradient, as in lora_linear
@@ -68,36 +72,51 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, back
 def _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend):
     """:func:`lora_linear_multi`, also returning the Dispatch it made (layers record it)."""
     if not isinstance(lora_A, torch.Tensor) or lora_A.dim() != 3:
-        raise ValueError(f"lora_A must be a (n_adapters, r, in_features) tensor, got "
-                         f"{tuple(lora_A.shape) if isinstance(lora_A, torch.Tensor) else type(lora_A).__name__}")
+        raise ValueError(
+            f"lora_A must be a (n_adapters, r, in_features) tensor, got "
+            f"{tuple(lora_A.shape) if isinstance(lora_A, torch.Tensor) else type(lora_A).__name__}"
+        )
     if not isinstance(lora_B, torch.Tensor) or lora_B.dim() != 3 or lora_B.shape[0] != lora_A.shape[0]:
-        raise ValueError(f"lora_B must be a (n_adapters={lora_A.shape[0]}, out_features, r) tensor, got "
-                         f"{tuple(lora_B.shape) if isinstance(lora_B, torch.Tensor) else type(lora_B).__name__}")
+        raise ValueError(
+            f"lora_B must be a (n_adapters={lora_A.shape[0]}, out_features, r) tensor, got "
+            f"{tuple(lora_B.shape) if isinstance(lora_B, torch.Tensor) else type(lora_B).__name__}"
+        )
     n = lora_A.shape[0]
     amp = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if amp is not None:  # as lora_linear: x, W₀, bias in the autocast dtype, fp32 adapters read as they are
         x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
-    check_lora_linear_args(x, weight, bias, lora_A[0] if n else lora_A.reshape(0, lora_A.shape[-1]),
-                           lora_B[0] if n else lora_B.reshape(lora_B.shape[1], 0), 1.0, 0.0, backend)
+    check_lora_linear_args(
+        x,
+        weight,
+        bias,
+        lora_A[0] if n else lora_A.reshape(0, lora_A.shape[-1]),
+        lora_B[0] if n else lora_B.reshape(lora_B.shape[1], 0),
+        1.0,
+        0.0,
+        backend,
+    )
     scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
     if scales.shape[0] != n or not torch.isfinite(scales).all():
         raise ValueError(f"scales must be {n} finite numbers, got {scales.tolist()}")
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.is_floating_point() or adapter_ids.is_complex():
         raise TypeError("adapter_ids must be an integer tensor")
     if tuple(adapter_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"adapter_ids must have shape {tuple(x.shape[:-1])} (one id per row of x), "
-                         f"got {tuple(adapter_ids.shape)}")
+        raise ValueError(
+            f"adapter_ids must have shape {tuple(x.shape[:-1])} (one id per row of x), got {tuple(adapter_ids.shape)}"
+        )
     capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if adapter_ids.numel() and not capturing and (adapter_ids.min() < -1 or adapter_ids.max() >= n):
-        raise ValueError(f"adapter_ids must be in [-1, {n}), got values in "
-                         f"[{int(adapter_ids.min())}, {int(adapter_ids.max())}]")
+        raise ValueError(
+            f"adapter_ids must be in [-1, {n}), got values in [{int(adapter_ids.min())}, {int(adapter_ids.max())}]"
+        )
     dispatch = resolve(backend, x, by_size=False)
     if in_functorch_transform():  # torch.func sees the plain-torch loop (see lora_linear)
         dispatch = _FUNCTORCH
     if dispatch.backend == "reference":
         return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), dispatch
-    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids,
-                                         dispatch.backend), dispatch
+    return LoRALinearMultiFunction.apply(
+        x, weight, bias, lora_A, lora_B, scales, adapter_ids, dispatch.backend
+    ), dispatch
 
 
 def stack_adapters(lora_As, lora_Bs):
@@ -113,7 +132,9 @@ def sample_adapter_ids(adapter_names, index, x):
     """PEFT's mixed-batch convention: one adapter name per sample (x.shape[0]); a name absent from
     ``index`` (e.g. "__base__") means the base layer alone. Returns ids of shape x.shape[:-1]."""
     if x.dim() < 2 or len(adapter_names) != x.shape[0]:
-        raise ValueError(f"adapter_names must name one adapter per sample: {x.shape[0] if x.dim() > 1 else 0} "
-                         f"expected, got {len(adapter_names)}")
+        raise ValueError(
+            f"adapter_names must name one adapter per sample: {x.shape[0] if x.dim() > 1 else 0} "
+            f"expected, got {len(adapter_names)}"
+        )
     ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
     return ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])

@@ -12,6 +12,7 @@ keywords ``adapter_ids`` / ``adapter_scales`` / ``adapter_rank`` for multi-adapt
 adapters stacked as one rank-n·r LoRA; xa and g keep each row's own adapter's columns, times its
 scale). The shapes of the outputs are written once here (the fake implementations).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -20,21 +21,46 @@ from torch import Tensor
 from .precision import HALF_DTYPES, to_autocast_dtype
 
 
-def forward_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
-                 x_lora: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                 adapter_ids: Optional[Tensor] = None, adapter_scales: Optional[Tensor] = None,
-                 adapter_rank: int = 0) -> Tuple[Tensor, Tensor]:
+def forward_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    x_lora: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+    adapter_ids: Optional[Tensor] = None,
+    adapter_scales: Optional[Tensor] = None,
+    adapter_rank: int = 0,
+) -> Tuple[Tensor, Tensor]:
     M = x.shape[0]
     return x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]))
 
 
-def backward_fake(dy: Tensor, x_lora: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
-                  scale: float, fuse_lora_dx: bool = True, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                  adapter_ids: Optional[Tensor] = None, adapter_scales: Optional[Tensor] = None,
-                  adapter_rank: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward_fake(
+    dy: Tensor,
+    x_lora: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scale: float,
+    fuse_lora_dx: bool = True,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+    adapter_ids: Optional[Tensor] = None,
+    adapter_scales: Optional[Tensor] = None,
+    adapter_rank: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     M = dy.shape[0]
-    return (dy.new_empty((M, weight.shape[1])), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape),
-            dy.new_empty((M, lora_A.shape[0])))
+    return (
+        dy.new_empty((M, weight.shape[1])),
+        lora_A.new_empty(lora_A.shape),
+        lora_B.new_empty(lora_B.shape),
+        dy.new_empty((M, lora_A.shape[0])),
+    )
 
 
 def define_ops(backend: str, forward_impl, backward_impl):
@@ -79,7 +105,7 @@ def register_autocast(qualname: str):
         def autocast_impl(*args, _device_type=device_type, _key=key, **kwargs):
             dtype = torch.get_autocast_dtype(_device_type)
             args = list(args)
-            for i, arg_name in enumerate(names[:len(args)]):
+            for i, arg_name in enumerate(names[: len(args)]):
                 half_adapter = arg_name in _ADAPTERS and getattr(args[i], "dtype", None) in HALF_DTYPES
                 if arg_name in _ACTIVATIONS or half_adapter:
                     args[i] = to_autocast_dtype(args[i], dtype)
@@ -89,5 +115,9 @@ def register_autocast(qualname: str):
         if op.has_kernel_for_dispatch_key(key):
             op.py_kernels.pop(key, None)
         op.py_impl(key)(autocast_impl)  # what torch.compile's tracing runs
-        _LIB.impl(name, lambda _keyset, *args, _impl=autocast_impl, **kwargs: _impl(*args, **kwargs), key_name,
-                  with_keyset=True)
+        _LIB.impl(
+            name,
+            lambda _keyset, *args, _impl=autocast_impl, **kwargs: _impl(*args, **kwargs),
+            key_name,
+            with_keyset=True,
+        )

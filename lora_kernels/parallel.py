@@ -23,6 +23,7 @@ Parameters are DTensors (as torch's styles make them), so optimizers, ``fully_sh
 (TP inside, FSDP2 outside) and ``torch.distributed.checkpoint`` see the usual objects;
 ``lora_state_dict`` and ``save_peft_adapter`` write the full, unsharded adapter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,9 @@ def _distribute(module: nn.Module, name: str, mesh, placement, src_data_rank):
     if param is None or isinstance(param, DTensor):
         return
     kwargs = {} if src_data_rank is None else {"src_data_rank": src_data_rank}
-    module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement], **kwargs),
-                                                 requires_grad=param.requires_grad))
+    module.register_parameter(
+        name, nn.Parameter(distribute_tensor(param, mesh, [placement], **kwargs), requires_grad=param.requires_grad)
+    )
 
 
 def _check_layer(module):
@@ -52,14 +54,17 @@ def _check_layer(module):
     except ImportError:
         LoraLayer = ()
     if LoraLayer and isinstance(module, LoraLayer):
-        raise NotImplementedError("PEFT's LoRA layers are not supported under tensor parallelism yet: load the "
-                                  "adapter into the plain model with lora_kernels.load_peft_adapter instead")
+        raise NotImplementedError(
+            "PEFT's LoRA layers are not supported under tensor parallelism yet: load the "
+            "adapter into the plain model with lora_kernels.load_peft_adapter instead"
+        )
     if not isinstance(module, LoRAMixin):
-        raise NotImplementedError(f"lora_kernels.parallel styles take LoRALinear / LoRAConv1D layers, got "
-                                  f"{type(module).__name__} (use torch's styles for plain layers)")
+        raise NotImplementedError(
+            f"lora_kernels.parallel styles take LoRALinear / LoRAConv1D layers, got "
+            f"{type(module).__name__} (use torch's styles for plain layers)"
+        )
     if module.extra_adapters:
-        raise NotImplementedError("tensor parallelism of layers with several adapters (mixed batches) is not "
-                                  "supported")
+        raise NotImplementedError("tensor parallelism of layers with several adapters (mixed batches) is not supported")
     if module.fan_in_fan_out:
         raise NotImplementedError("tensor parallelism of Conv1D-style (in, out) weights is not supported")
 
@@ -80,11 +85,17 @@ class ColwiseParallel(_TorchColwise):
 
     def _apply(self, module, device_mesh):
         _check_layer(module)
-        return distribute_module(module, device_mesh, self._partition_lora,
-                                 lambda mod, inputs, mesh: self._prepare_input_fn(
-                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-                                 lambda mod, outputs, mesh: self._prepare_output_fn(
-                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_lora,
+            lambda mod, inputs, mesh: self._prepare_input_fn(
+                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh
+            ),
+            lambda mod, outputs, mesh: self._prepare_output_fn(
+                self.output_layouts, self.use_local_output, mod, outputs, mesh
+            ),
+        )
 
 
 class RowwiseParallel(_TorchRowwise):
@@ -104,14 +115,21 @@ class RowwiseParallel(_TorchRowwise):
     def _apply(self, module, device_mesh):
         _check_layer(module)
         self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(module, device_mesh, self._partition_lora,
-                                 lambda mod, inputs, mesh: self._prepare_input_fn(
-                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-                                 lambda mod, outputs, mesh: self._prepare_output_fn(
-                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_lora,
+            lambda mod, inputs, mesh: self._prepare_input_fn(
+                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh
+            ),
+            lambda mod, outputs, mesh: self._prepare_output_fn(
+                self.output_layouts, self.use_local_output, mod, outputs, mesh
+            ),
+        )
 
 
 # ---- the local computation --------------------------------------------------------------------
+
 
 class _SumGradient(torch.autograd.Function):
     """Identity forward; the gradient summed over the mesh's group (all-reduce) in backward."""
@@ -172,7 +190,8 @@ def tp_forward(layer, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backe
         bias_local = None
         if bias is not None:
             bias_local = bias.to_local() if mesh.get_local_rank() == 0 else _ZeroWithGradient.apply(bias.to_local())
-    y_local, dispatch = _lora_linear(x_local, w_local, bias_local, a_local, b_local, scaling, dropout_p, backend,
-                                     seed=seed)
+    y_local, dispatch = _lora_linear(
+        x_local, w_local, bias_local, a_local, b_local, scaling, dropout_p, backend, seed=seed
+    )
     placement = Shard(-1) if style == "colwise" else Partial()
     return DTensor.from_local(y_local, mesh, [placement], run_check=False), dispatch

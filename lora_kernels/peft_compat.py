@@ -1,5 +1,6 @@
 """Fit the PEFT ecosystem: accelerate an existing PEFT model in place, and read/write PEFT's
 adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) for our own layers."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from ._checks import check_backend
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
-from ._checks import check_backend
 from .layers import LoRAMixin, full_tensor, replace_module, wrap_with_lora
 from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
@@ -31,6 +32,7 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 # Parameters, adapter names, scaling, dropout modules, merge/unmerge and save_pretrained are
 # PEFT's own, untouched; anything the fused op does not cover falls through to PEFT's forward.
 # ---------------------------------------------------------------------------------------------
+
 
 def _activation_args(x, weight, bias, lora_A, lora_B):
     """The tensors as the fused op will see them (cast as autocast would), and '' or why their
@@ -49,7 +51,9 @@ def _mixed_batch(self, x, adapter_names):
         return None, _peft("a mixed batch with no adapter of this layer, or not one name per sample", "peft-args")
     if any(n in getattr(self, "lora_variant", {}) for n in names):
         return None, _peft("LoRA variants in a mixed batch are not fused", "peft-variant")
-    if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names):
+    if self.training and any(
+        isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names
+    ):
         return None, _peft("mixed batches with dropout in training are not fused", "peft-dropout")
     base = self.get_base_layer()
     reason = _module_reason(base, *(self.lora_A[n] for n in names), *(self.lora_B[n] for n in names))
@@ -61,8 +65,9 @@ def _mixed_batch(self, x, adapter_names):
     if mix:
         return None, _peft(mix, "peft-dtype")
     ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
-    return _lora_linear_multi(x, weight, bias, lora_A, lora_B, [self.scaling[n] for n in names], ids,
-                              self.lora_kernels_backend)
+    return _lora_linear_multi(
+        x, weight, bias, lora_A, lora_B, [self.scaling[n] for n in names], ids, self.lora_kernels_backend
+    )
 
 
 def _peft(why, key):
@@ -72,8 +77,11 @@ def _peft(why, key):
 _PEFT_DISABLED = _peft("adapters disabled (the base layer alone)", "peft-disabled")
 _PEFT_MERGED = _peft("adapter merged into the base weight", "peft-merged")
 _PEFT_ARGS = _peft("extra forward arguments", "peft-args")
-_PEFT_HOOKS = _peft("the base layer has forward hooks (accelerate's offloading, or the user's), which PEFT's "
-                    "call of base_layer(x) runs", "peft-hooks")
+_PEFT_HOOKS = _peft(
+    "the base layer has forward hooks (accelerate's offloading, or the user's), which PEFT's "
+    "call of base_layer(x) runs",
+    "peft-hooks",
+)
 _FUSED_DROPOUT_TYPES = (nn.Dropout, nn.Identity)
 
 
@@ -88,8 +96,10 @@ def _module_reason(*modules) -> Dispatch:
             return _PEFT_HOOKS
         weight = module.weight
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
-            return _peft(f"the weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor",
-                         "peft-weight-type")
+            return _peft(
+                f"the weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor",
+                "peft-weight-type",
+            )
         if weight.device.type == "meta":
             return _peft("a weight is on the meta device (offloaded)", "peft-meta")
     return None
@@ -134,8 +144,16 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     try:  # a valid PEFT layer our op would refuse (a dtype mix, dropout p = 1, ...) runs PEFT's own code
-        prepared = prepare_args(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                self.scaling[adapter], p, self.lora_kernels_backend)
+        prepared = prepare_args(
+            x,
+            weight,
+            base.bias,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            self.scaling[adapter],
+            p,
+            self.lora_kernels_backend,
+        )
     except (TypeError, ValueError) as exc:
         record(self, _peft(str(exc), "peft-dtype" if "dtype" in str(exc) else "peft-args-refused"))
         return peft_forward(x, *args, **kwargs)
@@ -153,9 +171,16 @@ def _fused_class(cls):
     repr() and PEFT's layer status read as PEFT's (explain() shows the fused state), and pickles as
     ``cls`` re-patched on load (torch.save(model), copy.deepcopy)."""
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": _fused_peft_forward, "__reduce_ex__": _reduce_patched, "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__})
+        _FUSED_CLASSES[cls] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "forward": _fused_peft_forward,
+                "__reduce_ex__": _reduce_patched,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            },
+        )
         _FUSED_ORIGINAL[_FUSED_CLASSES[cls]] = cls
     return _FUSED_CLASSES[cls]
 
@@ -269,8 +294,13 @@ def patch_peft(model: nn.Module, backend: str = "auto") -> int:
             fused += 1
     total = fused + sum(left.values())
     summary = "; ".join(f"{why} ({n})" for why, n in left.items())
-    log.log(logging.WARNING if left else logging.INFO, "lora_kernels.patch_peft: %d of %d LoRA layers fused%s",
-            fused, total, f"; on PEFT's path: {summary}" if left else "")
+    log.log(
+        logging.WARNING if left else logging.INFO,
+        "lora_kernels.patch_peft: %d of %d LoRA layers fused%s",
+        fused,
+        total,
+        f"; on PEFT's path: {summary}" if left else "",
+    )
     return fused
 
 
@@ -288,16 +318,21 @@ def unpatch_peft(model: nn.Module) -> int:
 # PEFT's adapter format for models built with LoRALinear / inject_lora.
 # ---------------------------------------------------------------------------------------------
 
-def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
-                      base_model_name_or_path: str = None) -> List[str]:
+
+def save_peft_adapter(
+    model: nn.Module, path: str, *, adapter_name: str = "default", base_model_name_or_path: str = None
+) -> List[str]:
     """Write adapter ``adapter_name`` of the model's LoRA layers as a PEFT adapter that
     ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved.
     Under torch.distributed the first rank writes; with tensor-parallel layers call it on every rank
     (their factors are gathered whole)."""
     from safetensors.torch import save_file
 
-    layers = {name: m.adapter(adapter_name) for name, m in model.named_modules()
-              if isinstance(m, LoRAMixin) and (adapter_name == "default" or adapter_name in m.extra_adapters)}
+    layers = {
+        name: m.adapter(adapter_name)
+        for name, m in model.named_modules()
+        if isinstance(m, LoRAMixin) and (adapter_name == "default" or adapter_name in m.extra_adapters)
+    }
     if not layers:
         raise ValueError(f"model has no LoRA layers with adapter {adapter_name!r} to save (use inject_lora first)")
     dropouts = {m.lora_dropout for m in model.modules() if isinstance(m, LoRAMixin)}
@@ -305,11 +340,20 @@ def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
     if len({a.use_rslora for a in layers.values()}) > 1 or len(dropouts) > 1:
         raise ValueError("PEFT's format has one use_rslora and one dropout per adapter; the layers differ")
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropouts.pop(),
-        "use_rslora": first.use_rslora, "target_modules": sorted(layers), "bias": "none",
-        "fan_in_fan_out": all(model.get_submodule(n).fan_in_fan_out for n in layers), "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropouts.pop(),
+        "use_rslora": first.use_rslora,
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "fan_in_fan_out": all(model.get_submodule(n).fan_in_fan_out for n in layers),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
         "rank_pattern": {n: a.r for n, a in layers.items() if a.r != first.r},
         "alpha_pattern": {n: a.alpha for n, a in layers.items() if a.alpha != first.alpha},
     }
@@ -321,8 +365,7 @@ def save_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
-        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     return sorted(layers)
 
 
@@ -334,8 +377,9 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def load_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "default",
-                      backend: str = "auto") -> List[str]:
+def load_peft_adapter(
+    model: nn.Module, path: str, *, adapter_name: str = "default", backend: str = "auto"
+) -> List[str]:
     """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model or
     one with LoRA layers already: adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers, and
     the weights go into adapter ``adapter_name`` ("default", or a named adapter for mixed batches,
@@ -360,7 +404,7 @@ def load_peft_adapter(model: nn.Module, path: str, *, adapter_name: str = "defau
         state = load_file(weights_file)
     else:
         state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    state = {k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     names = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
     if not names:
         raise ValueError(f"{weights_file} holds no lora_A weights")
@@ -400,19 +444,24 @@ def _full_tensors(model, state, path, adapter_name):
     if not rest:
         return []
     if adapter_name != "default":
-        raise NotImplementedError(f"{path} also holds full tensors ({', '.join(sorted(rest)[:3])}, ...): biases or "
-                                  "modules_to_save are not per adapter; load it as the default adapter")
+        raise NotImplementedError(
+            f"{path} also holds full tensors ({', '.join(sorted(rest)[:3])}, ...): biases or "
+            "modules_to_save are not per adapter; load it as the default adapter"
+        )
     params = dict(model.named_parameters())
     out, unknown = [], []
     for key, value in rest.items():
         name = key.replace(".base_layer.", ".")
         param = params.get(name)
         if param is None or param.shape != value.shape:
-            unknown.append(key if param is None else f"{key} (shape {tuple(value.shape)}, the model's "
-                                                      f"{tuple(param.shape)})")
+            unknown.append(
+                key if param is None else f"{key} (shape {tuple(value.shape)}, the model's {tuple(param.shape)})"
+            )
         else:
             out.append((param, value))
     if unknown:
-        raise ValueError(f"{path} holds tensors that match no parameter of the model: {', '.join(unknown[:5])}"
-                         f"{' ...' if len(unknown) > 5 else ''}")
+        raise ValueError(
+            f"{path} holds tensors that match no parameter of the model: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}"
+        )
     return out

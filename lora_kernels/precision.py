@@ -14,6 +14,7 @@ Two set-ups cover almost all LoRA training today, and both run the fused kernels
 Anything else (say bf16 x with an fp32 W₀ outside autocast, which ``F.linear`` rejects too) is a
 ``TypeError`` naming the arguments and their dtypes; :func:`dtype_mix_error` says why.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -60,11 +61,15 @@ def dtype_mix_error(x, weight, bias, lora_A, lora_B) -> str:
     else a sentence naming the arguments and their dtypes."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype is not x.dtype:
-            return (f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; x, weight and bias must share one "
-                    "dtype (under torch.autocast they are cast to the autocast dtype)")
+            return (
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; x, weight and bias must share one "
+                "dtype (under torch.autocast they are cast to the autocast dtype)"
+            )
     if lora_A.dtype is not lora_B.dtype:
         return f"lora_A has dtype {lora_A.dtype} but lora_B has dtype {lora_B.dtype}; the adapters must share one dtype"
     if not adapters_fit(x.dtype, lora_A.dtype):
-        return (f"lora_A and lora_B have dtype {lora_A.dtype} but x has dtype {x.dtype}; the adapters must have "
-                "x's dtype, or be float32 on a float16/bfloat16 base")
+        return (
+            f"lora_A and lora_B have dtype {lora_A.dtype} but x has dtype {x.dtype}; the adapters must have "
+            "x's dtype, or be float32 on a float16/bfloat16 base"
+        )
     return ""

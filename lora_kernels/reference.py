@@ -16,6 +16,7 @@ Names used throughout the package:
     xa     = s·x_lora·Aᵀ (M, r)   kept from forward for dB; the only M-sized extra that is saved
     g      = dY·B        (M, r)   the rank-r projection of the output gradient
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,8 @@ def _mul_hi_lo(a: int, b):
     """(a·b) >> 32 and (a·b) mod 2³² of 32-bit unsigned a (an int) and b (an int64 tensor), without
     overflowing int64: b is split into 16-bit halves."""
     b_hi, b_lo = b >> 16, b & 0xFFFF
-    lo_part = a * b_lo                                   # < 2⁴⁸
-    mid = a * b_hi + (lo_part >> 16)                     # < 2⁴⁹
+    lo_part = a * b_lo  # < 2⁴⁸
+    mid = a * b_hi + (lo_part >> 16)  # < 2⁴⁹
     return mid >> 16, ((mid & 0xFFFF) << 16 | (lo_part & 0xFFFF)) & _LOW32
 
 
@@ -108,8 +109,8 @@ def dropout_keep(seed: int, M: int, K: int, p: float, device=None):
     c1 = torch.arange(M, dtype=torch.int64, device=device)[:, None].expand(M, groups) & _LOW32
     zero = torch.zeros_like(c0)
     draws = torch.stack(philox4x32(c0, c1, zero, zero, seed & _LOW32, (seed >> 32) & _LOW32), dim=-1)
-    x = draws.reshape(M, groups * 4)[:, :K]               # column 4g + i: output i of group g
-    x = torch.where(x >= 2**31, x - 2**32, x)             # the int32 bit pattern
+    x = draws.reshape(M, groups * 4)[:, :K]  # column 4g + i: output i of group g
+    x = torch.where(x >= 2**31, x - 2**32, x)  # the int32 bit pattern
     x = torch.where(x < 0, -x - 1, x)
     uniform = x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
     return uniform >= torch.tensor(p, dtype=torch.float32)

@@ -8,6 +8,7 @@ warp-specialized kernel fed by a TMA producer, and "wgmma-tma" its single-role k
 
     python3 scripts/bench_cuda_kernels.py [--shapes 4096x4096,...] [--rows 1,16,...] [--reps 50]
 """
+
 import argparse
 import os
 import sys
@@ -31,9 +32,9 @@ def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
     sets = []
     for _ in range(n_sets):
         x = torch.randn(M, K, device="cuda", dtype=dt)
-        w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
-        a = torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5
-        b = torch.randn(N, r, device="cuda", dtype=dt) / r ** 0.5
+        w = torch.randn(N, K, device="cuda", dtype=dt) / K**0.5
+        a = torch.randn(r, K, device="cuda", dtype=dt) / K**0.5
+        b = torch.randn(N, r, device="cuda", dtype=dt) / r**0.5
         dy = torch.randn(M, N, device="cuda", dtype=dt)
         sets.append((x, w, a, b, dy))
     return sets
@@ -41,8 +42,11 @@ def problem(M, K, N, r, n_sets, dt=torch.bfloat16):
 
 # Columns that run with a switch of csrc/ set: y's decode kernel launched after xa's ends instead of
 # overlapping it; the products of at least 256 columns on the wgmma kernels.
-ENV = {"no PDL": {"LORA_KERNELS_PDL": "0"}, "wgmma": {"LORA_KERNELS_WGMMA": "1"},
-       "wgmma-tma": {"LORA_KERNELS_WGMMA": "1", "LORA_KERNELS_WGMMA_LOADS": "tma"}}
+ENV = {
+    "no PDL": {"LORA_KERNELS_PDL": "0"},
+    "wgmma": {"LORA_KERNELS_WGMMA": "1"},
+    "wgmma-tma": {"LORA_KERNELS_WGMMA": "1", "LORA_KERNELS_WGMMA_LOADS": "tma"},
+}
 
 
 def main():
@@ -54,8 +58,10 @@ def main():
     args = ap.parse_args()
     s, r = 2.0, args.rank
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 r={r}  times in µs (graph / eager)")
-    print("| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | cuda fwd, wgmma | cuda fwd, wgmma-tma | triton fwd "
-          "| cuBLAS dX | cuda bwd | cuda bwd, wgmma | cuda bwd, wgmma-tma | triton bwd |")
+    print(
+        "| in×out | M | cuBLAS fwd | cuda fwd | cuda fwd, no PDL | cuda fwd, wgmma | cuda fwd, wgmma-tma | triton fwd "
+        "| cuBLAS dX | cuda bwd | cuda bwd, wgmma | cuda bwd, wgmma-tma | triton bwd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     per_kernel = defaultdict(float)
     for shape in args.shapes.split(","):
@@ -65,8 +71,17 @@ def main():
             sets = problem(M, K, N, r, n_sets)
             # the same call under each switch of ENV ("-" where a wgmma column cannot run)
             cuda_fwd = lambda i: ck.forward(sets[i][0], sets[i][1], None, sets[i][2], sets[i][3], s)  # noqa: E731
-            cuda_bwd = lambda i: ck.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],  # noqa: E731
-                                             sets[i][0][:, :r], s)
+            cuda_bwd = (
+                lambda i: ck.backward(
+                    sets[i][4],
+                    sets[i][0],
+                    sets[i][1],
+                    sets[i][2],
+                    sets[i][3],  # noqa: E731
+                    sets[i][0][:, :r],
+                    s,
+                )
+            )
             fns = {
                 "cuBLAS fwd": lambda i: F.linear(sets[i][0], sets[i][1]),
                 "cuda fwd": cuda_fwd,
@@ -78,8 +93,9 @@ def main():
                 "cuda bwd": cuda_bwd,
                 "cuda bwd, wgmma": cuda_bwd,
                 "cuda bwd, wgmma-tma": cuda_bwd,
-                "triton bwd": lambda i: tk.backward(sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3],
-                                                    sets[i][0][:, :r].contiguous(), s),
+                "triton bwd": lambda i: tk.backward(
+                    sets[i][4], sets[i][0], sets[i][1], sets[i][2], sets[i][3], sets[i][0][:, :r].contiguous(), s
+                ),
             }
             cells = []
             for name, fn in fns.items():
@@ -109,7 +125,7 @@ def main():
                         name = ev.key.split("<")[0].split("(")[0].split("::")[-1]
                         us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
                         per_kernel[(shape, M, setting, name)] += us
-            del sets
+            sets = None  # free the inputs (not del: the closures above refer to it)
     print("\n| in×out | M | setting | kernel | µs (one forward + backward) |")
     print("|---|---|---|---|---|")
     for (shape, M, setting, name), us in per_kernel.items():

@@ -3,6 +3,7 @@ source includes, the Python package, setup files, README, LICENSE) and nothing a
 
     python scripts/check_sdist.py dist/lora_kernels-0.1.0.tar.gz
 """
+
 import re
 import sys
 import tarfile

@@ -9,6 +9,7 @@ launch path (the switch is read at import). Prints one markdown table; --json wr
     python scripts/eager_generate.py                       # on a GPU
     python scripts/eager_generate.py --tiny --device cpu   # dry run of the script itself
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,13 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                vocab_size=256) if args.tiny else dict(hidden_size=4096, intermediate_size=11008,
-                                                       num_attention_heads=32, num_key_value_heads=32,
-                                                       vocab_size=32000)
+    size = (
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+        if args.tiny
+        else dict(
+            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
+        )
+    )
     torch.manual_seed(0)
     config = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=512, **size)
     base = LlamaForCausalLM(config).to(device=args.device, dtype=torch.bfloat16).eval()
@@ -76,15 +80,26 @@ def main():
         patched = tokens_per_second(model, batch, args)
         backends = sorted({report.backend for report in lora_kernels.explain(model)})  # of the last calls
         lora_kernels.unpatch_peft(model)
-        cells.append(dict(batch=batch, unpatched_tok_s=unpatched, patched_tok_s=patched, layers_switched=switched,
-                          backends=backends))
-    print(f"generate(), {args.layers}-layer LLaMA ({'tiny' if args.tiny else '4096 hidden'}), bf16, LoRA r=16, "
-          f"{args.new_tokens} new tokens, torch {torch.__version__}")
+        cells.append(
+            dict(
+                batch=batch,
+                unpatched_tok_s=unpatched,
+                patched_tok_s=patched,
+                layers_switched=switched,
+                backends=backends,
+            )
+        )
+    print(
+        f"generate(), {args.layers}-layer LLaMA ({'tiny' if args.tiny else '4096 hidden'}), bf16, LoRA r=16, "
+        f"{args.new_tokens} new tokens, torch {torch.__version__}"
+    )
     print("| batch | unpatched PEFT tok/s | patched tok/s | patched / unpatched | backends |")
     print("|---:|---:|---:|---:|---|")
     for c in cells:
-        print(f"| {c['batch']} | {c['unpatched_tok_s']:.1f} | {c['patched_tok_s']:.1f} | "
-              f"{c['patched_tok_s'] / c['unpatched_tok_s']:.2f}× | {', '.join(c['backends'])} |")
+        print(
+            f"| {c['batch']} | {c['unpatched_tok_s']:.1f} | {c['patched_tok_s']:.1f} | "
+            f"{c['patched_tok_s'] / c['unpatched_tok_s']:.2f}× | {', '.join(c['backends'])} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(cells, f, indent=1)

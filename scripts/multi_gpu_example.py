@@ -7,6 +7,7 @@ section as a program. On GPUs with NCCL, on CPUs with gloo:
 Every mode prints the loss after each step on the first rank; all of them train the same model
 on the same global batch, so their losses agree with one another (and with --nproc-per-node 1).
 """
+
 import argparse
 import os
 

@@ -11,6 +11,7 @@ against PEFT's own forward (tests/peft_suite/lora_kernels_patch.py):
     python scripts/peft_suite.py                       # reference backend on all files, Triton on two
     python scripts/peft_suite.py --write-baseline      # run unpatched and store the baseline
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,22 @@ def suite_dir(peft_version: str) -> Path:
     target = CACHE / f"peft-{peft_version}"
     if not (target / "tests").is_dir():
         CACHE.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                        f"peft=={peft_version}", "-d", str(CACHE)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"peft=={peft_version}",
+                "-d",
+                str(CACHE),
+            ],
+            check=True,
+        )
         with tarfile.open(CACHE / f"peft-{peft_version}.tar.gz") as archive:
             archive.extractall(CACHE, filter="data")
     (target / "tests" / "__init__.py").touch()  # PEFT's tests import each other relatively
@@ -71,21 +86,44 @@ def suite_dir(peft_version: str) -> Path:
 def run(source: Path, name: str, files: dict, patched: bool, backend: str = "reference") -> dict:
     """Run the files; returns {test id: "passed" | "failed" | "skipped"} and the plugin's report."""
     junit, report = CACHE / f"{name}.xml", CACHE / f"{name}-report.json"
-    env = {**os.environ, "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "LORA_KERNELS_PEFT_BACKEND": backend, "LORA_KERNELS_PEFT_CHECK": "1",
-           "LORA_KERNELS_PEFT_REPORT": str(report)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "LORA_KERNELS_PEFT_BACKEND": backend,
+        "LORA_KERNELS_PEFT_CHECK": "1",
+        "LORA_KERNELS_PEFT_REPORT": str(report),
+    }
     if backend == "triton":
         env["TRITON_INTERPRET"] = "1"
     outcomes = {}
     start = time.time()
     for file, select in files.items():
-        cmd = [sys.executable, "-m", "pytest", f"tests/{file}", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-               "-p", "no_network", "--tb=no", "-rN", f"--junitxml={junit}", "-W", "ignore"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            f"tests/{file}",
+            "-q",
+            "-o",
+            "addopts=",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no_network",
+            "--tb=no",
+            "-rN",
+            f"--junitxml={junit}",
+            "-W",
+            "ignore",
+        ]
         cmd += ["-p", "lora_kernels_patch"] if patched else []
         cmd += ["-k", select] if select else []
         proc = subprocess.run(cmd, cwd=source, env=env, capture_output=True, text=True)
         if proc.returncode not in (0, 1, 5):  # 5: nothing selected; anything else: the run itself broke
-            raise RuntimeError(f"{name}: pytest {file} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{name}: pytest {file} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+            )
         for case in ET.parse(junit).iter("testcase"):
             tags = {child.tag for child in case}
             outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
@@ -114,9 +152,12 @@ def main():
     if args.write_baseline or not baseline_file.exists():
         print(f"unpatched run (no baseline for {ver})", flush=True)
         unpatched = run(source, "unpatched", FILES, patched=False)
-        data = {"versions": ver, "files": FILES, "not_passed": {t: o for t, o in sorted(unpatched.items())
-                                                                 if o != "passed"},
-                "passed": sum(o == "passed" for o in unpatched.values())}
+        data = {
+            "versions": ver,
+            "files": FILES,
+            "not_passed": {t: o for t, o in sorted(unpatched.items()) if o != "passed"},
+            "passed": sum(o == "passed" for o in unpatched.values()),
+        }
         (baseline_file if args.write_baseline else CACHE / baseline_file.name).write_text(json.dumps(data, indent=0))
     else:
         data = json.loads(baseline_file.read_text())
@@ -135,9 +176,12 @@ def main():
         broken = sorted(t for t, o in outcomes.items() if o != "passed" and t not in baseline)
         passed = sum(o == "passed" for o in outcomes.values())
         totals = run.totals[name]
-        print(f"{name}: {passed} passed; {len(broken)} passed unpatched but not patched; "
-              f"{totals.get('fused_calls', 0)} fused calls, {totals.get('checked_calls', 0)} checked against "
-              f"PEFT's forward (largest relative difference {totals.get('max_rel_diff', 0.0):.1e})", flush=True)
+        print(
+            f"{name}: {passed} passed; {len(broken)} passed unpatched but not patched; "
+            f"{totals.get('fused_calls', 0)} fused calls, {totals.get('checked_calls', 0)} checked against "
+            f"PEFT's forward (largest relative difference {totals.get('max_rel_diff', 0.0):.1e})",
+            flush=True,
+        )
         failures += [f"{name}: {t}" for t in broken]
     if failures:
         print("\n".join(failures[:50]))

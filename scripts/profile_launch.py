@@ -1,5 +1,6 @@
 """Where an eager call's host time goes: per-call wall time of the wrappers and the raw launch,
 and a cProfile of the forward and the training step (M = 1, bf16, 4096×4096, r = 16)."""
+
 import cProfile
 import pstats
 import time
@@ -33,15 +34,19 @@ def train():
 
 
 with torch.no_grad():
-    cases = {"F.linear": lambda: torch.nn.functional.linear(x, w),
-             "tk.forward (wrapper, custom op)": lambda: tk.forward(x, w, None, a, b, 2.0),
-             "fused_forward (no custom op)": lambda: tk.lora_forward.fused_forward(x, w, None, a, b, 2.0),
-             "lora_linear no_grad": lambda: lora_kernels.lora_linear(x, w, None, a, b, 2.0, backend="triton")}
+    cases = {
+        "F.linear": lambda: torch.nn.functional.linear(x, w),
+        "tk.forward (wrapper, custom op)": lambda: tk.forward(x, w, None, a, b, 2.0),
+        "fused_forward (no custom op)": lambda: tk.lora_forward.fused_forward(x, w, None, a, b, 2.0),
+        "lora_linear no_grad": lambda: lora_kernels.lora_linear(x, w, None, a, b, 2.0, backend="triton"),
+    }
     for name, fn in cases.items():
         print(f"{name:<36} {per_call_us(fn):8.1f} us/call")
 print(f"{'train step (fwd+bwd+sum)':<36} {per_call_us(train, 200):8.1f} us/call")
-for name, fn in (("forward", lambda: lora_kernels.lora_linear(x.detach(), w, None, a.detach(), b.detach(), 2.0,
-                                                           backend="triton")), ("train", train)):
+for name, fn in (
+    ("forward", lambda: lora_kernels.lora_linear(x.detach(), w, None, a.detach(), b.detach(), 2.0, backend="triton")),
+    ("train", train),
+):
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):

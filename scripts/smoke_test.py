@@ -2,6 +2,7 @@
 Imports the package, lists its backends, runs one lora_linear call with its gradients against plain
 torch, and, where the build had a CUDA torch and nvcc, checks that the extension's ops are
 registered."""
+
 import os
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import lora_kernels
 
 checkout = Path(__file__).resolve().parent.parent
 where = Path(lora_kernels.__file__).resolve()
-assert where.parent != checkout / "lora_kernels" and "site-packages" in where.parts, \
+assert where.parent != checkout / "lora_kernels" and "site-packages" in where.parts, (
     f"imported {where}, not the installed package"
+)
 print(f"lora_kernels {lora_kernels.__version__} from {where.parent}; torch {torch.__version__}")
 print("available backends (cpu):", lora_kernels.available_backends("cpu"))
 x = torch.randn(5, 16, requires_grad=True)

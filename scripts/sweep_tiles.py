@@ -4,6 +4,7 @@ the source of the tables in lora_kernels/triton/_common.py.
 
     python3 scripts/sweep_tiles.py [--quick]
 """
+
 import sys
 import time
 
@@ -23,17 +24,40 @@ def cfg(bm, bn, bk, group, warps, stages):
 GRID = {
     "forward": {
         "small": [cfg(16, bn, bk, 1, 4, st) for bn in (32, 64) for bk in (128, 256) for st in (3, 4)],
-        "mid": [cfg(64, 64, 64, 4, 4, 4), cfg(64, 128, 64, 4, 4, 3), cfg(128, 64, 64, 4, 4, 3),
-                cfg(128, 128, 64, 8, 8, 3), cfg(64, 64, 128, 4, 4, 3), cfg(32, 64, 128, 4, 4, 4)],
-        "large": [cfg(128, 128, 64, 8, 8, 3), cfg(128, 128, 64, 8, 8, 4), cfg(128, 256, 64, 8, 8, 3),
-                  cfg(256, 128, 64, 8, 8, 3), cfg(128, 128, 128, 8, 8, 2), cfg(128, 128, 64, 8, 4, 4)],
+        "mid": [
+            cfg(64, 64, 64, 4, 4, 4),
+            cfg(64, 128, 64, 4, 4, 3),
+            cfg(128, 64, 64, 4, 4, 3),
+            cfg(128, 128, 64, 8, 8, 3),
+            cfg(64, 64, 128, 4, 4, 3),
+            cfg(32, 64, 128, 4, 4, 4),
+        ],
+        "large": [
+            cfg(128, 128, 64, 8, 8, 3),
+            cfg(128, 128, 64, 8, 8, 4),
+            cfg(128, 256, 64, 8, 8, 3),
+            cfg(256, 128, 64, 8, 8, 3),
+            cfg(128, 128, 128, 8, 8, 2),
+            cfg(128, 128, 64, 8, 4, 4),
+        ],
     },
     "dx": {
         "small": [cfg(16, bn, bk, 1, 4, st) for bn in (128, 256) for bk in (32, 64) for st in (3, 4)],
-        "mid": [cfg(64, 64, 64, 4, 4, 4), cfg(64, 128, 64, 4, 4, 3), cfg(128, 64, 64, 4, 4, 3),
-                cfg(128, 64, 128, 8, 8, 3), cfg(32, 128, 64, 4, 4, 4)],
-        "large": [cfg(128, 64, 128, 8, 8, 3), cfg(128, 64, 128, 8, 8, 4), cfg(128, 64, 256, 8, 8, 3),
-                  cfg(128, 128, 128, 8, 8, 3), cfg(256, 64, 128, 8, 8, 3), cfg(128, 64, 128, 8, 4, 4)],
+        "mid": [
+            cfg(64, 64, 64, 4, 4, 4),
+            cfg(64, 128, 64, 4, 4, 3),
+            cfg(128, 64, 64, 4, 4, 3),
+            cfg(128, 64, 128, 8, 8, 3),
+            cfg(32, 128, 64, 4, 4, 4),
+        ],
+        "large": [
+            cfg(128, 64, 128, 8, 8, 3),
+            cfg(128, 64, 128, 8, 8, 4),
+            cfg(128, 64, 256, 8, 8, 3),
+            cfg(128, 128, 128, 8, 8, 3),
+            cfg(256, 64, 128, 8, 8, 3),
+            cfg(128, 64, 128, 8, 4, 4),
+        ],
     },
 }
 CHOSEN = {}
@@ -56,9 +80,9 @@ def main():
     rows = []
     t_start = time.time()
     for K, N in shapes:
-        w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
-        a = torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5
-        b = torch.randn(N, r, device="cuda", dtype=dt) / r ** 0.5
+        w = torch.randn(N, K, device="cuda", dtype=dt) / K**0.5
+        a = torch.randn(r, K, device="cuda", dtype=dt) / K**0.5
+        b = torch.randn(N, r, device="cuda", dtype=dt) / r**0.5
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=dt)
             dy = torch.randn(M, N, device="cuda", dtype=dt)
@@ -69,8 +93,11 @@ def main():
                 for c in GRID[kernel][bucket(M)]:
                     CHOSEN.clear()
                     CHOSEN[kernel] = c
-                    fn = (lambda: tk.forward(x, w, None, a, b, s)) if kernel == "forward" else \
-                        (lambda: tk.backward(dy, x, w, a, b, xa, s))
+                    fn = (
+                        (lambda: tk.forward(x, w, None, a, b, s))
+                        if kernel == "forward"
+                        else (lambda: tk.backward(dy, x, w, a, b, xa, s))
+                    )
                     try:
                         results.append((graph_ms(fn), c))
                     except Exception as exc:  # noqa: BLE001
@@ -79,9 +106,12 @@ def main():
                 best_ms, best = results[0]
                 knobs = tuple(best[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"))
                 rows.append((kernel, K, N, M, base[kernel], best_ms, knobs, results[-1][0]))
-                print(f"{kernel:<8} {K:>6}x{N:<6} M={M:<5} cublas {base[kernel]:.4f}  best {best_ms:.4f} "
-                      f"({best_ms / base[kernel]:.2f}x) {knobs}  worst {results[-1][0]:.4f}  "
-                      f"[{time.time() - t_start:.0f}s]", flush=True)
+                print(
+                    f"{kernel:<8} {K:>6}x{N:<6} M={M:<5} cublas {base[kernel]:.4f}  best {best_ms:.4f} "
+                    f"({best_ms / base[kernel]:.2f}x) {knobs}  worst {results[-1][0]:.4f}  "
+                    f"[{time.time() - t_start:.0f}s]",
+                    flush=True,
+                )
     print("\nkernel    shape          M      cuBLAS ms  best ms  ×cuBLAS  config (BM,BN,BK,G,warps,stages)")
     for kernel, K, N, M, base, best, knobs, _ in rows:
         print(f"{kernel:<8} {K:>6}x{N:<6} {M:>5}  {base:9.4f} {best:8.4f}  {best / base:6.2f}  {knobs}")

@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run under the interpreter; that must be decided before triton is
 first imported, so it happens here.
 """
+
 import os
 
 import torch
@@ -36,23 +37,27 @@ def assert_close(out, ref, dtype, what="", magnitude=None):
     values, i.e. the size of the terms summed), ≤ tol·‖magnitude‖: the standard bound for sums
     with cancellation, used where shapes are arbitrary (a single output can cancel to ~0)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref) if magnitude is None else rel_err(out, ref) * ref.norm().item() / max(
-        magnitude.double().norm().item(), 1e-300)
+    err = (
+        rel_err(out, ref)
+        if magnitude is None
+        else rel_err(out, ref) * ref.norm().item() / max(magnitude.double().norm().item(), 1e-300)
+    )
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3e} > {REL_TOL[dtype]:.0e} ({dtype})"
 
 
 def make_problem(M, K, N, r, dtype, bias=True, lead=(), device=DEVICE, scale=2.0):
     """Fresh random inputs sized so the LoRA term is as large as the base term."""
     x = torch.randn(*lead, M, K, dtype=dtype, device=device)
-    w = torch.randn(N, K, dtype=dtype, device=device) / K ** 0.5
+    w = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
     b = torch.randn(N, dtype=dtype, device=device) if bias else None
-    a = torch.randn(r, K, dtype=dtype, device=device) / K ** 0.5
-    bb = torch.randn(N, r, dtype=dtype, device=device) / r ** 0.5
+    a = torch.randn(r, K, dtype=dtype, device=device) / K**0.5
+    bb = torch.randn(N, r, dtype=dtype, device=device) / r**0.5
     return x, w, b, a, bb, scale
 
 
-def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False, strided_x=False,
-                                dropout_p=0.0, adapter_dtype=None):
+def backend_contract_vs_float64(
+    ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lora_given=False, strided_x=False, dropout_p=0.0, adapter_dtype=None
+):
     """A backend module's forward and backward (the 2-D contract of lora_kernels.reference) against
     the same functions in float64, every output: y, xa, dX, dA, dB, g. ``strided_x``: x is a column
     slice of a wider tensor (row stride ≠ K, start not 16-byte aligned). ``dropout_p``: the
@@ -63,7 +68,7 @@ def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lor
     adapter_dtype = adapter_dtype or dtype
     a, bb = a.to(adapter_dtype), bb.to(adapter_dtype)
     if strided_x:
-        x = torch.randn(M, K + 8, dtype=dtype, device=x.device)[:, 3:3 + K]
+        x = torch.randn(M, K + 8, dtype=dtype, device=x.device)[:, 3 : 3 + K]
     x_lora = x * (torch.rand_like(x) > 0.3).to(dtype) if x_lora_given else None
     dy = torch.randn(M, N, dtype=dtype, device=x.device)
     fused = {}
@@ -71,8 +76,9 @@ def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lor
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
         fused = {"dropout_p": dropout_p, "seed": torch.tensor([seed], dtype=torch.int64, device=x.device)}
     y, xa = ops.forward(x, w, b, a, bb, s, x_lora=x_lora, **fused)
-    dx, da, db, g = ops.backward(dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx,
-                                 **fused)
+    dx, da, db, g = ops.backward(
+        dy, x if x_lora is None else x_lora, w, a, bb, xa, s, fuse_lora_dx=fuse_lora_dx, **fused
+    )
     f64 = [t.double() if t is not None else None for t in (x, w, b, a, bb, dy)]
     xl64 = f64[0] if x_lora is None else x_lora.double()
     mask = 1.0
@@ -80,12 +86,19 @@ def backend_contract_vs_float64(ops, M, K, N, r, dtype, fuse_lora_dx=True, x_lor
         mask = lora_kernels.reference.dropout_keep(seed, M, K, dropout_p, device=x.device) / (1 - dropout_p)
         xl64 = xl64 * mask
     y_ref, xa_ref = lora_kernels.reference.forward(*f64[:5], s, x_lora=xl64)
-    dx_ref, da_ref, db_ref, g_ref = lora_kernels.reference.backward(f64[5], xl64, f64[1], f64[3], f64[4], xa_ref, s,
-                                                                    False)
+    dx_ref, da_ref, db_ref, g_ref = lora_kernels.reference.backward(
+        f64[5], xl64, f64[1], f64[3], f64[4], xa_ref, s, False
+    )
     if fuse_lora_dx:  # the LoRA share of dX, through the dropout mask
         dx_ref += mask * (s * g_ref @ f64[3])
-    for out, ref, what in ((y, y_ref, "y"), (xa, xa_ref, "xa"), (dx, dx_ref, "dx"), (da, da_ref, "dA"),
-                           (db, db_ref, "dB"), (g, g_ref, "g")):
+    for out, ref, what in (
+        (y, y_ref, "y"),
+        (xa, xa_ref, "xa"),
+        (dx, dx_ref, "dx"),
+        (da, da_ref, "dA"),
+        (db, db_ref, "dB"),
+        (g, g_ref, "g"),
+    ):
         assert out.dtype == (adapter_dtype if what in ("dA", "dB") else dtype), (what, out.dtype)
         assert_close(out, ref, dtype, what)
 
@@ -98,8 +111,9 @@ def reference_grads(x, w, b, a, bb, scale, dy, mask=None, magnitude=False):
     f = (lambda t: t.detach().double().abs()) if magnitude else (lambda t: t.detach().double())
     x64, a64, b64 = (f(t).requires_grad_() for t in (x, a, bb))
     bias64 = None if b is None else f(b).requires_grad_()
-    y = lora_kernels.lora_linear_reference(x64, f(w), bias64, a64, b64, abs(scale) if magnitude else scale,
-                                           None if mask is None else f(mask))
+    y = lora_kernels.lora_linear_reference(
+        x64, f(w), bias64, a64, b64, abs(scale) if magnitude else scale, None if mask is None else f(mask)
+    )
     y.backward(f(dy))
     return y, x64.grad, a64.grad, b64.grad, None if b is None else bias64.grad
 
@@ -108,8 +122,9 @@ def lora_mlp(sizes=(32, 48, 32), backend="auto", dropout=0.0, device=DEVICE):
     """Linear-GELU-Linear with LoRA on both linears, only LoRA trainable, B non-zero (as if trained),
     the same on every call (and in every process)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.GELU(),
-                                torch.nn.Linear(sizes[1], sizes[2])).to(device)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], sizes[1]), torch.nn.GELU(), torch.nn.Linear(sizes[1], sizes[2])
+    ).to(device)
     lora_kernels.inject_lora(model, ["0", "2"], r=4, alpha=8, dropout=dropout, backend=backend)
     lora_kernels.mark_only_lora_as_trainable(model)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The benchmark's report on synthetic results: its statistics (ratios of medians with an interval,
 noise flagged), the summary's width, and the images it writes."""
+
 import sys
 from pathlib import Path
 
@@ -28,9 +29,20 @@ def layer_rows():
     rows = []
     for M in (1, 16, 128):
         for impl, f in (("base", 1.0), ("peft", 1.8), ("lora_kernels[triton]", 1.1)):
-            rows.append(dict(K=64, N=64, M=M, r=16, impl=impl, dtype="bfloat16", n_input_sets=2,
-                             fwd=dict(eager=timing(f * M, 0.01 * M), graph=timing(f * M * 0.5, 0.002 * M)),
-                             train=dict(eager=timing(2 * f * M, 0.02 * M), graph=None), train_peak_mb=10.0 * M))
+            rows.append(
+                dict(
+                    K=64,
+                    N=64,
+                    M=M,
+                    r=16,
+                    impl=impl,
+                    dtype="bfloat16",
+                    n_input_sets=2,
+                    fwd=dict(eager=timing(f * M, 0.01 * M), graph=timing(f * M * 0.5, 0.002 * M)),
+                    train=dict(eager=timing(2 * f * M, 0.02 * M), graph=None),
+                    train_peak_mb=10.0 * M,
+                )
+            )
     return rows
 
 
@@ -38,21 +50,50 @@ def table1_rows():
     rows = []
     for variant, f in ((report.MERGED, 1.0), ("AdapterL", 1.3), ("LoRA r=4 Wq,Wv: lora_kernels (auto)", 1.01)):
         for batch, seq in ((32, 512), (1, 128)):
-            rows.append(dict(dtype="float16", variant=variant, batch=batch, seq=seq, params=0 if f == 1 else 5e5,
-                             eager=timing(10 * f, 0.5), graph=None, reduced=False))
+            rows.append(
+                dict(
+                    dtype="float16",
+                    variant=variant,
+                    batch=batch,
+                    seq=seq,
+                    params=0 if f == 1 else 5e5,
+                    eager=timing(10 * f, 0.5),
+                    graph=None,
+                    reduced=False,
+                )
+            )
     return rows
 
 
 @pytest.fixture
 def results(monkeypatch, tmp_path):
-    results = {"layer": layer_rows(), "table1": table1_rows(), "features": [
-        dict(case="dropout", impl="p=0", K=64, N=64, M=16, r=16, eager=timing(1.0, 0.01), graph=None),
-        dict(case="dropout", impl="p=0.1", K=64, N=64, M=16, r=16, eager=timing(1.2, 0.01), graph=None)],
-        "host": [dict(stage=stage, M=M, K=64, N=64, r=16, us=timing(us * M, 0.1))
-                 for M in (1, 32) for stage, us in (("prepare_args", 4.0), ("training: lora_linear with a long name", 300.0))]}
+    results = {
+        "layer": layer_rows(),
+        "table1": table1_rows(),
+        "features": [
+            dict(case="dropout", impl="p=0", K=64, N=64, M=16, r=16, eager=timing(1.0, 0.01), graph=None),
+            dict(case="dropout", impl="p=0.1", K=64, N=64, M=16, r=16, eager=timing(1.2, 0.01), graph=None),
+        ],
+        "host": [
+            dict(stage=stage, M=M, K=64, N=64, r=16, us=timing(us * M, 0.1))
+            for M in (1, 32)
+            for stage, us in (("prepare_args", 4.0), ("training: lora_linear with a long name", 300.0))
+        ],
+    }
     monkeypatch.setattr(report, "RESULTS", results)
-    info = RunInfo(device="cpu", reduced=True, shapes=[(64, 64)], ms=[1, 16, 128], ranks=[16], dtype=torch.bfloat16,
-                   impls=None, reps=5, trials=5, table1_dtypes=[torch.float16], results_dir=str(tmp_path))
+    info = RunInfo(
+        device="cpu",
+        reduced=True,
+        shapes=[(64, 64)],
+        ms=[1, 16, 128],
+        ranks=[16],
+        dtype=torch.bfloat16,
+        impls=None,
+        reps=5,
+        trials=5,
+        table1_dtypes=[torch.float16],
+        results_dir=str(tmp_path),
+    )
     info.meta = dict(device="synthetic", mode="test", torch="x", triton="y", cuda=None, date="today", commit="c0ffee")
     return results, info
 
@@ -81,8 +122,13 @@ def test_images_are_written_with_their_stamp(results):
     _, info = results
     paths = report.write_report(info)
     names = sorted(Path(p).name for p in paths)
-    assert names == ["cpu-reduced-layer.png", "cpu-reduced-memory.png", "cpu-reduced-table1.png", "cpu-reduced.json",
-                     "cpu-reduced.md"]
+    assert names == [
+        "cpu-reduced-layer.png",
+        "cpu-reduced-memory.png",
+        "cpu-reduced-table1.png",
+        "cpu-reduced.json",
+        "cpu-reduced.md",
+    ]
     assert all(Path(p).stat().st_size > 10_000 for p in paths if p.endswith(".png"))
 
 
@@ -90,7 +136,6 @@ def test_ratios_plotted_are_the_tables(results, monkeypatch):
     """The layer image draws, per implementation, the same ratios the table prints."""
     pytest.importorskip("matplotlib")
     import matplotlib.axes
-
     import plots
 
     drawn = []

@@ -1,9 +1,10 @@
 """Bad input gets a clear error that names the argument."""
+
 import pytest
 import torch
+from conftest import make_problem
 
 from lora_kernels import LoRALinear, lora_linear
-from conftest import make_problem
 
 
 def args(**override):
@@ -13,19 +14,22 @@ def args(**override):
     return kw
 
 
-@pytest.mark.parametrize("override, error, pattern", [
-    (dict(x=torch.randn(4, 9)), ValueError, "x has 9 features"),
-    (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A must have shape"),
-    (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must have shape"),
-    (dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), ValueError, "r=0"),
-    (dict(bias=torch.randn(7)), ValueError, "bias must have shape"),
-    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
-    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must be a floating-point"),
-    (dict(lora_A=[[1.0]]), TypeError, "lora_A must be a torch.Tensor"),
-    (dict(scale=float("nan")), ValueError, "scale must be finite"),
-    (dict(scale="2"), TypeError, "scale must be a real number"),
-    (dict(weight=torch.randn(6, 8, device="meta")), ValueError, "weight is on meta"),
-])
+@pytest.mark.parametrize(
+    "override, error, pattern",
+    [
+        (dict(x=torch.randn(4, 9)), ValueError, "x has 9 features"),
+        (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A must have shape"),
+        (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B must have shape"),
+        (dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), ValueError, "r=0"),
+        (dict(bias=torch.randn(7)), ValueError, "bias must have shape"),
+        (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
+        (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+        (dict(lora_A=[[1.0]]), TypeError, "lora_A must be a torch.Tensor"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(scale="2"), TypeError, "scale must be a real number"),
+        (dict(weight=torch.randn(6, 8, device="meta")), ValueError, "weight is on meta"),
+    ],
+)
 def test_bad_arguments(override, error, pattern):
     with pytest.raises(error, match=pattern):
         lora_linear(**args(**override))

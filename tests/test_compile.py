@@ -1,11 +1,12 @@
 """torch.compile without graph breaks, torch.library.opcheck on every custom op, CUDA-graph capture."""
+
 import copy
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, lora_mlp, make_problem
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, lora_mlp, make_problem
 
 
 def lora_model(backend, dropout=0.0):
@@ -48,8 +49,9 @@ def test_compiled_graph_holds_the_kernel_as_one_op(backend):
         return gm
 
     x, w, b, a, bb, s = make_problem(6, 32, 24, 4, torch.float32)
-    fn = torch.compile(lambda x: lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend), fullgraph=True,
-                       backend=record)
+    fn = torch.compile(
+        lambda x: lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend), fullgraph=True, backend=record
+    )
     assert_close(fn(x), lora_kernels.lora_linear_reference(x, w, b, a, bb, s).double(), torch.float32, "y")
     assert f"lora_kernels.{backend}_forward.default" in targets, targets
 
@@ -81,8 +83,11 @@ def test_opcheck(backend, forward_op, backward_op, dtype):
     torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, True))
     torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, False))
     # multi-adapter batches: two stacked adapters of rank 4, row ids in [-1, 2)
-    adapters = {"adapter_ids": torch.randint(-1, 2, (9,), dtype=torch.int32, device=DEVICE),
-                "adapter_scales": torch.tensor([0.5, 2.0], device=DEVICE), "adapter_rank": 4}
+    adapters = {
+        "adapter_ids": torch.randint(-1, 2, (9,), dtype=torch.int32, device=DEVICE),
+        "adapter_scales": torch.tensor([0.5, 2.0], device=DEVICE),
+        "adapter_rank": 4,
+    }
     torch.library.opcheck(forward_op, (x, w, b, a, bb, s, None), adapters)
     y, xa = forward_op(x, w, b, a, bb, s, None, **adapters)
     torch.library.opcheck(backward_op, (dy, x, w, a, bb, xa, s, True), adapters)
@@ -126,9 +131,9 @@ def test_cuda_graph_replay_draws_a_new_dropout_mask(backend):
     torch.manual_seed(0)
     M, K, N, r, p, s = 64, 48, 40, 8, 0.5, 2.0
     x = torch.randn(M, K, device="cuda", requires_grad=True)
-    w = torch.randn(N, K, device="cuda") / K ** 0.5
-    a = (torch.randn(r, K, device="cuda") / K ** 0.5).requires_grad_()
-    b = (torch.randn(N, r, device="cuda") / r ** 0.5).requires_grad_()
+    w = torch.randn(N, K, device="cuda") / K**0.5
+    a = (torch.randn(r, K, device="cuda") / K**0.5).requires_grad_()
+    b = (torch.randn(N, r, device="cuda") / r**0.5).requires_grad_()
 
     def step():
         y = lora_kernels.lora_linear(x, w, None, a, b, s, dropout_p=p, backend=backend)
@@ -159,5 +164,9 @@ def test_cuda_graph_replay_draws_a_new_dropout_mask(backend):
         # (bf16's bound: the identity of the mask is checked, which a different one breaks by O(1))
         assert_close(da_r, torch.outer(g, v), torch.bfloat16, "dA's rows, one mask")
         lora_rows_sum = (y_r.double() - x.detach().double() @ w.double().t()).sum(0)
-        assert_close(lora_rows_sum.float(), v @ a.detach().double().t() @ b.detach().double().t(), torch.bfloat16,
-                     "forward's LoRA term, the backward's mask")
+        assert_close(
+            lora_rows_sum.float(),
+            v @ a.detach().double().t() @ b.detach().double().t(),
+            torch.bfloat16,
+            "forward's LoRA term, the backward's mask",
+        )

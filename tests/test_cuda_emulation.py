@@ -11,6 +11,7 @@ emulator's shared-memory checks (bounds, alignment, races; see emulator.h), and 
 between NaN guard regions: a read past its end turns the result into NaN, a write past it changes
 the guard. On a GPU, tests/test_cuda_extension.py runs the real thing.
 """
+
 import ctypes
 import hashlib
 import os
@@ -22,13 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from lora_kernels.reference import dropout_keep
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / "csrc").glob("*.c*")) + sorted((ROOT / "csrc").glob("*.h")) + sorted(
-    (ROOT / "tests" / "cuda_emulation").glob("*"))
+SOURCES = (
+    sorted((ROOT / "csrc").glob("*.c*"))
+    + sorted((ROOT / "csrc").glob("*.h"))
+    + sorted((ROOT / "tests" / "cuda_emulation").glob("*"))
+)
 CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SIMT, TENSOR_CORE, DECODE, WGMMA = 0, 1, 2, 3
@@ -41,22 +45,63 @@ def build_library():
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [shutil.which("g++") or "g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC",
-               f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_emulation" / "emulated_gemm.cpp"),
-               "-o", str(tmp)]
+        cmd = [
+            shutil.which("g++") or "g++",
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            f"-I{CUDA_INCLUDE}",
+            f"-I{ROOT / 'csrc'}",
+            str(ROOT / "tests" / "cuda_emulation" / "emulated_gemm.cpp"),
+            "-o",
+            str(tmp),
+        ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         tmp.rename(out)
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    gemm_args = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.POINTER(i64), ctypes.c_float,
-                 ctypes.c_float, ptr, ptr, ptr, i64, i64, ctypes.c_bool]
+    gemm_args = [
+        ctypes.c_int,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ctypes.POINTER(i64),
+        ctypes.c_float,
+        ctypes.c_float,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ctypes.c_bool,
+    ]
     for entry in (lib.emulated_gemm, lib.chosen_kernel, lib.workspace_elems):
         entry.argtypes = gemm_args
     lib.workspace_elems.restype = i64
     lib.emulation_error.restype = ctypes.c_char_p
     lib.emulated_launches.argtypes = [ctypes.POINTER(i64), ctypes.c_int]
-    lib.emulated_dropout.argtypes = [ctypes.c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr, ctypes.c_double,
-                                     ctypes.c_bool]
+    lib.emulated_dropout.argtypes = [
+        ctypes.c_int,
+        i64,
+        i64,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        ctypes.c_double,
+        ctypes.c_bool,
+    ]
     return lib
 
 
@@ -64,7 +109,7 @@ def launches(lib):
     """The emulated launches since the last call: (grid x, y, z, threads per block) each."""
     out = (ctypes.c_int64 * 64)()
     count = lib.emulated_launches(out, 16)
-    return [tuple(out[4 * i:4 * i + 4]) for i in range(min(count, 16))]
+    return [tuple(out[4 * i : 4 * i + 4]) for i in range(min(count, 16))]
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +135,28 @@ class Gemm:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         M, N, K = C.shape[0], C.shape[1], P.shape[1]
         ids, scales, rank = adapters if adapters is not None else (None, None, 0)
-        args = lambda workspace: (dtype, M, N, K, K2, ptr(P), ptr(Q), ptr(P2), ptr(Q2), ptr(bias), ptr(C),  # noqa: E731
-                                  (ctypes.c_int64 * 10)(*strides), alpha, alpha2, ptr(workspace), ptr(ids),
-                                  ptr(scales), 0 if scales is None else scales.numel(), rank, overlap_prior)
+        args = lambda workspace: (
+            dtype,
+            M,
+            N,
+            K,
+            K2,
+            ptr(P),
+            ptr(Q),
+            ptr(P2),
+            ptr(Q2),
+            ptr(bias),
+            ptr(C),  # noqa: E731
+            (ctypes.c_int64 * 10)(*strides),
+            alpha,
+            alpha2,
+            ptr(workspace),
+            ptr(ids),
+            ptr(scales),
+            0 if scales is None else scales.numel(),
+            rank,
+            overlap_prior,
+        )
         scratch = self.lib.workspace_elems(*args(None))
         workspace = poisoned(scratch, dtype=torch.float32) if scratch else None
         launches(self.lib)  # (forget earlier ones)
@@ -117,7 +181,7 @@ def guarded(t):
     (integer tensors: the most negative value)."""
     poison = float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min
     buffer = torch.full((t.numel() + 2 * GUARD,), poison, dtype=t.dtype)
-    inner = buffer[GUARD:GUARD + t.numel()].view(t.shape)
+    inner = buffer[GUARD : GUARD + t.numel()].view(t.shape)
     return inner.copy_(t)
 
 
@@ -137,8 +201,18 @@ def poisoned(*shape, dtype):
 
 def launch_dropout(lib, out, src, seed, p, accumulate=False):
     """out = keep ⊙ src / (1 − p) (+ out) through the emulated launch_dropout; seed: int64 (1,)."""
-    err = lib.emulated_dropout(DTYPE_CODE[out.dtype], src.shape[0], src.shape[1], src.data_ptr(), *src.stride(),
-                               out.data_ptr(), out.stride(0), seed.data_ptr(), p, accumulate)
+    err = lib.emulated_dropout(
+        DTYPE_CODE[out.dtype],
+        src.shape[0],
+        src.shape[1],
+        src.data_ptr(),
+        *src.stride(),
+        out.data_ptr(),
+        out.stride(0),
+        seed.data_ptr(),
+        p,
+        accumulate,
+    )
     assert err == 0, f"launch_dropout returned cudaError {err}"
     problem = lib.emulation_error().decode()
     assert not problem, problem
@@ -152,20 +226,29 @@ def run_forward_backward(gemm, x, w, b, a, bb, s, dy, adapters=None, dropout=Non
     and dX = dY·W₀ then + keep ⊙ s·g·A / (1 − p) (launch_dropout's accumulate)."""
     M, N, R = x.shape[0], w.shape[0], a.shape[0]
     dropped = lambda: launch_dropout(gemm.lib, poisoned(*x.shape, dtype=x.dtype), x, *dropout)  # noqa: E731
-    x_lora = x if dropout is None else dropped()                                           # forward's scratch
-    xa = gemm(poisoned(M, R, dtype=x.dtype), x_lora, a.t(), s, adapters=adapters)         # xa = s·x·Aᵀ
-    y = gemm(poisoned(M, N, dtype=x.dtype), x, w.t(), 1.0, xa, bb.t(), 1.0, b,            # y = x·W₀ᵀ + xa·Bᵀ + b
-             overlap_prior=True)  # as bindings.cpp launches it on sm_90+
-    g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0, adapters=adapters)               # g = dY·B
+    x_lora = x if dropout is None else dropped()  # forward's scratch
+    xa = gemm(poisoned(M, R, dtype=x.dtype), x_lora, a.t(), s, adapters=adapters)  # xa = s·x·Aᵀ
+    y = gemm(
+        poisoned(M, N, dtype=x.dtype),
+        x,
+        w.t(),
+        1.0,
+        xa,
+        bb.t(),
+        1.0,
+        b,  # y = x·W₀ᵀ + xa·Bᵀ + b
+        overlap_prior=True,
+    )  # as bindings.cpp launches it on sm_90+
+    g = gemm(poisoned(M, R, dtype=x.dtype), dy, bb, 1.0, adapters=adapters)  # g = dY·B
     if dropout is None:
-        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)                  # dX = dY·W₀ + s·g·A
+        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0, g, a, s)  # dX = dY·W₀ + s·g·A
     else:
-        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0)                           # dY·W₀ ...
-        lora_dx = gemm(poisoned(*x.shape, dtype=x.dtype), g, a, s)                         # ... + keep ⊙ s·g·A
+        dx = gemm(poisoned(*x.shape, dtype=x.dtype), dy, w, 1.0)  # dY·W₀ ...
+        lora_dx = gemm(poisoned(*x.shape, dtype=x.dtype), g, a, s)  # ... + keep ⊙ s·g·A
         launch_dropout(gemm.lib, dx, lora_dx, *dropout, accumulate=True)
-        x_lora = dropped()                                                                 # backward's scratch
-    da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x_lora, s)                         # dA = s·gᵀ·x
-    db = gemm(poisoned(*bb.shape, dtype=x.dtype), dy.t(), xa, 1.0)                         # dB = dYᵀ·xa
+        x_lora = dropped()  # backward's scratch
+    da = gemm(poisoned(*a.shape, dtype=x.dtype), g.t(), x_lora, s)  # dA = s·gᵀ·x
+    db = gemm(poisoned(*bb.shape, dtype=x.dtype), dy.t(), xa, 1.0)  # dB = dYᵀ·xa
     return xa, y, g, dx, da, db
 
 
@@ -175,10 +258,10 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0, dropout
     n_adapters stacked adapters and each row of x has a random one (or none). dropout_p > 0: with
     dropout from a seed, against reference.dropout_keep's mask."""
     x = guarded(torch.randn(M, K, dtype=dtype)) if x is None else x
-    w = guarded((torch.randn(N, K) / K ** 0.5).to(dtype))
+    w = guarded((torch.randn(N, K) / K**0.5).to(dtype))
     b = guarded(torch.randn(N).to(dtype))
-    a = guarded((torch.randn(R, K) / K ** 0.5).to(dtype))
-    bb = guarded((torch.randn(N, R) / R ** 0.5).to(dtype))
+    a = guarded((torch.randn(R, K) / K**0.5).to(dtype))
+    bb = guarded((torch.randn(N, R) / R**0.5).to(dtype))
     dy = guarded(torch.randn(M, N).to(dtype))
     s = 2.0
     keep, adapters = torch.ones(M, R, dtype=torch.float64), None
@@ -199,11 +282,17 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0, dropout
     xl = d(x) * mask
     expected = {
         "xa": (xa, keep * (s * xl @ d(a).t()), keep.abs() * (s * xl.abs() @ d(a).abs().t())),
-        "y": (y, d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
-              d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs()),
+        "y": (
+            y,
+            d(x) @ d(w).t() + d(xa) @ d(bb).t() + d(b),
+            d(x).abs() @ d(w).abs().t() + d(xa).abs() @ d(bb).abs().t() + d(b).abs(),
+        ),
         "g": (g, keep * (d(dy) @ d(bb)), keep.abs() * (d(dy).abs() @ d(bb).abs())),
-        "dx": (dx, d(dy) @ d(w) + mask * (s * d(g) @ d(a)),
-               d(dy).abs() @ d(w).abs() + mask * (s * d(g).abs() @ d(a).abs())),
+        "dx": (
+            dx,
+            d(dy) @ d(w) + mask * (s * d(g) @ d(a)),
+            d(dy).abs() @ d(w).abs() + mask * (s * d(g).abs() @ d(a).abs()),
+        ),
         "dA": (da, s * d(g).t() @ xl, s * d(g).abs().t() @ xl.abs()),
         "dB": (db, d(dy).t() @ d(xa), d(dy).abs().t() @ d(xa).abs()),
     }
@@ -215,20 +304,20 @@ def check_against_float64(gemm, M, K, N, R, dtype, x=None, n_adapters=0, dropout
 # (M, K, N, R): decode sizes (M ≤ 32), both tensor-core tile configs, ragged edges everywhere,
 # K not a multiple of 8 (element-wise staging instead of cp.async), r = 1 and r = 4 (unaligned B).
 SHAPES = [
-    (1, 136, 72, 8),      # decode; backward products on 64×64 tensor-core tiles
-    (3, 50, 33, 1),       # decode with K % 8 ≠ 0 (scalar tails), r = 1
-    (16, 264, 40, 16),    # decode, K-split columns (N < 2048)
-    (32, 64, 24, 8),      # decode's largest M
-    (37, 88, 70, 4),      # tensor cores, 64×64 tiles, every edge ragged, r = 4
-    (67, 50, 45, 12),     # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
-    (300, 72, 264, 16),   # tensor cores, 128×128 tiles (M, N > 256); gᵀ·x and dYᵀ·xa split over M
-    (40, 520, 64, 8),     # x·Aᵀ split along K
-    (8, 64, 264, 8),      # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A; y on tensor cores
-    (8, 64, 128, 128),    # dX split exactly where dY·W₀'s tiles end and g·A's begin (r = 128)
-    (2, 520, 270, 4),     # decode on tensor cores (16-bit, N ≥ 256): one x tile, 17 K slices
-    (19, 136, 300, 8),    # decode on tensor cores: three x tiles, 128 columns per block, the last K slice 8 wide
-    (32, 264, 257, 16),   # decode on tensor cores: four x tiles, a block with one column
-    (24, 1040, 264, 8),   # decode on tensor cores at M > 8 split along K over 4 blocks, then split_k_reduce
+    (1, 136, 72, 8),  # decode; backward products on 64×64 tensor-core tiles
+    (3, 50, 33, 1),  # decode with K % 8 ≠ 0 (scalar tails), r = 1
+    (16, 264, 40, 16),  # decode, K-split columns (N < 2048)
+    (32, 64, 24, 8),  # decode's largest M
+    (37, 88, 70, 4),  # tensor cores, 64×64 tiles, every edge ragged, r = 4
+    (67, 50, 45, 12),  # tensor cores with element-wise staging (K = 50: rows not 16-byte aligned)
+    (300, 72, 264, 16),  # tensor cores, 128×128 tiles (M, N > 256); gᵀ·x and dYᵀ·xa split over M
+    (40, 520, 64, 8),  # x·Aᵀ split along K
+    (8, 64, 264, 8),  # dX = dY·W₀ + s·g·A split along N, one split crossing into g·A; y on tensor cores
+    (8, 64, 128, 128),  # dX split exactly where dY·W₀'s tiles end and g·A's begin (r = 128)
+    (2, 520, 270, 4),  # decode on tensor cores (16-bit, N ≥ 256): one x tile, 17 K slices
+    (19, 136, 300, 8),  # decode on tensor cores: three x tiles, 128 columns per block, the last K slice 8 wide
+    (32, 264, 257, 16),  # decode on tensor cores: four x tiles, a block with one column
+    (24, 1040, 264, 8),  # decode on tensor cores at M > 8 split along K over 4 blocks, then split_k_reduce
 ]
 
 
@@ -236,15 +325,25 @@ SHAPES = [
 # fp32 they run the warp-per-row decode and the SIMT kernel, as the shapes above do, and cost most of
 # the emulation's time (2–3 min each under the emulator's OS threads on a 2-core machine), so they run
 # in 16-bit only.
-SIXTEEN_BIT_ONLY = {(8, 64, 264, 8), (8, 64, 128, 128), (2, 520, 270, 4), (19, 136, 300, 8), (32, 264, 257, 16),
-                    (24, 1040, 264, 8)}
+SIXTEEN_BIT_ONLY = {
+    (8, 64, 264, 8),
+    (8, 64, 128, 128),
+    (2, 520, 270, 4),
+    (19, 136, 300, 8),
+    (32, 264, 257, 16),
+    (24, 1040, 264, 8),
+}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def shape_dtype_cases(shapes):
     """(shape, dtype) for every dtype, fp32 left out for the SIXTEEN_BIT_ONLY shapes."""
-    return [pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{dtype}") for shape in shapes
-            for dtype in DTYPES if not (dtype == torch.float32 and shape in SIXTEEN_BIT_ONLY)]
+    return [
+        pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{dtype}")
+        for shape in shapes
+        for dtype in DTYPES
+        if not (dtype == torch.float32 and shape in SIXTEEN_BIT_ONLY)
+    ]
 
 
 @pytest.mark.parametrize("shape, dtype", shape_dtype_cases(SHAPES))
@@ -271,10 +370,10 @@ def test_emulated_kernels_match_float64(lib, shape, dtype):
 # (M, K, N, n_adapters · rank, n_adapters): the mask in each kernel's epilogue (both decode variants,
 # tensor cores unsplit and in split_k_reduce, SIMT for fp32)
 MULTI_ADAPTER_SHAPES = [
-    (3, 72, 40, 12, 3),     # decode: xa, y; g and the rest on the tensor cores
-    (70, 88, 72, 15, 5),    # tensor cores, ragged tiles; rank 3, so an adapter boundary splits a column pair
+    (3, 72, 40, 12, 3),  # decode: xa, y; g and the rest on the tensor cores
+    (70, 88, 72, 15, 5),  # tensor cores, ragged tiles; rank 3, so an adapter boundary splits a column pair
     (40, 520, 264, 24, 3),  # x·Aᵀ and dY·B split along K: the mask applied in split_k_reduce
-    (6, 72, 40, 256, 32),   # 32 adapters × rank 8: xa (N = 256) on decode's tensor-core variant
+    (6, 72, 40, 256, 32),  # 32 adapters × rank 8: xa (N = 256) on decode's tensor-core variant
 ]
 
 
@@ -292,13 +391,13 @@ def test_emulated_multi_adapter_products_match_float64(lib, shape, dtype):
 
 # (M, K, N, R, emulated SMs): the products of more than 64 rows and at least 256 columns on the wgmma kernel.
 WGMMA_SHAPES = [
-    (300, 72, 264, 16, 8),     # y: K-major operands, one ragged K tile then the LoRA tile
-    (290, 264, 270, 16, 2),    # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma);
-                               # a 2-SM GPU: the producer kernel's blocks take 3 tiles each
-    (260, 136, 520, 4, 8),     # r = 4: B and A staged element by element; three ragged column tiles
-    (300, 520, 264, 8, 64),    # a 64-SM GPU: y and dX split along K, then split_k_reduce
-    (130, 264, 300, 16, 64),   # one 128-row tile and a ragged one, split along K across the LoRA tile
-    (70, 264, 300, 8, 8),      # 70 rows: one part-padded 128-row tile
+    (300, 72, 264, 16, 8),  # y: K-major operands, one ragged K tile then the LoRA tile
+    (290, 264, 270, 16, 2),  # y over 5 K tiles; dX = dY·W₀ + s·g·A: W₀ and A MN-major (transposed wgmma);
+    # a 2-SM GPU: the producer kernel's blocks take 3 tiles each
+    (260, 136, 520, 4, 8),  # r = 4: B and A staged element by element; three ragged column tiles
+    (300, 520, 264, 8, 64),  # a 64-SM GPU: y and dX split along K, then split_k_reduce
+    (130, 264, 300, 16, 64),  # one 128-row tile and a ragged one, split along K across the LoRA tile
+    (70, 264, 300, 8, 8),  # 70 rows: one part-padded 128-row tile
 ]
 
 
@@ -347,9 +446,9 @@ def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
 # (M, K, N, R, emulated SMs): at most 64 rows, the backward's dX = dY·W₀ + s·g·A on wgmma computed
 # transposed (W₀ on the 128-row side of the tile, dY on the 32-column side).
 WGMMA_FEW_ROWS_SHAPES = [
-    (1, 300, 520, 16, 2),      # one row: a 32-column tile with 31 of padding; ragged K; 3 tiles on 2 SMs
-    (24, 520, 264, 8, 64),     # split along K on a 64-SM GPU, then split_k_reduce (C transposed)
-    (50, 300, 136, 4, 8),      # two column tiles; r = 4: g staged element by element (cp.async path)
+    (1, 300, 520, 16, 2),  # one row: a 32-column tile with 31 of padding; ragged K; 3 tiles on 2 SMs
+    (24, 520, 264, 8, 64),  # split along K on a 64-SM GPU, then split_k_reduce (C transposed)
+    (50, 300, 136, 4, 8),  # two column tiles; r = 4: g staged element by element (cp.async path)
 ]
 
 
@@ -399,11 +498,21 @@ def test_emulated_wgmma_transposed_operands(lib, monkeypatch):
         out = gemm(poisoned(M, N, dtype=dtype), pt.t(), q, 0.5, p2t.t(), q2, 2.0)
         assert gemm.kernels == [WGMMA]
         d = lambda t: t.double()  # noqa: E731
-        assert_close(out, 0.5 * d(pt).t() @ d(q) + 2.0 * d(p2t).t() @ d(q2), dtype, "Pᵀ-major wgmma",
-                     magnitude=0.5 * d(pt).abs().t() @ d(q).abs() + 2.0 * d(p2t).abs().t() @ d(q2).abs())
+        assert_close(
+            out,
+            0.5 * d(pt).t() @ d(q) + 2.0 * d(p2t).t() @ d(q2),
+            dtype,
+            "Pᵀ-major wgmma",
+            magnitude=0.5 * d(pt).abs().t() @ d(q).abs() + 2.0 * d(p2t).abs().t() @ d(q2).abs(),
+        )
     bias = guarded(torch.randn(N, dtype=torch.bfloat16))
-    zero_k = gemm(poisoned(M, N, dtype=torch.bfloat16), torch.empty(M, 0, dtype=torch.bfloat16),
-                  torch.empty(0, N, dtype=torch.bfloat16), 1.0, bias=bias)
+    zero_k = gemm(
+        poisoned(M, N, dtype=torch.bfloat16),
+        torch.empty(M, 0, dtype=torch.bfloat16),
+        torch.empty(0, N, dtype=torch.bfloat16),
+        1.0,
+        bias=bias,
+    )
     assert gemm.kernels[-1] == WGMMA and torch.equal(zero_k, bias.expand(M, N))  # K = 0: bias alone
 
 
@@ -420,12 +529,22 @@ def test_zero_sized_and_empty_lora(lib):
     x = guarded(torch.randn(5, 24, dtype=torch.bfloat16))
     w = guarded(torch.randn(40, 24, dtype=torch.bfloat16))
     out = gemm(poisoned(5, 40, dtype=torch.bfloat16), x, w.t(), 1.0)  # no second product, no bias
-    assert_close(out, x.double() @ w.double().t(), torch.bfloat16, "no LoRA term",
-                 magnitude=x.double().abs() @ w.double().abs().t())
+    assert_close(
+        out,
+        x.double() @ w.double().t(),
+        torch.bfloat16,
+        "no LoRA term",
+        magnitude=x.double().abs() @ w.double().abs().t(),
+    )
     empty = torch.empty(0, 24, dtype=torch.bfloat16)
     assert gemm(poisoned(0, 40, dtype=torch.bfloat16), empty, w.t(), 1.0).shape == (0, 40)
-    zero_k = gemm(poisoned(37, 40, dtype=torch.bfloat16), torch.empty(37, 0, dtype=torch.bfloat16),
-                  torch.empty(0, 40, dtype=torch.bfloat16), 1.0, bias=torch.ones(40, dtype=torch.bfloat16))
+    zero_k = gemm(
+        poisoned(37, 40, dtype=torch.bfloat16),
+        torch.empty(37, 0, dtype=torch.bfloat16),
+        torch.empty(0, 40, dtype=torch.bfloat16),
+        1.0,
+        bias=torch.ones(40, dtype=torch.bfloat16),
+    )
     assert torch.equal(zero_k, torch.ones(37, 40, dtype=torch.bfloat16))  # K = 0: bias alone
 
 
@@ -445,7 +564,7 @@ def test_random_shapes_strides_and_adapters(lib):
         x = None
         if rng.random() < 0.25:  # a column slice of a wider tensor, possibly misaligned
             offset = rng.choice([0, 1, 3, 8])
-            x = guarded(torch.randn(M, K + offset + rng.choice([0, 5, 8]), dtype=dtype))[:, offset:offset + K]
+            x = guarded(torch.randn(M, K + offset + rng.choice([0, 5, 8]), dtype=dtype))[:, offset : offset + K]
         case = f"seed {seed}: M={M} K={K} N={N} R={R} {dtype} adapters={n_adapters} strided={x is not None}"
         try:
             check_against_float64(Gemm(lib), M, K, N, R, dtype, x=x, n_adapters=n_adapters)
@@ -460,7 +579,7 @@ def test_emulated_dropout_draws_the_reference_mask(lib, seed, M, K, p):
     mask, tests/triton), scaled by 1/(1 − p), for any strides of its input."""
     keep = dropout_keep(seed, M, K, p)
     seed_t = guarded(torch.tensor([seed], dtype=torch.int64))
-    x = guarded(torch.randn(M, K + 3))[:, 2:2 + K]  # a misaligned column slice
+    x = guarded(torch.randn(M, K + 3))[:, 2 : 2 + K]  # a misaligned column slice
     out = launch_dropout(lib, poisoned(M, K, dtype=torch.float32), x, seed_t, p)
     assert torch.equal(out != 0, keep & (x != 0))
     assert torch.equal(out, torch.where(keep, x * torch.tensor(1 / (1 - p), dtype=torch.float32), 0.0))
@@ -469,8 +588,9 @@ def test_emulated_dropout_draws_the_reference_mask(lib, seed, M, K, p):
     assert torch.equal(out != 0, keep & (xt != 0))
 
 
-@pytest.mark.parametrize("shape, dtype",
-                         shape_dtype_cases([(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)]))
+@pytest.mark.parametrize(
+    "shape, dtype", shape_dtype_cases([(3, 50, 33, 1), (19, 136, 300, 8), (37, 88, 70, 4), (300, 72, 264, 16)])
+)
 def test_emulated_dropout_forward_backward_match_float64(lib, shape, dtype):
     """bindings.cpp's forward and backward with dropout_p > 0, launch by launch (run_forward_backward),
     against float64 with reference.dropout_keep's mask."""

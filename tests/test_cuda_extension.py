@@ -1,13 +1,14 @@
 """The CUDA extension is compiled, loads, registers its ops, and (on a GPU) is correct."""
+
 import os
 import shutil
 import subprocess
 
 import pytest
 import torch
+from conftest import DEVICE, assert_close, backend_contract_vs_float64, make_problem, reference_grads
 
 import lora_kernels.cuda
-from conftest import DEVICE, assert_close, backend_contract_vs_float64, make_problem, reference_grads
 
 EXPECT_BUILT = torch.version.cuda is not None and os.environ.get("LORA_KERNELS_SKIP_CUDA_BUILD") != "1"
 
@@ -37,8 +38,9 @@ def test_extension_holds_code_for_every_requested_arch():
     """setup.py's default targets (8.0 and 9.0a), or those TORCH_CUDA_ARCH_LIST asks for."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a").replace(",", ";").replace(" ", ";")
     wanted = ["sm_" + a.replace("+PTX", "").replace(".", "") for a in archs.split(";") if a.strip()]
-    listing = subprocess.run([find_cuobjdump(), "--list-elf", lora_kernels.cuda._C.__file__], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        [find_cuobjdump(), "--list-elf", lora_kernels.cuda._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
     assert all(f"{arch}." in listing for arch in wanted), (wanted, listing)
 
 
@@ -62,10 +64,22 @@ def test_every_rank_up_to_128(r, dtype, poison):
 # (K % 8 ≠ 0), M = 0.
 @ON_GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (3, 50, 33, 1), (32, 1040, 72, 8), (24, 1040, 264, 8),
-                                   (13, 4096, 4096, 16), (37, 70, 50, 12),
-                                   (131, 100, 90, 8), (300, 520, 264, 16), (300, 1000, 520, 128), (0, 64, 64, 8)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 4096, 4096, 16),
+        (3, 50, 33, 1),
+        (32, 1040, 72, 8),
+        (24, 1040, 264, 8),
+        (13, 4096, 4096, 16),
+        (37, 70, 50, 12),
+        (131, 100, 90, 8),
+        (300, 520, 264, 16),
+        (300, 1000, 520, 128),
+        (0, 64, 64, 8),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_kernel_paths(shape, dtype, poison):
     contract_vs_float64(*shape, dtype)
 
@@ -78,8 +92,10 @@ def kernels_run(fn):
     return {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
-ON_HOPPER = pytest.mark.skipif(DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded()
-                               or torch.cuda.get_device_capability() != (9, 0), reason="needs an H100/H200")
+ON_HOPPER = pytest.mark.skipif(
+    DEVICE != "cuda" or not lora_kernels.cuda.extension_loaded() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an H100/H200",
+)
 
 
 @ON_HOPPER
@@ -97,11 +113,26 @@ def test_default_build_runs_wgmma_on_hopper():
 # 9 rows: the decode kernel keeps 1-8).
 @ON_HOPPER
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 4096, 4096, 16), (13, 4096, 11008, 16), (24, 1040, 264, 8), (50, 1000, 300, 4),
-                                   (100, 1000, 300, 8), (128, 4096, 4096, 16), (160, 1000, 300, 8),
-                                   (300, 520, 264, 16), (290, 264, 270, 4), (300, 1000, 520, 128),
-                                   (600, 1024, 1040, 16), (1024, 4096, 11008, 16), (8192, 4096, 4096, 16),
-                                   (4100, 4104, 4112, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 4096, 4096, 16),
+        (13, 4096, 11008, 16),
+        (24, 1040, 264, 8),
+        (50, 1000, 300, 4),
+        (100, 1000, 300, 8),
+        (128, 4096, 4096, 16),
+        (160, 1000, 300, 8),
+        (300, 520, 264, 16),
+        (290, 264, 270, 4),
+        (300, 1000, 520, 128),
+        (600, 1024, 1040, 16),
+        (1024, 4096, 11008, 16),
+        (8192, 4096, 4096, 16),
+        (4100, 4104, 4112, 64),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("loads", ["producer", "tma", "cp.async"])
 def test_wgmma_kernel_paths(shape, dtype, loads, poison, monkeypatch):
     """LORA_KERNELS_WGMMA_LOADS: the warp-specialized persistent kernel fed by a TMA producer (the
@@ -138,8 +169,7 @@ def test_strided_input_precomputed_xa_and_unfused_dx(M, dtype, poison):
 
 @ON_GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 40, 24, 8), (19, 136, 300, 8), (200, 72, 56, 4), (130, 1040, 264, 16)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(1, 40, 24, 8), (19, 136, 300, 8), (200, 72, 56, 4), (130, 1040, 264, 16)], ids=str)
 def test_fused_dropout_contract(shape, dtype, poison):
     """Dropout from a seed (decode, tensor-core and SIMT products): the mask is reference.dropout_keep's,
     the Triton kernels' mask, in xa, dA and dX's LoRA share."""
@@ -157,8 +187,9 @@ def test_fused_dropout_checks_its_arguments():
     with pytest.raises(RuntimeError, match="needs seed"):
         lora_kernels.cuda.forward(x, w, b, a, bb, s, None, 0.1, seed.int())
     with pytest.raises(RuntimeError, match="needs seed"):
-        lora_kernels.cuda.backward(torch.randn(M, N, device="cuda"), x, w, a, bb, torch.randn(M, r, device="cuda"), s,
-                                   True, 0.1)
+        lora_kernels.cuda.backward(
+            torch.randn(M, N, device="cuda"), x, w, a, bb, torch.randn(M, r, device="cuda"), s, True, 0.1
+        )
     with pytest.raises(RuntimeError, match="not both"):
         lora_kernels.cuda.forward(x, w, b, a, bb, s, x, 0.1, seed)
     with pytest.raises(RuntimeError, match="x_lora must have x's shape"):
@@ -186,9 +217,9 @@ def test_multi_adapter_serving_shapes(M, dtype, poison):
     split along K (tests/test_multi.py covers the small and odd shapes on every backend)."""
     n, r, K, N = 8, 16, 1024, 1040
     x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
-    w = torch.randn(N, K, dtype=dtype, device="cuda") / K ** 0.5
-    a = (torch.randn(n, r, K, dtype=dtype, device="cuda") / K ** 0.5).requires_grad_()
-    bb = (torch.randn(n, N, r, dtype=dtype, device="cuda") / r ** 0.5).requires_grad_()
+    w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
+    a = (torch.randn(n, r, K, dtype=dtype, device="cuda") / K**0.5).requires_grad_()
+    bb = (torch.randn(n, N, r, dtype=dtype, device="cuda") / r**0.5).requires_grad_()
     scales = torch.rand(n).add(0.5).tolist()
     ids = torch.randint(-1, n, (M,), device="cuda")
     y = lora_kernels.lora_linear_multi(x, w, None, a, bb, scales, ids, backend="cuda")
@@ -197,7 +228,12 @@ def test_multi_adapter_serving_shapes(M, dtype, poison):
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
     ref = lora_kernels.lora_linear_multi_reference(x64, w.double(), None, a64, b64, scales, ids)
     ref.backward(dy.double())
-    for out, want, what in ((y, ref, "y"), (x.grad, x64.grad, "dx"), (a.grad, a64.grad, "dA"), (bb.grad, b64.grad, "dB")):
+    for out, want, what in (
+        (y, ref, "y"),
+        (x.grad, x64.grad, "dx"),
+        (a.grad, a64.grad, "dA"),
+        (bb.grad, b64.grad, "dB"),
+    ):
         assert_close(out, want, dtype, what)
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from conftest import lora_mlp
 
 import lora_kernels
-from conftest import lora_mlp
 
 STEPS, LR, BATCH = 4, 0.5, 16
 

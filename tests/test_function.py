@@ -1,11 +1,12 @@
 """lora_linear: forward and all gradients of every available backend against the float64 reference."""
+
 import math
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem, reference_grads
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem, reference_grads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, K, N, r): M = 1 and 37, sizes that are not multiples of any block, r from 1 to 64.
@@ -38,8 +39,9 @@ def run_and_compare(backend, x, w, b, a, bb, s, dtype, dropout_p=0.0, seed=None,
     refs = reference_grads(x, w, b, a, bb, s, dy, mask)
     mags = reference_grads(x, w, b, a, bb, s, dy, mask, magnitude=True) if magnitude_bound else [None] * 5
     assert y.dtype == dtype and x.grad.dtype == dtype
-    for out, ref, mag, what in zip((y, x.grad, a.grad, bb.grad, None if b is None else b.grad), refs, mags,
-                                   ("y", "dx", "dA", "dB", "dbias")):
+    for out, ref, mag, what in zip(
+        (y, x.grad, a.grad, bb.grad, None if b is None else b.grad), refs, mags, ("y", "dx", "dA", "dB", "dbias")
+    ):
         if out is not None:
             assert_close(out, ref, dtype, what, magnitude=mag)
     assert w.grad is None
@@ -64,7 +66,7 @@ def test_strided_input(backend, poison):
     x, w, b, a, bb, s = make_problem(21, 40, 24, 8, torch.float32)
     wide = torch.randn(21, 53, device=DEVICE)
     wide[:, 5:45] = x
-    run_and_compare(backend, wide[:, 5:45], w, b, a, bb, s, torch.float32)          # row stride 53
+    run_and_compare(backend, wide[:, 5:45], w, b, a, bb, s, torch.float32)  # row stride 53
     run_and_compare(backend, x.t().contiguous().t(), w, b, a, bb, s, torch.float32)  # column-major x
 
 
@@ -132,9 +134,9 @@ def test_offsets_beyond_2_pow_31(backend):
     K, N, r = 4096, 256, 16
     M = (1 << 31) // K + 64
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-    a = (torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5).requires_grad_()
-    bb = (torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / r ** 0.5).requires_grad_()
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    a = (torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / K**0.5).requires_grad_()
+    bb = (torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / r**0.5).requires_grad_()
     x.requires_grad_()
     y = lora_kernels.lora_linear(x, w, None, a, bb, 2.0, backend=backend)
     dy = torch.zeros_like(y)
@@ -148,8 +150,13 @@ def test_offsets_beyond_2_pow_31(backend):
 
 @pytest.mark.skipif(DEVICE != "cuda" or "triton" not in KERNEL_BACKENDS, reason="auto picks among GPU backends")
 def test_auto_follows_the_measured_policy():
-    from lora_kernels.function import (AUTO_CUDA_MAX_ROWS, AUTO_TRITON_MAX_ROWS, AUTO_TRITON_MAX_ROWS_FP32,
-                                       AUTO_TRITON_MAX_ROWS_HIGH_RANK, _backend)
+    from lora_kernels.function import (
+        AUTO_CUDA_MAX_ROWS,
+        AUTO_TRITON_MAX_ROWS,
+        AUTO_TRITON_MAX_ROWS_FP32,
+        AUTO_TRITON_MAX_ROWS_HIGH_RANK,
+        _backend,
+    )
 
     def pick(rows, dtype=torch.bfloat16, **kw):
         return _backend("auto", torch.empty(rows, 64, device="cuda", dtype=dtype), **kw)

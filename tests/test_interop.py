@@ -1,17 +1,16 @@
 """Interop that never surprises: what a new user hit (issue 20), each with the right answer or a clear
 error. Every result is checked against plain torch, float64 or unpatched PEFT."""
+
 import copy
 import io
-import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import BACKENDS, DEVICE, assert_close, make_problem
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem
 
 
 def leaf(t):
@@ -19,6 +18,7 @@ def leaf(t):
 
 
 # ---- second derivatives -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -70,21 +70,27 @@ def test_multi_adapter_batch_second_derivatives_and_trainable_base(backend):
 
 # ---- torch.func --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_grad_vmap_jacrev(backend):
     x, w, b, a, bb, s = make_problem(4, 10, 6, 2, torch.float32)
     f = lambda x, a: lora_kernels.lora_linear(x, w, b, a, bb, s, backend=backend)  # noqa: E731
     ref = lambda x, a: lora_kernels.lora_linear_reference(x, w, b, a, bb, s)  # noqa: E731
-    loss = lambda fn: (lambda x, a: fn(x, a).square().sum())  # noqa: E731
-    for got, want in zip(torch.func.grad(loss(f), argnums=(0, 1))(x, a), torch.func.grad(loss(ref), argnums=(0, 1))(x, a)):
+    loss = lambda fn: lambda x, a: fn(x, a).square().sum()  # noqa: E731
+    for got, want in zip(
+        torch.func.grad(loss(f), argnums=(0, 1))(x, a), torch.func.grad(loss(ref), argnums=(0, 1))(x, a)
+    ):
         assert_close(got, want.double(), torch.float32, "grad")
-    assert_close(torch.func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), a), ref(x, a).unsqueeze(1).double(),
-                 torch.float32, "vmap")
-    assert_close(torch.func.jacrev(f, argnums=1)(x, a), torch.func.jacrev(ref, argnums=1)(x, a).double(),
-                 torch.float32, "jacrev")
+    assert_close(
+        torch.func.vmap(f, in_dims=(0, None))(x.unsqueeze(1), a), ref(x, a).unsqueeze(1).double(), torch.float32, "vmap"
+    )
+    assert_close(
+        torch.func.jacrev(f, argnums=1)(x, a), torch.func.jacrev(ref, argnums=1)(x, a).double(), torch.float32, "jacrev"
+    )
 
 
 # ---- arguments: consistent rules, errors that name them ----------------------------------------
+
 
 def test_scale_that_requires_grad_is_refused_and_number_tensors_are_accepted():
     x, w, b, a, bb, s = make_problem(3, 8, 5, 2, torch.float32)
@@ -123,6 +129,7 @@ def test_layer_arguments_are_checked_by_name():
 
 # ---- inject_lora, merge and the state dict --------------------------------------------------------
 
+
 def test_inject_lora_twice_never_wraps_the_adapters():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     assert lora_kernels.inject_lora(model, r".*", r=2) == ["0", "2"]
@@ -131,7 +138,8 @@ def test_inject_lora_twice_never_wraps_the_adapters():
         with pytest.raises(ValueError, match=r"matched only modules that are LoRA layers already \(0, 2\)"):
             lora_kernels.inject_lora(model, target, r=2)
     assert set(model.state_dict()) == keys and all(
-        type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("lora_A", "lora_B")))
+        type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("lora_A", "lora_B"))
+    )
 
 
 def test_merged_state_travels_with_the_state_dict():
@@ -165,6 +173,7 @@ def test_training_a_merged_layer_warns():
 
 # ---- numerics --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inf_in_x_gives_what_float64_gives(backend):
     x, w, b, a, bb, s = make_problem(6, 40, 24, 3, torch.float32)
@@ -183,7 +192,7 @@ def test_inf_in_x_gives_what_float64_gives(backend):
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from test_peft_compat import TARGETS, logits_and_grads, peft_model, randomize_lora, tiny  # noqa: E402
+from test_peft_compat import TARGETS, peft_model, randomize_lora, tiny  # noqa: E402
 
 
 def lora_layers(model):
@@ -198,9 +207,16 @@ def ids_for_test():
 def test_load_peft_adapter_with_biases(bias, tmp_path):
     def model():
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                       max_position_embeddings=32, attention_bias=True)
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=32,
+            attention_bias=True,
+        )
         return transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
 
     trained = peft.get_peft_model(model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias))

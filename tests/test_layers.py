@@ -1,12 +1,13 @@
 """LoRALinear as a drop-in nn.Linear, merge/unmerge, and model surgery."""
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import BACKENDS, DEVICE, assert_close
 
 import lora_kernels
 from lora_kernels import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
-from conftest import BACKENDS, DEVICE, assert_close
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

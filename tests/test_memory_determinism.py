@@ -1,9 +1,10 @@
 """What the training step keeps for backward, and bit-identical results run after run."""
+
 import pytest
 import torch
+from conftest import BACKENDS, make_problem
 
 import lora_kernels
-from conftest import BACKENDS, make_problem
 
 
 def saved_storages(fn):

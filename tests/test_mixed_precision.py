@@ -1,14 +1,22 @@
 """Mixed precision as users run it: fp32 adapters on a 16-bit base, torch.autocast, GradScaler, the
 HF Trainer, gradient checkpointing with dropout; and that no layer falls back silently."""
+
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    BACKENDS,
+    DEVICE,
+    KERNEL_BACKENDS,
+    assert_close,
+    backend_contract_vs_float64,
+    make_problem,
+    reference_grads,
+)
 
 import lora_kernels
-from conftest import (BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, backend_contract_vs_float64, make_problem,
-                      reference_grads)
 
 HALF = [torch.bfloat16, torch.float16]
 SHAPES = [(1, 40, 24, 8), (37, 70, 50, 12), (33, 48, 65, 64)]
@@ -25,6 +33,7 @@ def leaf(t):
 
 # ---- fp32 adapters on a 16-bit base (PEFT's default) -------------------------------------------
 
+
 @pytest.mark.parametrize("backend", list(OPS))
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -37,8 +46,7 @@ def test_backend_contract_with_fp32_adapters(backend, dtype, shape, poison):
 def test_backend_contract_with_fp32_adapters_and_fused_dropout(backend):
     if not getattr(OPS[backend], "FUSED_DROPOUT", False):
         pytest.skip("the reference backend's dropout is a mask lora_linear applies")
-    backend_contract_vs_float64(OPS[backend], 21, 40, 36, 8, torch.bfloat16, dropout_p=0.3,
-                                adapter_dtype=torch.float32)
+    backend_contract_vs_float64(OPS[backend], 21, 40, 36, 8, torch.bfloat16, dropout_p=0.3, adapter_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,19 +94,24 @@ def test_multi_adapter_batch_with_fp32_adapters(backend):
     y = lora_kernels.lora_linear_multi(x, w, b, A, B, [0.5, 1.0, 2.0], ids, backend=backend)
     y.float().square().sum().backward()
     assert y.dtype == torch.bfloat16 and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
-    ref = lora_kernels.lora_linear_multi_reference(x.double(), w.double(), b.double(), A.double(), B.double(),
-                                                   torch.tensor([0.5, 1.0, 2.0]), ids)
+    ref = lora_kernels.lora_linear_multi_reference(
+        x.double(), w.double(), b.double(), A.double(), B.double(), torch.tensor([0.5, 1.0, 2.0]), ids
+    )
     assert_close(y, ref, torch.bfloat16, "y")
 
 
 # ---- bad mixes get clear errors -----------------------------------------------------------------
 
-@pytest.mark.parametrize("which, dtypes, names", [
-    ("weight", dict(weight=torch.float32), ["weight", "float32", "bfloat16"]),
-    ("bias", dict(bias=torch.float32), ["bias", "float32"]),
-    ("lora_B", dict(lora_B=torch.bfloat16), ["lora_A", "lora_B", "float32", "bfloat16"]),
-    ("adapters", dict(lora_A=torch.float64, lora_B=torch.float64), ["lora_A", "float64"]),
-])
+
+@pytest.mark.parametrize(
+    "which, dtypes, names",
+    [
+        ("weight", dict(weight=torch.float32), ["weight", "float32", "bfloat16"]),
+        ("bias", dict(bias=torch.float32), ["bias", "float32"]),
+        ("lora_B", dict(lora_B=torch.bfloat16), ["lora_A", "lora_B", "float32", "bfloat16"]),
+        ("adapters", dict(lora_A=torch.float64, lora_B=torch.float64), ["lora_A", "float64"]),
+    ],
+)
 def test_bad_dtype_mixes_name_the_arguments(which, dtypes, names):
     x, w, b, a, bb, s = make_problem(5, 16, 8, 2, torch.bfloat16)
     args = dict(weight=w, bias=b, lora_A=a.float(), lora_B=bb.float())
@@ -115,6 +128,7 @@ def test_16_bit_adapters_on_an_fp32_x_are_refused_outside_autocast():
 
 
 # ---- torch.autocast -----------------------------------------------------------------------------
+
 
 def autocast_dtypes():
     return [torch.bfloat16, torch.float16]
@@ -171,8 +185,12 @@ def test_custom_ops_under_autocast_cast_activations_and_keep_fp32_adapters(backe
         dx, da, db, g = backward(torch.randn(9, 24, device=DEVICE), x, w, a, bb, xa, s, True)
     assert y.dtype == xa.dtype == dx.dtype == g.dtype == torch.bfloat16
     assert da.dtype == db.dtype == torch.float32
-    assert_close(y, lora_kernels.lora_linear_reference(x.double(), w.double(), b.double(), a.double(),
-                                                       bb.double(), s), torch.bfloat16, "y")
+    assert_close(
+        y,
+        lora_kernels.lora_linear_reference(x.double(), w.double(), b.double(), a.double(), bb.double(), s),
+        torch.bfloat16,
+        "y",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,7 +221,7 @@ def test_fp16_autocast_with_grad_scaler(backend):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1)
     # 2⁴⁰ overflows the fp16 gradients on the first step; the backoff then lands on 2⁸, which fits
-    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 40, backoff_factor=2.0 ** -32)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**40, backoff_factor=2.0**-32)
     x, target = torch.randn(8, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
     scales, losses = [], []
     for _ in range(4):
@@ -218,7 +236,7 @@ def test_fp16_autocast_with_grad_scaler(backend):
         losses.append(loss.item())
         if len(scales) == 1:
             assert all(torch.equal(p, q) for p, q in zip(params, before)), "the overflowing step must be skipped"
-    assert scales == [2.0 ** 8] * 4 and losses[-1] < losses[1]  # the overflow found once, then it trains
+    assert scales == [2.0**8] * 4 and losses[-1] < losses[1]  # the overflow found once, then it trains
 
 
 # ---- PEFT's default: fp32 adapters on a bf16 base, and PEFT under autocast ----------------------
@@ -233,9 +251,15 @@ def tiny(kind, dtype=torch.float32):
         cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                       max_position_embeddings=32)
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=32,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     return model.to(device=DEVICE, dtype=dtype).eval()  # GPT-2 has dropout of its own
 
@@ -245,9 +269,17 @@ TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_pro
 
 def peft_model(kind, dtype=torch.float32, dropout=0.0, **config):
     """PEFT's defaults (autocast_adapter_dtype=True: fp32 adapters on a 16-bit base), B non-zero."""
-    model = peft.get_peft_model(tiny(kind, dtype), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS[kind], lora_dropout=dropout, fan_in_fan_out=kind == "gpt2",
-        **config))
+    model = peft.get_peft_model(
+        tiny(kind, dtype),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=TARGETS[kind],
+            lora_dropout=dropout,
+            fan_in_fan_out=kind == "gpt2",
+            **config,
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -287,7 +319,7 @@ def compare_with_peft(model, patch_backend, ids, dtype, autocast=None):
     import copy
 
     exact_logits, exact_grads = logits_and_grads(copy.deepcopy(model).double(), ids)
-    amp = (lambda dt: torch.autocast(DEVICE, dtype=dt) if dt else contextlib.nullcontext())
+    amp = lambda dt: torch.autocast(DEVICE, dtype=dt) if dt else contextlib.nullcontext()
     with amp(autocast):
         baselines = [logits_and_grads(model, ids)]
     if autocast is None and dtype != torch.float32:
@@ -309,8 +341,9 @@ def spy_on_peft_forward(monkeypatch):
     """Count calls of PEFT's own lora.Linear.forward (the patched layers' fallback)."""
     calls = []
     real = peft.tuners.lora.layer.Linear.forward
-    monkeypatch.setattr(peft.tuners.lora.layer.Linear, "forward", lambda self, *a, **k: calls.append(self) or
-                        real(self, *a, **k))
+    monkeypatch.setattr(
+        peft.tuners.lora.layer.Linear, "forward", lambda self, *a, **k: calls.append(self) or real(self, *a, **k)
+    )
     return calls
 
 
@@ -345,8 +378,9 @@ def test_peft_default_on_a_16_bit_base_is_fused_for_every_layer(kind, backend, d
 def test_patched_peft_under_autocast_matches_unpatched(kind, backend):
     """An fp32 PEFT model under bf16 autocast (Trainer(bf16=True)): fused, as accurate as PEFT."""
     model = peft_model(kind)
-    logits = compare_with_peft(model, backend, torch.randint(0, 128, (2, 10), device=DEVICE), torch.bfloat16,
-                               autocast=torch.bfloat16)
+    logits = compare_with_peft(
+        model, backend, torch.randint(0, 128, (2, 10), device=DEVICE), torch.bfloat16, autocast=torch.bfloat16
+    )
     assert logits.dtype == torch.bfloat16
     assert all(r.backend == backend for r in lora_kernels.explain(model))
 
@@ -359,8 +393,11 @@ def test_lora_conv1d_under_autocast():
     x = torch.randn(5, 64, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = layer(x)
-    ref = x.double() @ layer.weight.double() + layer.bias.double() + layer.scaling * (
-        x.double() @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    ref = (
+        x.double() @ layer.weight.double()
+        + layer.bias.double()
+        + layer.scaling * (x.double() @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    )
     assert y.dtype == torch.bfloat16
     assert_close(y, ref, torch.bfloat16, "conv1d under autocast")
 
@@ -398,11 +435,13 @@ def test_a_call_that_falls_back_is_logged_once_per_layer_and_explained(caplog):
 
 # ---- gradient checkpointing with dropout --------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_redraws_the_same_dropout_mask(backend, reentrant):
     """HF gradient checkpointing over a patched PEFT model with lora_dropout > 0: the recomputed
     forward draws the forward's mask, so the gradients equal those of the run without it."""
+
     def grads(checkpointing):
         model = peft_model("llama", dropout=0.3)
         lora_kernels.patch_peft(model, backend=backend)
@@ -422,6 +461,7 @@ def test_gradient_checkpointing_redraws_the_same_dropout_mask(backend, reentrant
 
 # ---- the HF Trainer ---------------------------------------------------------------------------
 
+
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self):
         self.ids = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
@@ -438,8 +478,18 @@ def trainer_losses(tmp_path, patch_backend=None, **precision):
     if patch_backend:
         lora_kernels.patch_peft(model, backend=patch_backend)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, logging_steps=1,
-        use_cpu=DEVICE == "cpu", report_to=[], save_strategy="no", seed=0, disable_tqdm=True, **precision)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=2e-2,
+        logging_steps=1,
+        use_cpu=DEVICE == "cpu",
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        **precision,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset())
     trainer.train()
     if patch_backend:

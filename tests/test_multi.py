@@ -1,19 +1,20 @@
 """lora_linear_multi: one adapter per row, fused, against the float64 loop-over-adapters reference."""
+
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, assert_close
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, assert_close
 
 MULTI_BACKENDS = BACKENDS
 
 
 def problem(M, K, N, r, n, dtype, lead=()):
     x = torch.randn(*lead, M, K, dtype=dtype, device=DEVICE)
-    w = torch.randn(N, K, dtype=dtype, device=DEVICE) / K ** 0.5
+    w = torch.randn(N, K, dtype=dtype, device=DEVICE) / K**0.5
     b = torch.randn(N, dtype=dtype, device=DEVICE)
-    a = torch.randn(n, r, K, dtype=dtype, device=DEVICE) / K ** 0.5
-    bb = torch.randn(n, N, r, dtype=dtype, device=DEVICE) / r ** 0.5
+    a = torch.randn(n, r, K, dtype=dtype, device=DEVICE) / K**0.5
+    bb = torch.randn(n, N, r, dtype=dtype, device=DEVICE) / r**0.5
     scales = torch.rand(n).mul(3).add(0.5).tolist()
     ids = torch.randint(-1, n, (*lead, M), device=DEVICE)
     return x, w, b, a, bb, scales, ids
@@ -31,8 +32,13 @@ def test_multi_matches_float64_reference(backend, dtype, shape, poison):
     x64, a64, b64, bias64 = (t.detach().double().requires_grad_() for t in (x, a, bb, b))
     ref = lora_kernels.lora_linear_multi_reference(x64, w.double(), bias64, a64, b64, scales, ids)
     ref.backward(dy.double())
-    for out, want, what in ((y, ref, "y"), (x.grad, x64.grad, "dx"), (a.grad, a64.grad, "dA"),
-                            (bb.grad, b64.grad, "dB"), (b.grad, bias64.grad, "dbias")):
+    for out, want, what in (
+        (y, ref, "y"),
+        (x.grad, x64.grad, "dx"),
+        (a.grad, a64.grad, "dA"),
+        (bb.grad, b64.grad, "dB"),
+        (b.grad, bias64.grad, "dbias"),
+    ):
         assert_close(out, want, dtype, what)
 
 
@@ -44,8 +50,9 @@ def test_rows_without_adapter_get_the_base_output_and_single_adapter_matches_lor
     torch.testing.assert_close(lora_kernels.lora_linear_multi(x, w, b, a, bb, scales, none, backend=backend), base)
     ones = torch.ones_like(ids)
     single = lora_kernels.lora_linear(x, w, b, a[1], bb[1], scales[1], backend=backend)
-    torch.testing.assert_close(lora_kernels.lora_linear_multi(x, w, b, a, bb, scales, ones, backend=backend), single,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lora_kernels.lora_linear_multi(x, w, b, a, bb, scales, ones, backend=backend), single, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", MULTI_BACKENDS)
@@ -100,5 +107,8 @@ def test_lora_linear_named_adapters_mixed_batch(backend):
     with pytest.raises(ValueError, match="is taken"):
         layer.add_adapter("other")
     assert sorted(lora_kernels.lora_state_dict(torch.nn.Sequential(layer))) == [
-        "0.extra_adapters.other.lora_A.weight", "0.extra_adapters.other.lora_B.weight",
-        "0.lora_A.weight", "0.lora_B.weight"]
+        "0.extra_adapters.other.lora_A.weight",
+        "0.extra_adapters.other.lora_B.weight",
+        "0.lora_A.weight",
+        "0.lora_B.weight",
+    ]

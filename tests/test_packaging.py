@@ -1,6 +1,7 @@
 """Packaging facts that need no build: one table of environment switches, read in one place, and
 the version the package exposes. (The sdist, a build from it and the smoke test run in
 `make test-package`; the oldest versions in `make test-oldest`.)"""
+
 import re
 from pathlib import Path
 

@@ -1,12 +1,13 @@
 """PEFT and Hugging Face: patch_peft, PEFT's adapter format both ways, Conv1D (tiny random models)."""
+
 import copy
 import logging
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, assert_close
 
 import lora_kernels
-from conftest import BACKENDS, DEVICE, assert_close
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -19,8 +20,15 @@ def tiny(kind):
     if kind == "gpt2":  # projections are Conv1D (weight stored (in, out))
         cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
         return transformers.GPT2LMHeadModel(cfg).eval().to(DEVICE)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
@@ -55,8 +63,11 @@ def test_patch_peft_same_logits_and_gradients(kind, backend):
     ref_logits, ref_grads = logits_and_grads(model, ids)
     n_layers = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
     assert lora_kernels.patch_peft(model, backend=backend) == n_layers
-    assert all(lora_kernels.peft_compat.peft_layer_status(m) == "" for m in model.modules()
-               if isinstance(m, peft.tuners.lora.LoraLayer))  # switched
+    assert all(
+        lora_kernels.peft_compat.peft_layer_status(m) == ""
+        for m in model.modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )  # switched
     logits, grads = logits_and_grads(model, ids)
     assert_close(logits, ref_logits.double(), torch.float32, "logits")
     assert grads.keys() == ref_grads.keys() and grads
@@ -85,8 +96,11 @@ def test_patched_model_keeps_peft_behaviour(tmp_path):
     state_after = peft.get_peft_model_state_dict(model)
     assert state_after.keys() == state_before.keys()
     assert lora_kernels.unpatch_peft(model) > 0
-    assert all(lora_kernels.peft_compat.peft_layer_status(m) != "" for m in model.modules()
-               if isinstance(m, peft.tuners.lora.LoraLayer))  # none switched any more
+    assert all(
+        lora_kernels.peft_compat.peft_layer_status(m) != ""
+        for m in model.modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )  # none switched any more
 
 
 def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
@@ -107,8 +121,9 @@ def test_unsupported_layers_stay_on_peft_path_with_a_log_line(caplog):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
     model = peft_model(kind)
-    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[kind],
-                                               fan_in_fan_out=kind == "gpt2"))
+    model.add_adapter(
+        "other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS[kind], fan_in_fan_out=kind == "gpt2")
+    )
     model.eval()  # PEFT takes adapter_names in eval mode only
     randomize_lora(model)
     ids = torch.randint(0, 128, (4, 8), device=DEVICE)

@@ -11,6 +11,7 @@ Two properties that no CPU emulation or correctness test can see, and that cost 
 The kernel sources (CUDA headers only) are compiled with nvcc for sm_80 and sm_90a, as setup.py's
 default arch list does, and ptxas's --resource-usage report is read.
 """
+
 import os
 import re
 import shutil
@@ -39,9 +40,21 @@ def ptxas_reports():
     with tempfile.TemporaryDirectory() as out:
         jobs = {}
         for source in KERNEL_SOURCES:
-            cmd = [compiler, "-O3", "-std=c++17", "-DLORA_KERNELS_HAS_SM90A", "--resource-usage",
-                   "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a",
-                   "-c", str(ROOT / "csrc" / source), "-o", str(Path(out) / f"{source}.o")]
+            cmd = [
+                compiler,
+                "-O3",
+                "-std=c++17",
+                "-DLORA_KERNELS_HAS_SM90A",
+                "--resource-usage",
+                "-gencode",
+                "arch=compute_80,code=sm_80",
+                "-gencode",
+                "arch=compute_90a,code=sm_90a",
+                "-c",
+                str(ROOT / "csrc" / source),
+                "-o",
+                str(Path(out) / f"{source}.o"),
+            ]
             jobs[source] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         reports = {}
         for source, job in jobs.items():

@@ -1,8 +1,9 @@
 """The split forward/backward of reference.py agrees with autograd of the one-line definition."""
+
 import torch
+from conftest import make_problem, reference_grads
 
 from lora_kernels import LoRALinearFunction, reference
-from conftest import make_problem, reference_grads
 
 
 def test_split_math_matches_autograd_definition():
@@ -34,10 +35,15 @@ def test_lora_scale():
 
 def test_philox_known_answers():
     """Random123's known-answer vectors for Philox-4×32-10 (kat_vectors)."""
-    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
     for counter, key, want in cases:
         got = reference.philox4x32(*(torch.tensor([c]) for c in counter), *key)
         assert [int(v) for v in got] == list(want)

@@ -1,6 +1,7 @@
 """LoRA layers under tensor parallelism (lora_kernels.parallel), alone and with FSDP2 on a 2-D mesh:
 outputs, dX, the adapters' gradients, a few optimizer steps and the saved adapter equal those of
 the same model on one process (gloo, CPU processes)."""
+
 import os
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from conftest import KERNEL_BACKENDS
 
 import lora_kernels
-from conftest import KERNEL_BACKENDS
 
 BATCH, STEPS, LR = 8, 3, 0.5
 BACKENDS = ["reference"] + [b for b in KERNEL_BACKENDS if b == "triton"]
@@ -146,7 +147,8 @@ def test_tensor_parallel_equals_one_process(backend, scenario, tmp_path):
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert {k.removeprefix("base_model.model."): v.shape for k, v in saved.items()} == {
-        k: v.shape for k, v in single["adapter"].items()}
+        k: v.shape for k, v in single["adapter"].items()
+    }
 
 
 def test_fsdp2_over_tensor_parallel_trains_to_the_single_process_loss(tmp_path):

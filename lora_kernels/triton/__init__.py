@@ -1,5 +1,6 @@
 """Triton backend: fused forward (lora_forward.py) and fused backward (lora_backward.py),
 registered as the torch.library ops ``lora_kernels::triton_forward`` / ``triton_backward``."""
+
 from ..ops import define_ops
 from ._common import dropout_mask, tuned_configs, unavailable_reason
 from .lora_backward import fused_backward

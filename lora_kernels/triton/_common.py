@@ -1,4 +1,5 @@
 """What the Triton forward and backward share: interpreter detection, dtype flags, block sizes."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,9 @@ _TUNED = {}
 
 
 def _tiles(block_m, block_n, block_k, group_m, num_warps, num_stages):
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
-                num_stages=num_stages)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages
+    )
 
 
 # Tile sizes per kernel for M ≤ 16, M ≤ 128 and larger M (bf16/fp16), chosen by
@@ -82,14 +84,19 @@ def _tile_config(kernel: str, bucket: int, block_r: int, dtype: torch.dtype, dro
 def tile_variants(cfg: dict) -> list:
     """Neighbours of a tile config, one knob at a time: tile sides halved or doubled, warps, stages."""
     out = []
-    for knob, values in (("BLOCK_N", (cfg["BLOCK_N"] // 2, cfg["BLOCK_N"] * 2)),
-                         ("BLOCK_K", (cfg["BLOCK_K"] // 2, cfg["BLOCK_K"] * 2)),
-                         ("BLOCK_M", (cfg["BLOCK_M"] * 2,)),
-                         ("num_warps", (4 if cfg["num_warps"] == 8 else 8,)),
-                         ("num_stages", (cfg["num_stages"] - 1, cfg["num_stages"] + 1))):
+    for knob, values in (
+        ("BLOCK_N", (cfg["BLOCK_N"] // 2, cfg["BLOCK_N"] * 2)),
+        ("BLOCK_K", (cfg["BLOCK_K"] // 2, cfg["BLOCK_K"] * 2)),
+        ("BLOCK_M", (cfg["BLOCK_M"] * 2,)),
+        ("num_warps", (4 if cfg["num_warps"] == 8 else 8,)),
+        ("num_stages", (cfg["num_stages"] - 1, cfg["num_stages"] + 1)),
+    ):
         for v in values:
-            if (knob.startswith("BLOCK") and 16 <= v <= 256) or (knob == "num_stages" and 1 <= v <= 5) \
-                    or knob == "num_warps":
+            if (
+                (knob.startswith("BLOCK") and 16 <= v <= 256)
+                or (knob == "num_stages" and 1 <= v <= 5)
+                or knob == "num_warps"
+            ):
                 out.append({**cfg, knob: v})
     return out
 
@@ -196,8 +203,7 @@ def cast_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 GROUP: tl.constexpr):
+def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
     """Map a flat program id to (row tile, col tile) in groups of GROUP row tiles, so programs
     running together share column tiles of the (large) weight in L2."""
     tiles_r = tl.cdiv(num_rows, BLOCK_ROWS)

@@ -14,6 +14,7 @@ multiple of 16), every tensor by dtype, device and 16-byte alignment of its addr
 pointer specialisation), and every constexpr and launch option by value. Triton's global knobs
 (debug, instrumentation) are read when a class is first seen. Opt-in until it has run on a GPU.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,7 @@ _COMPILED = {}
 
 def argument_class(args) -> tuple:
     """What the JIT's specialisation of positional ``args`` depends on, exactly (see the module doc)."""
-    return tuple((a.dtype, a.device.index, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    return tuple((a.dtype, a.device.index, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def launch(kernel, grid, *args, **constexprs):
@@ -50,7 +50,7 @@ def launch(kernel, grid, *args, **constexprs):
     if len(_COMPILED) >= MAX_CLASSES:
         _COMPILED.clear()
     # the compiled kernel's launcher takes every parameter in order, constexprs included
-    _COMPILED[key] = (compiled, tuple(constexprs[name] for name in kernel.arg_names[len(args):]))
+    _COMPILED[key] = (compiled, tuple(constexprs[name] for name in kernel.arg_names[len(args) :]))
 
 
 def direct_launches() -> int:

@@ -14,6 +14,7 @@ added in a fixed order afterwards — deterministic, no atomics.
 Reads: dY twice (kernel 1, and the dB half of kernel 2), x once (dA half of kernel 2), W₀ once
 per row tile of dX (once in total when M ≤ BLOCK_M), xa and g once each.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -21,20 +22,63 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._common import (
+    INTERPRETING,
+    adapter_rows,
+    as_activation_dtype,
+    cast_to,
+    cdiv,
+    dropout_uniform,
+    grouped_tile,
+    kernel_flags,
+    next_power_of_2,
+    rank_block,
+    tile_config,
+    tuned,
+)
 from ._launch import launch
-from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
-                      next_power_of_2, rank_block, tile_config, tuned)
 
 
 @triton.jit
 def _lora_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, g_ptr, seed_ptr, ids_ptr, scales_ptr,
-    M, N, K, R, scale, dropout_p, n_adapters, adapter_rank,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_dxm, stride_dxk, stride_gm, stride_gr,
-    FUSE_LORA_DX: tl.constexpr, DROPOUT: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    dx_ptr,
+    g_ptr,
+    seed_ptr,
+    ids_ptr,
+    scales_ptr,
+    M,
+    N,
+    K,
+    R,
+    scale,
+    dropout_p,
+    n_adapters,
+    adapter_rank,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_dxm,
+    stride_dxk,
+    stride_gm,
+    stride_gr,
+    FUSE_LORA_DX: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MULTI: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -44,9 +88,9 @@ def _lora_dx_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m, mask_k, mask_r = offs_m < M, offs_k < K, offs_r < R
 
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn   # (BM, BN)
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk       # (BN, BK) of W₀
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br       # (BN, BR) of B
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn  # (BM, BN)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK) of W₀
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br  # (BN, BR) of B
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # At least one trip (never launched with N = 0): see the forward kernel's K loop (C7515).
@@ -71,8 +115,11 @@ def _lora_dx_kernel(
     tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g, mask=g_mask & (pid_k == 0))
     if FUSE_LORA_DX:
         sg = cast_to(acc_g * scale, g_ptr.dtype.element_ty, UPCAST)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)                # (BR, BK) of A
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=mask_r[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # (BR, BK) of A
         if UPCAST:
             sg, a = sg.to(tl.float32), a.to(tl.float32)
         if DROPOUT:  # the LoRA branch saw dropout(x): its share of dX goes through the same mask
@@ -86,10 +133,31 @@ def _lora_dx_kernel(
 
 
 @triton.jit
-def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_rc, out_ptr, stride_oc, stride_od,
-                      out_scale, m_start, m_end, C, D, pid_c, seed, dropout_p,
-                      DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _reduce_over_rows(
+    lhs_ptr,
+    stride_lm,
+    stride_lc,
+    rhs_ptr,
+    stride_rm,
+    stride_rc,
+    out_ptr,
+    stride_oc,
+    stride_od,
+    out_scale,
+    m_start,
+    m_end,
+    C,
+    D,
+    pid_c,
+    seed,
+    dropout_p,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[c, d] = out_scale·Σ_{m in [m_start, m_end)} lhs[m, c]·rhs[m, d] for one BLOCK_C tile of c,
     all d, in out's dtype (an fp32 partial sum, or the gradient itself when there is one split).
     With DROPOUT, lhs (M, C) is x and its dropped elements are zeroed."""
@@ -103,10 +171,16 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
     # serializes them (C7515).
     for _ in range(0, tl.maximum(tl.cdiv(m_end - m_start, BLOCK_M), 1)):
         mask_m = offs_m < m_end
-        lhs_t = tl.load(lhs_ptr + offs_c[:, None] * stride_lc + offs_m[None, :] * stride_lm,
-                        mask=mask_c[:, None] & mask_m[None, :], other=0.0)               # (BC, BM)
-        rhs = tl.load(rhs_ptr + offs_m[:, None] * stride_rm + offs_d[None, :] * stride_rc,
-                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)                 # (BM, BD)
+        lhs_t = tl.load(
+            lhs_ptr + offs_c[:, None] * stride_lc + offs_m[None, :] * stride_lm,
+            mask=mask_c[:, None] & mask_m[None, :],
+            other=0.0,
+        )  # (BC, BM)
+        rhs = tl.load(
+            rhs_ptr + offs_m[:, None] * stride_rm + offs_d[None, :] * stride_rc,
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # (BM, BD)
         if DROPOUT:
             lhs_t = tl.where(tl.trans(dropout_uniform(seed, offs_m, pid_c * BLOCK_C, BLOCK_C)) >= dropout_p, lhs_t, 0.0)
         if UPCAST:
@@ -114,16 +188,42 @@ def _reduce_over_rows(lhs_ptr, stride_lm, stride_lc, rhs_ptr, stride_rm, stride_
         acc = tl.dot(lhs_t, rhs, acc, input_precision=DOT_PRECISION)
         offs_m += BLOCK_M
     out_ptrs = out_ptr + offs_c[:, None] * stride_oc + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, cast_to(acc * out_scale, out_ptr.dtype.element_ty, UPCAST), mask=mask_c[:, None] & mask_d[None, :])
+    tl.store(
+        out_ptrs, cast_to(acc * out_scale, out_ptr.dtype.element_ty, UPCAST), mask=mask_c[:, None] & mask_d[None, :]
+    )
 
 
 @triton.jit
 def _lora_dadb_kernel(
-    g_ptr, x_ptr, dy_ptr, xa_ptr, da_part_ptr, db_part_ptr, seed_ptr,
-    M, N, K, R, rows_per_split, dropout_p, da_scale,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_sm, stride_sr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    g_ptr,
+    x_ptr,
+    dy_ptr,
+    xa_ptr,
+    da_part_ptr,
+    db_part_ptr,
+    seed_ptr,
+    M,
+    N,
+    K,
+    R,
+    rows_per_split,
+    dropout_p,
+    da_scale,
+    stride_gm,
+    stride_gr,
+    stride_xm,
+    stride_xk,
+    stride_dym,
+    stride_dyn,
+    stride_sm,
+    stride_sr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,15 +232,57 @@ def _lora_dadb_kernel(
     tiles_k = tl.cdiv(K, BLOCK_K)
     seed = tl.load(seed_ptr) if DROPOUT else 0
     if pid < tiles_k:  # dAᵀ tile (BK, R) = dropout(x)ᵀ·g, stored transposed into dA (R, K)
-        _reduce_over_rows(x_ptr, stride_xm, stride_xk, g_ptr, stride_gm, stride_gr,
-                          da_part_ptr + split.to(tl.int64) * R * K, 1, K, da_scale,
-                          m_start, m_end, K, R, pid, seed, dropout_p,
-                          DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+        _reduce_over_rows(
+            x_ptr,
+            stride_xm,
+            stride_xk,
+            g_ptr,
+            stride_gm,
+            stride_gr,
+            da_part_ptr + split.to(tl.int64) * R * K,
+            1,
+            K,
+            da_scale,
+            m_start,
+            m_end,
+            K,
+            R,
+            pid,
+            seed,
+            dropout_p,
+            DROPOUT,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_R,
+        )
     else:  # dB tile (BN, R) = dYᵀ·xa
-        _reduce_over_rows(dy_ptr, stride_dym, stride_dyn, xa_ptr, stride_sm, stride_sr,
-                          db_part_ptr + split.to(tl.int64) * N * R, R, 1, 1.0,
-                          m_start, m_end, N, R, pid - tiles_k, seed, dropout_p,
-                          False, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        _reduce_over_rows(
+            dy_ptr,
+            stride_dym,
+            stride_dyn,
+            xa_ptr,
+            stride_sm,
+            stride_sr,
+            db_part_ptr + split.to(tl.int64) * N * R,
+            R,
+            1,
+            1.0,
+            m_start,
+            m_end,
+            N,
+            R,
+            pid - tiles_k,
+            seed,
+            dropout_p,
+            False,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+        )
 
 
 def _num_splits(M: int, tiles: int, block_m: int) -> int:
@@ -150,11 +292,21 @@ def _num_splits(M: int, tiles: int, block_m: int) -> int:
     return max(1, min(cdiv(264, tiles), cdiv(M, 4 * block_m)))
 
 
-def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, xa: torch.Tensor, scale: float, fuse_lora_dx: bool = True,
-                   dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
-                   adapter_ids: Optional[torch.Tensor] = None, adapter_scales: Optional[torch.Tensor] = None,
-                   adapter_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_backward(
+    dy: torch.Tensor,
+    x_lora: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    fuse_lora_dx: bool = True,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    adapter_ids: Optional[torch.Tensor] = None,
+    adapter_scales: Optional[torch.Tensor] = None,
+    adapter_rank: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): returns ``(dx, dA, dB, g)``.
 
     With ``dropout_p > 0`` and ``seed`` (fused dropout), ``x_lora`` is the undropped x: the kernels
@@ -176,12 +328,34 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
     g = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
     flags = kernel_flags(dy.dtype)
     block_r = rank_block(R)
-    args = (dy, weight, lora_A, lora_B, dx, g, seed if fused_dropout else g,
-            adapter_ids if multi else g, adapter_scales if multi else g,
-            M, N, K, R, scale, dropout_p, adapter_scales.shape[0] if multi else 0, adapter_rank,
-            *dy.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *dx.stride(), *g.stride())
-    dx_flags = dict(FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi,
-                    BLOCK_R=block_r, **flags)
+    args = (
+        dy,
+        weight,
+        lora_A,
+        lora_B,
+        dx,
+        g,
+        seed if fused_dropout else g,
+        adapter_ids if multi else g,
+        adapter_scales if multi else g,
+        M,
+        N,
+        K,
+        R,
+        scale,
+        dropout_p,
+        adapter_scales.shape[0] if multi else 0,
+        adapter_rank,
+        *dy.stride(),
+        *weight.stride(),
+        *lora_A.stride(),
+        *lora_B.stride(),
+        *dx.stride(),
+        *g.stride(),
+    )
+    dx_flags = dict(
+        FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi, BLOCK_R=block_r, **flags
+    )
 
     def launch_dx(cfg):
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
@@ -204,11 +378,34 @@ def fused_backward(dy: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor,
         da_out = torch.empty((splits, R, K), device=dy.device, dtype=torch.float32)
         db_out = torch.empty((splits, N, R), device=dy.device, dtype=torch.float32)
     launch(
-        _lora_dadb_kernel, (tiles, splits),
-        g, x_lora, dy, xa, da_out, db_out, seed if fused_dropout else g, M, N, K, R, rows_per_split, dropout_p,
-        da_scale if splits == 1 else 1.0, *g.stride(), *x_lora.stride(), *dy.stride(), *xa.stride(),
-        DROPOUT=fused_dropout, BLOCK_M=block_m, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+        _lora_dadb_kernel,
+        (tiles, splits),
+        g,
+        x_lora,
+        dy,
+        xa,
+        da_out,
+        db_out,
+        seed if fused_dropout else g,
+        M,
+        N,
+        K,
+        R,
+        rows_per_split,
+        dropout_p,
+        da_scale if splits == 1 else 1.0,
+        *g.stride(),
+        *x_lora.stride(),
+        *dy.stride(),
+        *xa.stride(),
+        DROPOUT=fused_dropout,
+        BLOCK_M=block_m,
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_R=block_r,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **flags,
     )
     if splits == 1:
         return dx, da_out, db_out, g

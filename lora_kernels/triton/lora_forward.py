@@ -16,6 +16,7 @@ M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pas
 (_dropout_xa_kernel) draws each element once and stores xa = s·dropout(x)·Aᵀ, and the main kernel
 loads xa as if the caller had given it.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -23,20 +24,63 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._common import (
+    INTERPRETING,
+    adapter_rows,
+    as_activation_dtype,
+    cast_to,
+    cdiv,
+    dropout_uniform,
+    grouped_tile,
+    kernel_flags,
+    next_power_of_2,
+    rank_block,
+    tile_config,
+    tuned,
+)
 from ._launch import launch
-from ._common import (INTERPRETING, adapter_rows, as_activation_dtype, cast_to, cdiv, dropout_uniform, grouped_tile, kernel_flags,
-                      next_power_of_2, rank_block, tile_config, tuned)
 
 
 @triton.jit
 def _lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, ids_ptr, scales_ptr,
-    M, N, K, R, scale, n_adapters, adapter_rank,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_sm, stride_sr,
-    HAS_BIAS: tl.constexpr, XA_GIVEN: tl.constexpr, MULTI: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    xa_ptr,
+    ids_ptr,
+    scales_ptr,
+    M,
+    N,
+    K,
+    R,
+    scale,
+    n_adapters,
+    adapter_rank,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_sm,
+    stride_sr,
+    HAS_BIAS: tl.constexpr,
+    XA_GIVEN: tl.constexpr,
+    MULTI: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Row/column offsets in int64: M·stride_xm and N·stride_wn can pass 2^31.
@@ -46,9 +90,9 @@ def _lora_forward_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m, mask_n, mask_r = offs_m < M, offs_n < N, offs_r < R
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk      # (BM, BK)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn      # (BK, BN) of W₀ᵀ
-    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BK, BN) of W₀ᵀ
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BK, BR) of Aᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # At least one trip (the wrapper never launches with K = 0): a loop that may run zero times makes
@@ -82,8 +126,11 @@ def _lora_forward_kernel(
             acc_xa = adapter_rows(acc_xa, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
         xa = cast_to(acc_xa * scale, xa_ptr.dtype.element_ty, UPCAST)
         tl.store(xa_ptrs, xa, mask=xa_mask & (pid_n == 0))
-    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0)                  # (BR, BN) of Bᵀ
+    b = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=mask_r[:, None] & mask_n[None, :],
+        other=0.0,
+    )  # (BR, BN) of Bᵀ
     if UPCAST:
         xa, b = xa.to(tl.float32), b.to(tl.float32)
     acc = tl.dot(xa, b, acc, input_precision=DOT_PRECISION)
@@ -95,9 +142,25 @@ def _lora_forward_kernel(
 
 @triton.jit
 def _dropout_xa_kernel(
-    x_ptr, a_ptr, xa_ptr, seed_ptr, M, K, R, scale, dropout_p,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    xa_ptr,
+    seed_ptr,
+    M,
+    K,
+    R,
+    scale,
+    dropout_p,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_sm,
+    stride_sr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """xa = s·dropout(x)·Aᵀ for one row tile, each element of x dropped once: the fused-dropout
@@ -106,8 +169,8 @@ def _dropout_xa_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m, mask_r = offs_m < M, offs_r < R
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk      # (BM, BK)
-    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar      # (BK, BR) of Aᵀ
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (BK, BR) of Aᵀ
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):  # at least one trip, as above
@@ -122,15 +185,25 @@ def _dropout_xa_kernel(
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     xa = cast_to(acc * (1.0 / (1.0 - dropout_p)) * scale, xa_ptr.dtype.element_ty, UPCAST)
-    tl.store(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xa,
-             mask=mask_m[:, None] & mask_r[None, :])
+    tl.store(
+        xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xa, mask=mask_m[:, None] & mask_r[None, :]
+    )
 
 
-def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scale: float, x_lora: Optional[torch.Tensor] = None,
-                  dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
-                  adapter_ids: Optional[torch.Tensor] = None, adapter_scales: Optional[torch.Tensor] = None,
-                  adapter_rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def fused_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    x_lora: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
+    adapter_ids: Optional[torch.Tensor] = None,
+    adapter_scales: Optional[torch.Tensor] = None,
+    adapter_rank: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backend contract (see :mod:`lora_kernels.reference`): 2-D x → ``(y, xa)``.
 
     Reads x once, W₀ once per row tile (once in total when M ≤ BLOCK_M), and writes y once. fp32
@@ -169,15 +242,53 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         # rows per program: enough programs for the 132 SMs of an H100 (fp32's FMA dots: smaller tiles)
         wide = x.dtype == torch.float32 or INTERPRETING
         block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
-        launch(_dropout_xa_kernel, (cdiv(M, block_m),),
-               x, lora_A, xa, seed, M, K, R, scale, dropout_p, *x.stride(), *lora_A.stride(), *xa.stride(),
-               BLOCK_M=block_m, BLOCK_K=32 if wide else 128, BLOCK_R=block_r, num_warps=4, num_stages=3, **flags)
-    args = (x, weight, bias if bias is not None else y, lora_A, lora_B, y, xa,
-            adapter_ids if multi else y, adapter_scales if multi else y,
-            M, N, K, R, scale, adapter_scales.shape[0] if multi else 0, adapter_rank,
-            *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), *xa.stride())
-    flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi,
-                 BLOCK_R=block_r)
+        launch(
+            _dropout_xa_kernel,
+            (cdiv(M, block_m),),
+            x,
+            lora_A,
+            xa,
+            seed,
+            M,
+            K,
+            R,
+            scale,
+            dropout_p,
+            *x.stride(),
+            *lora_A.stride(),
+            *xa.stride(),
+            BLOCK_M=block_m,
+            BLOCK_K=32 if wide else 128,
+            BLOCK_R=block_r,
+            num_warps=4,
+            num_stages=3,
+            **flags,
+        )
+    args = (
+        x,
+        weight,
+        bias if bias is not None else y,
+        lora_A,
+        lora_B,
+        y,
+        xa,
+        adapter_ids if multi else y,
+        adapter_scales if multi else y,
+        M,
+        N,
+        K,
+        R,
+        scale,
+        adapter_scales.shape[0] if multi else 0,
+        adapter_rank,
+        *x.stride(),
+        *weight.stride(),
+        *lora_A.stride(),
+        *lora_B.stride(),
+        *y.stride(),
+        *xa.stride(),
+    )
+    flags.update(HAS_BIAS=bias is not None, XA_GIVEN=x_lora is not None or fused_dropout, MULTI=multi, BLOCK_R=block_r)
 
     def launch_forward(cfg):
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)

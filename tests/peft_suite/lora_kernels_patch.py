@@ -12,6 +12,7 @@ tolerance; the number of calls checked and the largest differences are written t
 LORA_KERNELS_PEFT_REPORT (a JSON file) at the end. LORA_KERNELS_PEFT_BACKEND picks the backend
 (default "reference"; "triton" needs a GPU or TRITON_INTERPRET=1).
 """
+
 import functools
 import json
 import logging
@@ -42,6 +43,7 @@ def _patch_after(fn, model_of):
 
 def _checked(fused_forward):
     """The fused forward, compared with PEFT's own forward on the same input."""
+
     @functools.wraps(fused_forward)
     def forward(self, x, *args, **kwargs):
         out = fused_forward(self, x, *args, **kwargs)

@@ -1,6 +1,7 @@
 """pytest plugin: no network, failing at once. PEFT's suite downloads models from the hub in many
 tests; on a machine without access each attempt waited ~45 s in huggingface_hub's retries. Loaded
 in both runs (unpatched and patched), so the tests that need the hub fail the same way in both."""
+
 import functools
 import socket
 

@@ -11,6 +11,7 @@ waits for the previous one, which costs the Hopper tensor cores most of their sp
 
     python tests/triton/gpu_compile.py --arch 90 --arch 80      (must run WITHOUT TRITON_INTERPRET)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 import lora_kernels.triton.lora_backward as bwd  # noqa: E402
 import lora_kernels.triton.lora_forward as fwd  # noqa: E402
 
-TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
-               torch.int32: "i32"}
+TRITON_TYPE = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 class LaunchRecorder:
@@ -53,7 +59,9 @@ def signature_of(fn, args, kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     sig, consts, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(fn.arg_names, args)):
-        if isinstance(value, torch.Tensor) or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0):
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+        ):
             attrs[(index,)] = [["tt.divisibility", 16]]
         if isinstance(value, torch.Tensor):
             sig[name] = "*" + TRITON_TYPE[value.dtype]
@@ -104,8 +112,9 @@ def compile_with_ptxas_log(fn, sig, consts, attrs, arch, options):
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                                    options=options)
+            kernel = triton.compile(
+                ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options
+            )
     finally:
         knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
     return kernel, log.getvalue()
@@ -136,11 +145,11 @@ def recorded_launches(quick):
                 bias = torch.empty(N, device="meta", dtype=dtype)
                 dy = torch.empty(M, N, device="meta", dtype=dtype)
                 seed = torch.empty(1, device="meta", dtype=torch.int64)
-                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0)                       # no dropout
+                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0)  # no dropout
                 bwd.fused_backward(dy, x, w, a, b, xa, 2.0)
                 y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, dropout_p=0.1, seed=seed)  # fused dropout
                 bwd.fused_backward(dy, x, w, a, b, xa, 2.0, dropout_p=0.1, seed=seed)
-                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, x_lora=x)             # caller's dropout
+                y, xa = fwd.fused_forward(x, w, bias, a, b, 2.0, x_lora=x)  # caller's dropout
                 bwd.fused_backward(dy, x, w, a, b, xa, 2.0, fuse_lora_dx=False)
                 if r % 8 == 0:  # multi-adapter batch: 8 adapters of rank r/8 stacked to rank r
                     ids = torch.empty(M, device="meta", dtype=torch.int32)
@@ -151,8 +160,13 @@ def recorded_launches(quick):
     unique = {}
     for fn, args, kwargs in launches:
         sig, consts, attrs, options = signature_of(fn, args, dict(kwargs))
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
-               tuple(sorted(options.items())))
+        key = (
+            fn.__name__,
+            tuple(sorted(sig.items())),
+            tuple(sorted(consts.items())),
+            tuple(sorted(attrs)),
+            tuple(sorted(options.items())),
+        )
         unique[key] = (fn, sig, consts, attrs, options)
     return list(unique.values())
 
@@ -164,16 +178,23 @@ def main():
     parser.add_argument("--kernel", action="append", help="only launches of this kernel; repeatable")
     args = parser.parse_args()
     failures = 0
-    launches = [launch for launch in recorded_launches(args.quick)
-                if not args.kernel or launch[0].__name__ in args.kernel]
+    launches = [
+        launch for launch in recorded_launches(args.quick) if not args.kernel or launch[0].__name__ in args.kernel
+    ]
     for arch in args.arch or [90]:
         for fn, sig, consts, attrs, options in launches:
-            blocks = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI"))
+            blocks = " ".join(
+                f"{k}={v}"
+                for k, v in consts.items()
+                if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI")
+            )
             dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
             adapter = sig.get("a_ptr", sig.get("da_part_ptr", "*" + dtype))[1:]  # dA's type (fp32 partial sums too)
             dtype = dtype if adapter == dtype else f"{dtype}+{adapter}"
-            label = (f"sm_{arch} {fn.__name__:<18} {dtype:<9} w{options.get('num_warps')} "
-                     f"s{options.get('num_stages')} {blocks}")
+            label = (
+                f"sm_{arch} {fn.__name__:<18} {dtype:<9} w{options.get('num_warps')} "
+                f"s{options.get('num_stages')} {blocks}"
+            )
             try:
                 kernel, ptxas_log = compile_with_ptxas_log(fn, sig, consts, attrs, arch, options)
                 if arch >= 90 and "Compiling entry function" not in ptxas_log:
@@ -182,7 +203,9 @@ def main():
                 if serialized:
                     raise RuntimeError(f"ptxas serializes the wgmmas: {serialized[0].strip()[:200]}")
                 if kernel.metadata.shared > MAX_SHARED.get(arch, 1 << 30):
-                    raise RuntimeError(f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}")
+                    raise RuntimeError(
+                        f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}"
+                    )
                 use = resource_usage(kernel.asm["cubin"])
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
                 if not dtype.startswith("fp32") and use["stack"] > MAX_STACK_16BIT:

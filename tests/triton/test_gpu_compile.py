@@ -4,6 +4,7 @@ Runs tests/triton/gpu_compile.py in a subprocess without TRITON_INTERPRET (the i
 replace the kernels). Its table of registers, spills and shared memory per launch is printed on
 failure, or always with ``pytest -s``; on sm_90 a launch whose wgmmas ptxas serializes fails.
 """
+
 import os
 import subprocess
 import sys
@@ -18,8 +19,16 @@ def test_all_launches_compile_for_sm90_and_sm80():
     checked for serialized wgmma on sm_90, shared memory and spills on both."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "gpu_compile.py")
-    jobs = {arch: subprocess.Popen([sys.executable, script, "--quick", "--arch", arch], env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in ("90", "80")}
+    jobs = {
+        arch: subprocess.Popen(
+            [sys.executable, script, "--quick", "--arch", arch],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for arch in ("90", "80")
+    }
     for arch, job in jobs.items():
         out, err = job.communicate(timeout=1800)
         print(out[-20000:])

@@ -6,6 +6,7 @@ parameter the compiled launcher takes (positional first, then only constexprs by
 the launcher is called with all of them in order. On a GPU, scripts/gpu_session.sh launch runs
 the kernel tests with the switch on and times the host path.
 """
+
 import inspect
 import os
 import subprocess
@@ -29,6 +30,7 @@ class FakeCompiled:
 class FakeKernel:
     """JITFunction's interface as _launch uses it: arg_names, and kernel[grid](...) returning the
     compiled kernel."""
+
     arg_names = ["x_ptr", "M", "scale", "BLOCK_M", "FLAG"]
 
     def __init__(self):
@@ -39,6 +41,7 @@ class FakeKernel:
             self.log.append(("jit", grid, args, kwargs))
             self.compiled = self.compiled or FakeCompiled(self.log)
             return self.compiled
+
         return run
 
 
@@ -127,8 +130,12 @@ def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(mon
     """What the compiled launcher needs: all of arg_names, positional ones first, and everything
     passed by name a constexpr (or a launch option)."""
     seen = []
-    for mod, name in ((lora_forward, "_lora_forward_kernel"), (lora_forward, "_dropout_xa_kernel"),
-                      (lora_backward, "_lora_dx_kernel"), (lora_backward, "_lora_dadb_kernel")):
+    for mod, name in (
+        (lora_forward, "_lora_forward_kernel"),
+        (lora_forward, "_dropout_xa_kernel"),
+        (lora_backward, "_lora_dx_kernel"),
+        (lora_backward, "_lora_dadb_kernel"),
+    ):
         monkeypatch.setattr(mod, name, Recorder(getattr(mod, name), seen))
     meta = dict(device="meta", dtype=torch.bfloat16)
     M, K, N, R = 40, 64, 48, 8
@@ -136,12 +143,16 @@ def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(mon
     seed = torch.empty(1, device="meta", dtype=torch.int64)
     y, xa = lora_forward.fused_forward(x, w, None, a, b, 2.0, dropout_p=0.1, seed=seed)
     lora_backward.fused_backward(torch.empty(M, N, **meta), x, w, a, b, xa, 2.0, dropout_p=0.1, seed=seed)
-    assert {fn.__name__ for fn, _, _ in seen} == {"_lora_forward_kernel", "_dropout_xa_kernel", "_lora_dx_kernel",
-                                                  "_lora_dadb_kernel"}
+    assert {fn.__name__ for fn, _, _ in seen} == {
+        "_lora_forward_kernel",
+        "_dropout_xa_kernel",
+        "_lora_dx_kernel",
+        "_lora_dadb_kernel",
+    }
     for fn, args, kwargs in seen:
-        by_name = fn.arg_names[len(args):]
+        by_name = fn.arg_names[len(args) :]
         assert set(by_name) <= set(kwargs), (fn.__name__, set(by_name) - set(kwargs))
         assert set(kwargs) - set(by_name) <= {"num_warps", "num_stages"}, fn.__name__
         constexprs = constexpr_parameters(fn)
         assert set(by_name) <= constexprs, (fn.__name__, set(by_name) - constexprs)
-        assert not constexprs & set(fn.arg_names[:len(args)]), fn.__name__
+        assert not constexprs & set(fn.arg_names[: len(args)]), fn.__name__

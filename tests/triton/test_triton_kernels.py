@@ -1,9 +1,10 @@
 """The Triton kernels through the backend contract (runs under TRITON_INTERPRET=1 without a GPU)."""
+
 import pytest
 import torch
+from conftest import DEVICE, KERNEL_BACKENDS, backend_contract_vs_float64
 
 import lora_kernels
-from conftest import DEVICE, KERNEL_BACKENDS, backend_contract_vs_float64, make_problem
 
 pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="Triton backend unavailable")
 
