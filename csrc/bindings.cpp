@@ -60,8 +60,8 @@ at::Tensor adapter_operand(const at::Tensor& t, const char* name, const at::Tens
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
           int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters,
           bool overlap_prior = false) {
-  GemmParams p{out.size(0), out.size(1), K, K2, P, Q, P2, Q2, bias, out.data_ptr(), out.stride(0), out.stride(1),
-               alpha, alpha2, nullptr, adapters, overlap_prior};
+  GemmParams p{out.size(0),   out.size(1),   K,     K2,     P,       Q,        P2,           Q2, bias, out.data_ptr(),
+               out.stride(0), out.stride(1), alpha, alpha2, nullptr, adapters, overlap_prior};
   // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
   const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
   at::Tensor workspace;
@@ -76,8 +76,8 @@ void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand
 // Multi-adapter batches (lora_kernels/multi.py): lora_A (n·rank, K) and lora_B (N, n·rank) stack n
 // adapters; row m uses adapter ids[m] (int32, −1: none) with scale scales[id] (float32). The rank-r
 // products xa and g keep, per row, only that adapter's columns times its scale (lora_gemm.h).
-RowAdapters row_adapters(const std::optional<at::Tensor>& ids, const std::optional<at::Tensor>& scales,
-                         int64_t rank, const at::Tensor& like, int64_t M, int64_t R) {
+RowAdapters row_adapters(const std::optional<at::Tensor>& ids, const std::optional<at::Tensor>& scales, int64_t rank,
+                         const at::Tensor& like, int64_t M, int64_t R) {
   if (!ids) return kNoAdapters;
   TORCH_CHECK(scales && rank >= 1, "lora_kernels: adapter_ids needs adapter_scales and adapter_rank >= 1");
   TORCH_CHECK(ids->is_cuda() && ids->device() == like.device() && ids->scalar_type() == at::kInt && ids->dim() == 1 &&
@@ -107,8 +107,15 @@ const int64_t* dropout_seed(double dropout_p, const std::optional<at::Tensor>& s
 
 // out = keep ⊙ src / (1 − p) (+ out when accumulate), the mask drawn from *seed (lora_dropout.cu).
 void dropout(at::Tensor& out, const at::Tensor& src, const int64_t* seed, double p, bool accumulate) {
-  const lora_kernels::DropoutParams d{src.size(0), src.size(1), plain(src), out.data_ptr(), out.stride(0),
-                                      seed, static_cast<float>(p), static_cast<float>(1.0 / (1.0 - p)), accumulate};
+  const lora_kernels::DropoutParams d{src.size(0),
+                                      src.size(1),
+                                      plain(src),
+                                      out.data_ptr(),
+                                      out.stride(0),
+                                      seed,
+                                      static_cast<float>(p),
+                                      static_cast<float>(1.0 / (1.0 - p)),
+                                      accumulate};
   const cudaError_t err = lora_kernels::launch_dropout(dtype_of(out), d, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -150,19 +157,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   at::Tensor xa = at::empty({M, R}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
   gemm(xa, plain(lora_in), transposed(A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
-  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(B), R, 1.0f,
-       bias ? bias->data_ptr() : nullptr, kNoAdapters, R > 0 && overlap_allowed());  // R = 0: no xa kernel ran
+  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(B), R, 1.0f, bias ? bias->data_ptr() : nullptr,
+       kNoAdapters, R > 0 && overlap_allowed());  // R = 0: no xa kernel ran
   return {y, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x_lora,
-                                                                    const at::Tensor& weight, const at::Tensor& lora_A,
-                                                                    const at::Tensor& lora_B, const at::Tensor& xa,
-                                                                    double scale, bool fuse_lora_dx, double dropout_p,
-                                                                    const std::optional<at::Tensor>& seed,
-                                                                    const std::optional<at::Tensor>& adapter_ids,
-                                                                    const std::optional<at::Tensor>& adapter_scales,
-                                                                    int64_t adapter_rank) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dy, const at::Tensor& x_lora, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scale, bool fuse_lora_dx, double dropout_p,
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& adapter_ids,
+    const std::optional<at::Tensor>& adapter_scales, int64_t adapter_rank) {
   check(dy, "dy", dy, 2);
   check(x_lora, "x_lora", dy, 2);
   check(weight, "weight", dy, 2);
@@ -186,28 +190,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const at::Te
   if (fuse_lora_dx && !drop_seed) {
     gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(A), R, s);  // dX = dY·W₀ + s·g·A
   } else {
-    gemm(dx, plain(dy), plain(weight), N, 1.0f);                                  // dX = dY·W₀ ...
-    if (fuse_lora_dx) {                                                          // ... + keep ⊙ s·g·A / (1 − p)
+    gemm(dx, plain(dy), plain(weight), N, 1.0f);  // dX = dY·W₀ ...
+    if (fuse_lora_dx) {                           // ... + keep ⊙ s·g·A / (1 − p)
       at::Tensor lora_dx = at::empty({M, K}, dy.options());
       gemm(lora_dx, plain(g), plain(A), R, s);
       dropout(dx, lora_dx, drop_seed, dropout_p, true);
     }
   }
   const at::Tensor lora_in = drop_seed ? dropped(x_lora, drop_seed, dropout_p) : x_lora;
-  gemm(d_lora_A, transposed(g), plain(lora_in), M, s);                           // dA = s·gᵀ·dropout(x)
-  gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);                            // dB = dYᵀ·xa
+  gemm(d_lora_A, transposed(g), plain(lora_in), M, s);  // dA = s·gᵀ·dropout(x)
+  gemm(d_lora_B, transposed(dy), plain(xa), M, 1.0f);   // dB = dYᵀ·xa
   return {dx, d_lora_A.to(lora_A.scalar_type()), d_lora_B.to(lora_B.scalar_type()), g};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
-  m.def("cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale,"
-        " Tensor? x_lora=None, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
-        " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor)");
-  m.def("cuda_backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
-        " bool fuse_lora_dx=True, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
-        " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale,"
+      " Tensor? x_lora=None, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
+      " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_backward(Tensor dy, Tensor x_lora, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scale,"
+      " bool fuse_lora_dx=True, float dropout_p=0.0, Tensor? seed=None, *, Tensor? adapter_ids=None,"
+      " Tensor? adapter_scales=None, int adapter_rank=0) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {

@@ -188,8 +188,8 @@ cudaError_t launch_typed(const Params& params, cudaStream_t stream) {
 // The warps' sums meet in shared memory; one thread per output then adds the LoRA term, the mask
 // and the bias and writes C, or, when K is split, writes its split's fp32 partial sum (the LoRA
 // term in split 0) for split_k_reduce.
-constexpr int kMmaTile = 16;          // rows of W₀ per A tile
-constexpr int kMmaSlice = 32;         // K per load: two mma k-steps
+constexpr int kMmaTile = 16;             // rows of W₀ per A tile
+constexpr int kMmaSlice = 32;            // K per load: two mma k-steps
 constexpr int64_t kMmaMinColumns = 256;  // below, the K-split SIMT kernel keeps more SMs busy
 constexpr int kMmaMinSlicesPerSplit = 8;
 constexpr int kMmaMaxSplits = 16;
@@ -220,8 +220,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 template <typename T, int X_TILES, int WARPS_K>
 __global__ void __launch_bounds__(kThreads) decode_mma_gemm(MmaParams params) {
   constexpr int kRows = 8 * X_TILES;
-  constexpr int kTiles = kWarps / WARPS_K;           // A tiles (16 columns each) per block
-  constexpr int kUnroll = X_TILES <= 2 ? 4 : 2;      // K slices loaded before any is multiplied
+  constexpr int kTiles = kWarps / WARPS_K;       // A tiles (16 columns each) per block
+  constexpr int kUnroll = X_TILES <= 2 ? 4 : 2;  // K slices loaded before any is multiplied
   LORA_DYNAMIC_SMEM(smem);
   float* partial = reinterpret_cast<float*>(smem);  // [kWarps][kMmaTile][kRows]
 

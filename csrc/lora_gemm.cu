@@ -28,8 +28,7 @@ constexpr int kSmemBytes = sizeof(PSlab) + sizeof(QSlab);
 // memory so that global loads coalesce for both plain and transposed operands.
 template <typename T, int kTile>
 __device__ __forceinline__ void stage(float (&slab)[kTileK][kTile + 1], const T* src, int64_t stride_i,
-                                      int64_t stride_k, int64_t i0, int64_t k0, int64_t extent_i,
-                                      int64_t extent_k) {
+                                      int64_t stride_k, int64_t i0, int64_t k0, int64_t extent_i, int64_t extent_k) {
   const bool i_fastest = stride_i == 1;
   for (int e = threadIdx.x; e < kTileK * kTile; e += kThreads) {
     const int i = i_fastest ? e % kTile : e / kTileK;

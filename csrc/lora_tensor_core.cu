@@ -54,7 +54,7 @@ struct MmaTile {
   __host__ __device__ __forceinline__ static int offset(int i, int k) {
     if (K_MAJOR) {  // [i][k]: 4 chunks of 8 per row; rows 2j and 2j+1 share a swizzle
       return (i * (kBK / 8) + ((k >> 3) ^ ((i >> 1) & 3))) * 8 + (k & 7);
-    } else {        // [k][i]: TILE_I / 8 chunks per row
+    } else {  // [k][i]: TILE_I / 8 chunks per row
       return (k * (TILE_I / 8) + ((i >> 3) ^ (k & 7))) * 8 + (i & 7);
     }
   }
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
 
   for (int t = 0; t < total_tiles; ++t) {
     dev::cp_async_wait<kStages - 2>();  // tile t has landed ...
-    __syncthreads();                     // ... for every thread, and tile t - 1's buffer is free
+    __syncthreads();                    // ... for every thread, and tile t - 1's buffer is free
     if (t + kStages - 1 < total_tiles) load(t + kStages - 1);
     dev::cp_async_commit();
     if (range.rescale_before(t, g)) {  // from here on P2·Q2: acc = alpha/alpha2 · P·Q, scaled by alpha2 at the end
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
         if (P_K_MAJOR) {
           dev::ldmatrix_x4(a[i], p_tile + MmaTile<kBM, true>::offset(row + lane % 16, kk + (lane / 16) * 8));
         } else {
-          dev::ldmatrix_x4_trans(a[i], p_tile + MmaTile<kBM, false>::offset(row + ((lane / 8) % 2) * 8,
-                                                                          kk + lane % 8 + (lane / 16) * 8));
+          dev::ldmatrix_x4_trans(
+              a[i], p_tile + MmaTile<kBM, false>::offset(row + ((lane / 8) % 2) * 8, kk + lane % 8 + (lane / 16) * 8));
         }
       }
 #pragma unroll
@@ -136,11 +136,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tensor_core_gemm(Params params)
         const int col = warp_n0 + j * 8;
         uint32_t r[4];
         if (Q_K_MAJOR) {
-          dev::ldmatrix_x4(r, q_tile + MmaTile<kBN, true>::offset(col + lane % 8 + (lane / 16) * 8,
-                                                              kk + ((lane / 8) % 2) * 8));
+          dev::ldmatrix_x4(
+              r, q_tile + MmaTile<kBN, true>::offset(col + lane % 8 + (lane / 16) * 8, kk + ((lane / 8) % 2) * 8));
         } else {
-          dev::ldmatrix_x4_trans(r, q_tile + MmaTile<kBN, false>::offset(col + (lane / 16) * 8,
-                                                                     kk + lane % 8 + ((lane / 8) % 2) * 8));
+          dev::ldmatrix_x4_trans(
+              r, q_tile + MmaTile<kBN, false>::offset(col + (lane / 16) * 8, kk + lane % 8 + ((lane / 8) % 2) * 8));
         }
         b[j][0] = r[0];
         b[j][1] = r[1];

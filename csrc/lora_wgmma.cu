@@ -40,14 +40,14 @@ namespace wgmma {
 using namespace tensor_core;
 
 constexpr int kBM = 128, kBK = 64;
-constexpr int kThreads = 256;             // two warpgroups, one per 64 rows of the tile
-constexpr int kProducerThreads = 128;     // wgmma_gemm_producer: one more warpgroup, which starts the copies
+constexpr int kThreads = 256;          // two warpgroups, one per 64 rows of the tile
+constexpr int kProducerThreads = 128;  // wgmma_gemm_producer: one more warpgroup, which starts the copies
 // ... and registers per thread there: launched with 168 (65536 / 384), the producer warpgroup gives
 // back all but 40 and the consumers take up to 232 (40·128 + 232·256 ≤ 65536), so that their 128
 // accumulators (128×256 tiles) and the addressing fit without spilling.
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-constexpr int kMinTilesPerSplit = 2;      // 128 of K
-constexpr int kGroupM = 8;                // row tiles per group of the launch order
+constexpr int kMinTilesPerSplit = 2;  // 128 of K
+constexpr int kGroupM = 8;            // row tiles per group of the launch order
 
 template <int BN_, int STAGES_>
 struct Config {
@@ -71,7 +71,7 @@ struct Sw128Tile {
   __host__ __device__ __forceinline__ static int offset(int i, int k) {
     if (K_MAJOR) {  // row i = 64 k (128 bytes), chunk k/8 swizzled with i % 8
       return i * kBK + (((k >> 3) ^ (i & 7)) << 3) + (k & 7);
-    } else {        // column block i/64, row k = 64 i (128 bytes), chunk (i % 64)/8 swizzled with k % 8
+    } else {  // column block i/64, row k = 64 i (128 bytes), chunk (i % 64)/8 swizzled with k % 8
       return (i >> 6) * kColumnBlockElems + k * 64 + ((((i & 63) >> 3) ^ (k & 7)) << 3) + (i & 7);
     }
   }
@@ -93,15 +93,15 @@ struct Sw128Tile {
 #pragma unroll
       for (int b = 0; b < TILE_I / 64; ++b)
         if (b < count)
-          dev::tma_load_2d(static_cast<char*>(tile) + 2 * b * kColumnBlockElems, map,
-                           static_cast<int32_t>(i0 + 64 * b), static_cast<int32_t>(k0), bar);
+          dev::tma_load_2d(static_cast<char*>(tile) + 2 * b * kColumnBlockElems, map, static_cast<int32_t>(i0 + 64 * b),
+                           static_cast<int32_t>(k0), bar);
     }
   }
   // Descriptor of the 16 k from kk on of the rows (or columns) from i0 on; i0 a multiple of 64.
   __device__ __forceinline__ static uint64_t descriptor(uint32_t tile_address, int i0, int kk) {
     if (K_MAJOR) return dev::sw128_descriptor(tile_address + 2 * (i0 * kBK + kk), 16, 1024);
-    return dev::sw128_descriptor(tile_address + 2 * ((i0 >> 6) * kColumnBlockElems + kk * 64),
-                                 2 * kColumnBlockElems, 1024);
+    return dev::sw128_descriptor(tile_address + 2 * ((i0 >> 6) * kColumnBlockElems + kk * 64), 2 * kColumnBlockElems,
+                                 1024);
   }
 };
 
@@ -216,8 +216,8 @@ __device__ __forceinline__ void store_tile(const Params& params, const Work& w, 
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      store_pair<T>(params, w.split, row0 + 8 * half, w.n0 + 8 * j + 2 * (lane % 4),
-                    out_scale * acc[4 * j + 2 * half], out_scale * acc[4 * j + 2 * half + 1]);
+      store_pair<T>(params, w.split, row0 + 8 * half, w.n0 + 8 * j + 2 * (lane % 4), out_scale * acc[4 * j + 2 * half],
+                    out_scale * acc[4 * j + 2 * half + 1]);
 }
 
 // One block per tile and split; all 256 threads multiply, and the stages are filled in step with
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int t = 0; t < w.range.count; ++t) {
     if (!TMA) {
       dev::cp_async_wait<kAhead - 1>();  // tile t has landed ...
-      dev::fence_proxy_async();           // ... is visible to the tensor cores, after the barrier
+      dev::fence_proxy_async();          // ... is visible to the tensor cores, after the barrier
     }
     __syncthreads();  // (every thread's copies of tile t;) both warpgroups have waited for the wgmmas of tile t - 2
     if (t + kAhead < w.range.count) load(t + kAhead);  // into tile t - 2's buffer
@@ -304,15 +304,15 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      dev::mbarrier_init(&stages.landed[s], 1);                // the producer's arrival (+ the bytes)
-      dev::mbarrier_init(&stages.freed[s], kThreads / 32);     // one per consumer warp
+      dev::mbarrier_init(&stages.landed[s], 1);             // the producer's arrival (+ the bytes)
+      dev::mbarrier_init(&stages.freed[s], kThreads / 32);  // one per consumer warp
     }
   }
   __syncthreads();  // the barriers are initialised before anyone waits on them
 
   const GemmParams& g = params.g;
   const int64_t units = dev::cdiv(g.M, kBM) * dev::cdiv(g.N, kBN) * params.splits;
-  uint32_t use = 0;  // K tiles this block has staged (producer) or multiplied (consumers) so far
+  uint32_t use = 0;               // K tiles this block has staged (producer) or multiplied (consumers) so far
   if (threadIdx.x >= kThreads) {  // the producer warpgroup; one thread is enough to start TMA copies
     dev::release_registers<kProducerRegisters>();
     if (threadIdx.x != kThreads) return;
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int s = use % kStages;
         dev::mbarrier_wait(&stages.freed[s], ((use / kStages) & 1) ^ 1);  // its previous tile's wgmmas are done
         copy_stage<Sw128Tile<kBM, P_K_MAJOR>, Sw128Tile<kBN, Q_K_MAJOR>>(stages.p_tile(s), maps, g, w, t,
-                                                                        &stages.landed[s]);
+                                                                         &stages.landed[s]);
       }
     }
     return;

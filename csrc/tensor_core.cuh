@@ -35,8 +35,8 @@ __host__ __device__ __forceinline__ Views views_of(const GemmParams& g) {
 struct Params {
   GemmParams g;
   DType dtype;
-  bool vec[4];     // P, Q, P2, Q2 can be staged with aligned 16-byte copies
-  bool pair_store;  // two neighbouring outputs of a row can be written as one 32-bit store
+  bool vec[4];                  // P, Q, P2, Q2 can be staged with aligned 16-byte copies
+  bool pair_store;              // two neighbouring outputs of a row can be written as one 32-bit store
   int splits, tiles_per_split;  // split-K: split z takes K tiles [z·tiles_per_split, +tiles_per_split)
 };
 
@@ -166,10 +166,13 @@ inline bool q_is_k_major(const GemmParams& g) { return !(g.Q.stride_col == 1 && 
 inline Params make_params(DType dtype, const GemmParams& g) {
   const Views ops = views_of(g);
   const bool p_k = p_is_k_major(g), q_k = q_is_k_major(g);
-  return Params{g, dtype,
+  return Params{g,
+                dtype,
                 {vector_loadable(ops.P, p_k), vector_loadable(ops.Q, q_k), g.K2 > 0 && vector_loadable(ops.P2, p_k),
                  g.K2 > 0 && vector_loadable(ops.Q2, q_k)},
-                g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0, 1, 0};
+                g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0,
+                1,
+                0};
 }
 
 struct Split {
@@ -203,7 +206,7 @@ cudaError_t launch_tiles(Kernel kernel, Params params, Split split, int BM, int 
   if (tiles_m > 2147483647LL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
   const bool split_k = split.splits > 1 && g.workspace != nullptr;
   params.splits = split_k ? split.splits : 1;
-  params.tiles_per_split = split_k ? split.tiles_per_split : 2147483647;  // unsplit: one z takes all tiles
+  params.tiles_per_split = split_k ? split.tiles_per_split : 2147483647;    // unsplit: one z takes all tiles
   const cudaError_t smem_ok = dev::allow_dynamic_smem(kernel, smem_bytes);  // per call: per device
   if (smem_ok != cudaSuccess) return smem_ok;
   const int64_t units = tiles_m * tiles_n * params.splits;
