@@ -60,8 +60,24 @@ at::Tensor adapter_operand(const at::Tensor& t, const char* name, const at::Tens
 void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
           int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters,
           bool overlap_prior = false) {
-  GemmParams p{out.size(0),   out.size(1),   K,     K2,     P,       Q,        P2,           Q2, bias, out.data_ptr(),
-               out.stride(0), out.stride(1), alpha, alpha2, nullptr, adapters, overlap_prior};
+  GemmParams p{};  // filled field by field; c_transposed stays false (set inside the wgmma path only)
+  p.M = out.size(0);
+  p.N = out.size(1);
+  p.K = K;
+  p.K2 = K2;
+  p.P = P;
+  p.Q = Q;
+  p.P2 = P2;
+  p.Q2 = Q2;
+  p.bias = bias;
+  p.C = out.data_ptr();
+  p.stride_cm = out.stride(0);
+  p.stride_cn = out.stride(1);
+  p.alpha = alpha;
+  p.alpha2 = alpha2;
+  p.workspace = nullptr;  // set below where the product is split along K
+  p.adapters = adapters;
+  p.overlap_prior = overlap_prior;
   // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
   const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
   at::Tensor workspace;
@@ -107,15 +123,16 @@ const int64_t* dropout_seed(double dropout_p, const std::optional<at::Tensor>& s
 
 // out = keep ⊙ src / (1 − p) (+ out when accumulate), the mask drawn from *seed (lora_dropout.cu).
 void dropout(at::Tensor& out, const at::Tensor& src, const int64_t* seed, double p, bool accumulate) {
-  const lora_kernels::DropoutParams d{src.size(0),
-                                      src.size(1),
-                                      plain(src),
-                                      out.data_ptr(),
-                                      out.stride(0),
-                                      seed,
-                                      static_cast<float>(p),
-                                      static_cast<float>(1.0 / (1.0 - p)),
-                                      accumulate};
+  lora_kernels::DropoutParams d{};
+  d.M = src.size(0);
+  d.K = src.size(1);
+  d.src = plain(src);
+  d.out = out.data_ptr();
+  d.stride_out = out.stride(0);
+  d.seed = seed;
+  d.p = static_cast<float>(p);
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  d.accumulate = accumulate;
   const cudaError_t err = lora_kernels::launch_dropout(dtype_of(out), d, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lora_kernels: kernel launch failed: ", cudaGetErrorString(err));
 }
