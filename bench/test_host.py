@@ -14,7 +14,7 @@ one torch op's host cost on this machine.
 Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16):
     torch.empty (M, N)      one tensor op, for scale
     prepare_args            autocast look-up + argument checks (lora_kernels.function.prepare_args)
-    resolve (auto)          the backend decision backend="auto" makes for a CUDA tensor
+    resolve (auto)          the backend decision backend="auto" makes for a CUDA tensor (lora_kernels.dispatch)
     triton wrapper          lora_kernels.triton.forward's host code: dtype flags, tiles, allocation, grid
     lora_linear             the whole functional call on backend="triton" (the three above + glue)
     LoRALinear              the module's forward (nn.Module call, explain() record, the functional call)
@@ -32,7 +32,7 @@ from report import RESULTS, progress
 from timing import Timing
 
 import lora_kernels
-from lora_kernels import function
+from lora_kernels import dispatch, function
 
 K = N = 4096
 RANK = 16
@@ -89,7 +89,7 @@ def per_call_us(fn) -> Timing:
 
 def _auto_on_gpu(x, **kw):
     """resolve("auto") past its device test: the branch a CUDA tensor takes."""
-    return function._auto(x, by_size=True, inference=kw.get("inference", True), out_features=N, rank=RANK)
+    return dispatch._auto(x, by_size=True, inference=kw.get("inference", True), out_features=N, rank=RANK)
 
 
 def stages(M):

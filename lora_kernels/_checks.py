@@ -7,9 +7,10 @@ import numbers
 
 import torch
 
+from .dispatch import BACKENDS
 from .precision import HALF_DTYPES, dtype_mix_error
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+# what the op accepts (float64 runs the reference path; the kernels take the first three)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -20,9 +21,6 @@ def _tensor(name, t, ndim=None):
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend) -> bool:
@@ -38,7 +36,7 @@ def _valid_fast(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend) -> b
             and type(dropout_p) is float
             and 0.0 <= dropout_p < 1.0
             and backend in BACKENDS
-            and dtype in _KERNEL_DTYPES
+            and dtype in FLOAT_DTYPES
             and weight.dim() == 2
             and lora_A.dim() == 2
             and lora_B.dim() == 2

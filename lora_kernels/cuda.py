@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .ops import backward_fake, forward_fake, register_autocast
+from .precision import KERNEL_DTYPES
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -16,7 +17,7 @@ try:
 except ImportError as exc:  # a CPU-only install, or built with LORA_KERNELS_SKIP_CUDA_BUILD=1
     _LOAD_ERROR = exc
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = KERNEL_DTYPES
 # Dropout from a seed: the kernels redraw the Triton kernels' mask (reference.dropout_keep) inside
 # each op, so no mask or dropped copy of x is kept between forward and backward.
 FUSED_DROPOUT = True

@@ -1,7 +1,7 @@
 """Which backend each LoRA layer's last call ran, and why: nothing falls back silently.
 
 Every LoRA layer (``LoRALinear``, ``LoRAConv1D``, PEFT layers switched by ``patch_peft``) keeps
-the :class:`~lora_kernels.function.Dispatch` of its last eager call. A call that does not take a
+the :class:`~lora_kernels.dispatch.Dispatch` of its last eager call. A call that does not take a
 fused kernel is logged on the ``lora_kernels`` logger once per layer and kind of reason: at INFO
 where that is the documented choice (``auto`` on CPU tensors, ``auto``'s measured size policy, an
 explicit ``backend="reference"``, a merged or disabled adapter), at WARNING otherwise (a dtype mix

@@ -1,8 +1,9 @@
 """The autograd Function and the functional entry point :func:`lora_linear`.
 
 Backends all implement the 2-D contract of :mod:`lora_kernels.reference` (``forward`` and
-``backward``); this file only flattens leading dimensions, picks a backend, handles dropout (a seed
-for backends that fuse it, a materialised mask for the others) and routes gradients. W₀ is frozen:
+``backward``); this file only flattens leading dimensions, asks :mod:`lora_kernels.dispatch` for a
+backend, handles dropout (a seed for backends that fuse it, a materialised mask for the others)
+and routes gradients. W₀ is frozen:
 its gradient is computed only if a caller explicitly asks for it with ``weight.requires_grad=True``
 (plain ``dYᵀ·x``, never inside the fused kernels).
 """
@@ -10,143 +11,16 @@ its gradient is computed only if a caller explicitly asks for it with ``weight.r
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from . import cuda, reference
+from . import dispatch, reference
 from ._checks import check_lora_linear_args
+from .dispatch import FUNCTORCH, Dispatch, resolve
 from .precision import autocast_args, autocast_dtype
 
-# Backend modules, imported once here (not per call) so torch.compile can trace the dispatch.
-_BACKENDS = {"reference": reference, "cuda": cuda}
-try:
-    from . import triton as _triton
-
-    _BACKENDS["triton"] = _triton
-except ImportError as _exc:  # triton is optional on CPU-only installs
-    _TRITON_MISSING = f"triton is not importable ({_exc}); pip install triton"
-
-
-# backend="auto" on a GPU, from H100 measurements (torch 2.11, triton 3.6, CUDA 13.0, 2026-11-22;
-# bench/results/README.md):
-# - fp16/bf16: the fused Triton kernels up to AUTO_TRITON_MAX_ROWS rows of x, above it the
-#   cuBLAS-composed reference path. At M ≤ 128 the fused kernels beat every unfused form on
-#   4096×4096 and come within 0.1× of Unsloth-style addmm on the 11008-wide shapes, while at
-#   M ≥ 1024 cuBLAS's GEMM outruns Triton's (triton 3.6 reaches ~550 of cuBLAS's ~780 TFLOP/s), so
-#   three cuBLAS calls beat one fused pass. At r > 16 the fused kernels only up to
-#   AUTO_TRITON_MAX_ROWS_HIGH_RANK rows: at r = 64 and M = 128 they were 1.48–2.09× cuBLAS x·W₀ᵀ
-#   against 1.26–1.63× for the composed path (Unsloth-style addmm), while at M ≤ 16 they still
-#   won or tied (forward 1.14–1.48× vs 1.25–1.58×; training 1.36–1.55× vs 1.48–2.15×).
-# - fp16/bf16 inference (no autograd) at M ≤ AUTO_CUDA_MAX_ROWS: the CUDA extension's decode kernel
-#   on the tensor cores, which needs N ≥ 256 and K % 8 == 0. Measured at M = 1 and 4 (bf16, r = 16
-#   and 64): 0.99–1.24× cuBLAS x·W₀ᵀ in graph replay against Triton's 1.14–1.29×, and ~60–95 µs
-#   eager against Triton's ~135–200 µs. Not in training: its backward is 2–3.3× Triton's.
-# - fp32: Triton only up to AUTO_TRITON_MAX_ROWS_FP32 rows. Its exact fp32 dot (no TF32) lost to
-#   cuBLAS at 128 rows (Table 1, batch 1/128: +39.9% over the merged model against PEFT-style
-#   code's +5.8%); 16 rows and fewer were not measured and keep the fused kernels.
-AUTO_TRITON_MAX_ROWS = 512
-AUTO_TRITON_MAX_ROWS_HIGH_RANK = 16
-AUTO_TRITON_MAX_ROWS_FP32 = 16
-AUTO_CUDA_MAX_ROWS = 4
-
-
-class Dispatch(NamedTuple):
-    """Which backend a call ran and why; layers keep their last one (see :func:`lora_kernels.explain`).
-    ``key`` names the kind of reason, so a layer logs each kind once."""
-
-    backend: str
-    fused: bool
-    why: str
-    key: str
-
-
-def _fused(backend, why, key):
-    return Dispatch(backend, True, why, key)
-
-
-# The common decisions, made once (no per-call formatting).
-_EXPLICIT = {
-    name: Dispatch(name, name != "reference", f"backend={name!r} requested", "explicit")
-    for name in ("reference", "triton", "cuda")
-}
-_AUTO_TRITON = _fused(
-    "triton",
-    f"auto: fused Triton kernels (up to {AUTO_TRITON_MAX_ROWS} rows at r <= 16, "
-    f"{AUTO_TRITON_MAX_ROWS_HIGH_RANK} at r > 16 or fp32)",
-    "auto-triton",
-)
-_AUTO_TRITON_ANY_SIZE = _fused(
-    "triton", "auto: fused Triton kernels (dropout or multi-adapter batch: any size)", "auto-triton"
-)
-_AUTO_CUDA = _fused("cuda", f"auto: CUDA decode kernel (16-bit inference at <= {AUTO_CUDA_MAX_ROWS} rows)", "auto-cuda")
-
-
-def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> Dispatch:
-    if (
-        by_size
-        and inference
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and x.numel() <= AUTO_CUDA_MAX_ROWS * x.shape[-1]
-        and out_features >= 256
-        and x.shape[-1] % 8 == 0
-        and cuda.unavailable_reason(x) is None
-    ):
-        return _AUTO_CUDA
-    if "triton" not in _BACKENDS:
-        return Dispatch("reference", False, f"auto: {_TRITON_MISSING}", "triton-missing")
-    reason = _BACKENDS["triton"].unavailable_reason(x)
-    if reason is not None:
-        return Dispatch("reference", False, f"auto: {reason}", "triton-unavailable")
-    if not by_size:
-        return _AUTO_TRITON_ANY_SIZE
-    limit = (
-        AUTO_TRITON_MAX_ROWS_FP32
-        if x.dtype == torch.float32
-        else AUTO_TRITON_MAX_ROWS_HIGH_RANK
-        if rank > 16
-        else AUTO_TRITON_MAX_ROWS
-    )
-    if x.numel() <= limit * x.shape[-1]:
-        return _AUTO_TRITON
-    return Dispatch(
-        "reference",
-        False,
-        f"auto: {x.numel() // max(x.shape[-1], 1)} rows > {limit} "
-        f"({str(x.dtype).removeprefix('torch.')}, r={rank}): three cuBLAS calls measured faster",
-        "auto-size",
-    )
-
-
-def resolve(
-    name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0, rank: int = 0
-) -> Dispatch:
-    """Resolve ``name`` ("auto" included) to a backend that can run on tensors like ``x``, or raise
-    saying why it cannot. ``by_size=False``: auto means Triton whenever it can run (multi-adapter
-    batches, whose reference path is a loop over adapters, and dropout). ``inference``: no backward
-    will follow (auto may then pick the CUDA decode kernel)."""
-    if name == "auto":
-        if x.device.type != "cuda":
-            return Dispatch(
-                "reference",
-                False,
-                f"auto: tensors on {x.device.type}; the fused kernels run on CUDA "
-                "tensors (backend='triton' with TRITON_INTERPRET=1 runs them on CPU, slowly)",
-                "device",
-            )
-        return _auto(x, by_size, inference, out_features, rank)
-    if name != "reference":
-        reason = _BACKENDS[name].unavailable_reason(x) if name in _BACKENDS else _TRITON_MISSING
-        if reason is not None:
-            raise RuntimeError(f"backend={name!r} cannot run here: {reason}")
-    return _EXPLICIT[name]
-
-
-def _backend(
-    name: str, x: torch.Tensor, by_size: bool = True, inference: bool = False, out_features: int = 0, rank: int = 0
-) -> str:
-    """The backend name :func:`resolve` picks."""
-    return resolve(name, x, by_size, inference, out_features, rank).backend
+__all__ = ["Dispatch", "LoRALinearFunction", "lora_linear", "prepare_args", "resolve", "rows", "run_prepared"]
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -154,12 +28,21 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+class ForwardState(NamedTuple):
+    """What the forward keeps for backward, besides its inputs."""
+
+    xa: torch.Tensor  # s·dropout(x)·Aᵀ (M, r)
+    mask: Optional[torch.Tensor]  # the materialised dropout mask (0 or 1/(1−p)), non-fusing backends
+    seed: Optional[torch.Tensor]  # the fused kernels' dropout seed (int64, one element)
+    fused_dropout_p: float  # p where the kernels drop in-kernel from ``seed``, else 0
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
     """The forward pass shared by the autograd Function and the inference path, on a resolved
     ``backend``. ``seed``: the dropout mask's seed where the caller fixes it (tensor parallelism:
-    the same mask on every rank), else drawn from torch's generator. Returns y and what backward
-    needs: (x2d, x_lora, xa, mask, seed, fused_dropout_p)."""
-    ops = _BACKENDS[backend]
+    the same mask on every rank), else drawn from torch's generator. Returns y and a
+    :class:`ForwardState`."""
+    ops = dispatch.backend(backend)
     x2d = x if x.dim() == 2 else rows(x)
     mask = None
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
@@ -179,7 +62,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=No
         x_lora = x2d if mask is None else x2d * mask
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, x_lora=None if mask is None else x_lora)
     y = y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
-    return y, (x2d, x_lora, xa, mask, seed, dropout_p if fused_dropout else 0.0)
+    return y, ForwardState(xa, mask, seed, dropout_p if fused_dropout else 0.0)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -192,15 +75,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
-        if backend not in _BACKENDS:  # "auto", or a backend that is not installed (raises, saying why)
+        if not dispatch.is_resolved(backend):  # "auto", or a backend that is not installed (raises, saying why)
             backend = resolve(
                 backend, x, by_size=dropout_p == 0.0, out_features=weight.shape[0], rank=lora_A.shape[0]
             ).backend
-        y, (x2d, x_lora, xa, mask, seed, fused_p) = _forward(
-            x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed
-        )
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, mask, seed)
-        ctx.backend, ctx.scale, ctx.dropout_p, ctx.fused_dropout_p = backend, scale, dropout_p, fused_p
+        y, state = _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, state.xa, state.mask, state.seed)
+        ctx.backend, ctx.scale, ctx.dropout_p, ctx.fused_dropout_p = backend, scale, dropout_p, state.fused_dropout_p
         return y
 
     @staticmethod
@@ -211,8 +92,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d, dy2d = rows(x), rows(dy)
         fused = {} if seed is None else {"dropout_p": ctx.fused_dropout_p, "seed": seed}
         x_lora = x2d if mask is None else x2d * mask  # the reference backend's dropout(x), rebuilt here
-        dx, d_lora_A, d_lora_B, g = _BACKENDS[ctx.backend].backward(
-            dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, mask is None, **fused
+        dx, d_lora_A, d_lora_B, g = dispatch.backend(ctx.backend).backward(
+            dy2d, x_lora, weight, lora_A, lora_B, xa, ctx.scale, fuse_lora_dx=mask is None, **fused
         )
         if mask is not None:  # the LoRA branch saw dropout(x): its share of dX goes through the mask
             dx = dx + (g @ lora_A.to(g.dtype)).mul_(ctx.scale).mul_(mask)
@@ -245,15 +126,6 @@ def differentiate(y, dy, inputs, needs):
     return [next(grads) if n else None for n in needs]
 
 
-_FUNCTORCH = Dispatch(
-    "reference",
-    False,
-    "inside a torch.func transform (grad, vmap, jacrev, ...): the "
-    "plain-torch definition, which the transforms see as ordinary ops",
-    "functorch",
-)
-
-
 def in_functorch_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
@@ -284,7 +156,7 @@ def run_prepared(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, see
             mask = torch.nn.functional.dropout(torch.ones_like(x), dropout_p)
         return reference.lora_linear_reference(
             x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scale, mask
-        ), _FUNCTORCH
+        ), FUNCTORCH
     # Inference (no gradient wanted) skips the autograd Function and its few microseconds.
     grad = torch.is_grad_enabled() and (
         x.requires_grad

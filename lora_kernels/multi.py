@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import dispatch, reference
 from ._checks import check_lora_linear_args
-from .function import _BACKENDS, _FUNCTORCH, differentiate, in_functorch_transform, resolve, rows
+from .dispatch import FUNCTORCH, resolve
+from .function import differentiate, in_functorch_transform, rows
 from .precision import autocast_args, autocast_dtype
 
 
@@ -24,7 +25,7 @@ class LoRALinearMultiFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scales, adapter_ids, backend):
         n, r, K = lora_A.shape
         N = weight.shape[0]
-        ops = _BACKENDS[backend]
+        ops = dispatch.backend(backend)
         x2d = rows(x)
         ids = adapter_ids.reshape(-1).to(device=x.device, dtype=torch.int32).contiguous()
         a_all = lora_A.reshape(n * r, K)
@@ -48,7 +49,7 @@ class LoRALinearMultiFunction(torch.autograd.Function):
             return dx, d_weight, rows(dy).sum(0) if need[2] else None, d_lora_A, d_lora_B, None, None, None
         n, r = ctx.shapes
         x2d, dy2d = rows(x), rows(dy)
-        dx, d_a, d_b, _ = _BACKENDS[ctx.backend].backward(
+        dx, d_a, d_b, _ = dispatch.backend(ctx.backend).backward(
             dy2d, x2d, weight, a_all, b_all, xa, 1.0, True, adapter_ids=ids, adapter_scales=scales, adapter_rank=r
         )
         d_lora_A = d_a.reshape(n, r, -1)
@@ -111,7 +112,7 @@ def _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, bac
         )
     dispatch = resolve(backend, x, by_size=False)
     if in_functorch_transform():  # torch.func sees the plain-torch loop (see lora_linear)
-        dispatch = _FUNCTORCH
+        dispatch = FUNCTORCH
     if dispatch.backend == "reference":
         return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), dispatch
     return LoRALinearMultiFunction.apply(

@@ -16,7 +16,7 @@ import torch.nn as nn
 from ._checks import check_backend
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
-from .layers import LoRAMixin, full_tensor, replace_module, wrap_with_lora
+from .layers import LoRAMixin, _is_conv1d, full_tensor, replace_module, wrap_with_lora
 from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
 from .reference import lora_scale
@@ -200,8 +200,6 @@ def _unsupported(layer) -> str:
     """Why a PEFT LoRA layer is not switched to the fused path ('' if it is). What can change between
     calls (active adapters, variants, hooks, dtypes) is checked again on every call."""
     from peft.tuners.lora.layer import Linear as PeftLinear
-
-    from .layers import _is_conv1d
 
     if not isinstance(layer, PeftLinear):
         return f"{type(layer).__name__} layers (quantized or non-linear bases) are not fused"

@@ -8,7 +8,7 @@ Three things live here:
   autograd and compare every backend against it.
 * :func:`forward` / :func:`backward` — the same math split the way the fused kernels split it
   (the ``reference`` backend). Every backend implements exactly these two signatures on 2-D
-  tensors, so :mod:`lora_kernels.function` can dispatch to any of them in one line.
+  tensors, so :mod:`lora_kernels.dispatch` can hand any of them to the autograd Function.
 * :func:`dropout_keep` — the dropout mask the Triton and CUDA kernels draw from a seed.
 
 Names used throughout the package:

@@ -112,9 +112,9 @@ def test_weight_that_requires_grad_gets_its_true_gradient(backend):
 
 
 def test_auto_is_reference_on_cpu():
-    from lora_kernels.function import _backend
+    from lora_kernels.dispatch import resolve
 
-    assert _backend("auto", torch.zeros(1, 4)) == "reference"
+    assert resolve("auto", torch.zeros(1, 4)).backend == "reference"
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -150,16 +150,16 @@ def test_offsets_beyond_2_pow_31(backend):
 
 @pytest.mark.skipif(DEVICE != "cuda" or "triton" not in KERNEL_BACKENDS, reason="auto picks among GPU backends")
 def test_auto_follows_the_measured_policy():
-    from lora_kernels.function import (
+    from lora_kernels.dispatch import (
         AUTO_CUDA_MAX_ROWS,
         AUTO_TRITON_MAX_ROWS,
         AUTO_TRITON_MAX_ROWS_FP32,
         AUTO_TRITON_MAX_ROWS_HIGH_RANK,
-        _backend,
+        resolve,
     )
 
     def pick(rows, dtype=torch.bfloat16, **kw):
-        return _backend("auto", torch.empty(rows, 64, device="cuda", dtype=dtype), **kw)
+        return resolve("auto", torch.empty(rows, 64, device="cuda", dtype=dtype), **kw).backend
 
     assert pick(AUTO_TRITON_MAX_ROWS) == "triton"
     assert pick(AUTO_TRITON_MAX_ROWS + 1) == "reference"

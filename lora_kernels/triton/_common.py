@@ -11,12 +11,30 @@ import triton
 import triton.language as tl
 
 from .. import _env
+from ..precision import KERNEL_DTYPES
 
 # The interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors with numpy; it computes bf16
 # tl.dot and bf16 arithmetic wrongly, so kernels upcast dot operands to fp32 only when interpreting.
 INTERPRETING = _env.enabled("TRITON_INTERPRET")
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = KERNEL_DTYPES
+
+# Where no GPU can be asked (the interpreter, meta tensors when compiling for a target) the wrappers
+# size their grids for the GPU the tile tables were measured on: an H100's 132 SMs.
+DEFAULT_SM_COUNT = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (asked once per GPU), or DEFAULT_SM_COUNT off a GPU."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
 
 # LORA_KERNELS_AUTOTUNE=1: time the table's tile config against a few neighbours on first use of
 # each shape key and keep the fastest (see tuned()). Off by default: a launch then costs no search.

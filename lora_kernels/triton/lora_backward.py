@@ -33,6 +33,7 @@ from ._common import (
     kernel_flags,
     next_power_of_2,
     rank_block,
+    sm_count,
     tile_config,
     tuned,
 )
@@ -285,11 +286,11 @@ def _lora_dadb_kernel(
         )
 
 
-def _num_splits(M: int, tiles: int, block_m: int) -> int:
-    """Split the M reduction so tiles × splits ≈ 2 waves of 132 SMs, each split ≥ 4 row blocks."""
+def _num_splits(M: int, tiles: int, block_m: int, sms: int) -> int:
+    """Split the M reduction so tiles × splits ≈ 2 waves of the GPU's SMs, each split ≥ 4 row blocks."""
     if INTERPRETING:
         return min(2, cdiv(M, block_m))
-    return max(1, min(cdiv(264, tiles), cdiv(M, 4 * block_m)))
+    return max(1, min(cdiv(2 * sms, tiles), cdiv(M, 4 * block_m)))
 
 
 def fused_backward(
@@ -367,7 +368,7 @@ def fused_backward(
 
     block_m = 32 if INTERPRETING else 64
     tiles = cdiv(K, cfg["BLOCK_K"]) + cdiv(N, cfg["BLOCK_N"])
-    splits = _num_splits(M, tiles, block_m)
+    splits = _num_splits(M, tiles, block_m, sm_count(dy.device))
     rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, rows_per_split)
     da_scale = (1.0 if multi else scale) / (1.0 - dropout_p)  # g carries the scale in multi-adapter mode

@@ -35,6 +35,7 @@ from ._common import (
     kernel_flags,
     next_power_of_2,
     rank_block,
+    sm_count,
     tile_config,
     tuned,
 )
@@ -239,9 +240,10 @@ def fused_forward(
     else:
         xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if fused_dropout:  # first pass: xa = s·dropout(x)·Aᵀ, each element of x dropped once
-        # rows per program: enough programs for the 132 SMs of an H100 (fp32's FMA dots: smaller tiles)
+        # rows per program: about one program per SM, 16 to 64 rows each (fp32's FMA dots: ≤ 32)
         wide = x.dtype == torch.float32 or INTERPRETING
-        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, next_power_of_2(cdiv(M, 132))))
+        rows_per_sm = next_power_of_2(cdiv(M, sm_count(x.device)))
+        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, rows_per_sm))
         launch(
             _dropout_xa_kernel,
             (cdiv(M, block_m),),
