@@ -251,7 +251,7 @@ def host_markdown(rows) -> List[str]:
 
 def host_summary(rows, width: int = 100) -> List[str]:
     table, ms = _host_table(rows)
-    lines = ["host µs per call (launches stubbed, meta tensors)".ljust(30) + "".join(f"M={m:<7}" for m in ms)]
+    lines = ["host µs per call (launches stubbed)".ljust(30) + "".join(f"M={m:<7}" for m in ms)]
     for stage, by_m in table.items():
         lines.append(
             (f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:<9.1f}" if m in by_m else " " * 9 for m in ms))[:width]
@@ -396,9 +396,10 @@ def report_lines(info: RunInfo) -> List[str]:
             "",
             "## Host time per eager call, by stage",
             "",
-            "Every kernel launch stubbed, on meta tensors (bench/test_host.py): the Python and "
-            "framework time of a call before any launch; the launches' own host time is not in it. "
-            "Medians over samples of 200 calls.",
+            "Every Triton kernel launch stubbed, CPU tensors standing in for the GPU's "
+            "(bench/test_host.py): the Python and framework time of a call before any launch; the "
+            "launches' own host time is not in it. Medians over samples of 200 calls. A real "
+            "measurement of this host's CPU, in a reduced run too.",
             "",
         ]
         lines += host_markdown(RESULTS["host"])
