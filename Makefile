@@ -14,6 +14,7 @@ PEFT_SPEC   ?= peft==0.21.2 transformers==5.24.0
 # what PEFT's own test files import beyond the package
 PEFT_SUITE_DEPS ?= datasets==5.2.0 pyyaml==6.0.4 parameterized==0.9.0 scipy==1.17.1 diffusers==0.42.1 attrs==26.1.0
 PYTEST_ARGS ?=
+PEFT_SUITE_ARGS ?=  # --triton-full: PEFT's test_custom_models.py under the Triton interpreter too
 BENCH_ARGS  ?=
 
 export CUDA_HOME ?= /usr/local/cuda
@@ -63,7 +64,7 @@ test-triton36: install
 # installed versions) and with every PEFT model patched: what passes unpatched must pass patched.
 test-peft: install
 	$(PYTHON) -m pip install -q $(PEFT_SUITE_DEPS)
-	$(PYTHON) scripts/peft_suite.py
+	$(PYTHON) scripts/peft_suite.py $(PEFT_SUITE_ARGS)
 
 # The package as users install it: `python -m build` (sdist, then a wheel built from it), the sdist's
 # contents checked, then the sdist installed into a fresh virtual environment with torch, which
