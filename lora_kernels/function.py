@@ -24,7 +24,10 @@ __all__ = ["Dispatch", "LoRALinearFunction", "lora_linear", "prepare_args", "res
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as 2-D (rows, features); an explicit row count, since reshape(-1, 0) is ambiguous."""
+    """``t`` as 2-D (rows, features); an explicit row count, since reshape(-1, 0) is ambiguous.
+    A 2-D ``t`` is returned as it is (no reshape call: eager calls pay for each op)."""
+    if t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
@@ -43,7 +46,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=No
     the same mask on every rank), else drawn from torch's generator. Returns y and a
     :class:`ForwardState`."""
     ops = dispatch.backend(backend)
-    x2d = x if x.dim() == 2 else rows(x)
+    x2d = rows(x)
     mask = None
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
     if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
