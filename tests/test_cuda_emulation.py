@@ -2,7 +2,7 @@
 
 This is how the CUDA backend's kernels (decode GEMV, tensor-core mma.sync and wgmma GEMMs, SIMT) are
 checked on machines without a GPU: the unchanged kernel sources are compiled with g++, every CUDA
-thread an OS thread, the warp-collective instructions (ldmatrix, mma.sync, shuffles; wgmma per
+thread a fiber (see emulator.h), the warp-collective instructions (ldmatrix, mma.sync, shuffles; wgmma per
 warpgroup) computed as the PTX ISA defines them per lane, cp.async landing only at its wait and
 TMA boxes at their mbarrier's. Each test runs the six products of
 one forward + backward exactly as csrc/bindings.cpp composes them (same operands, strides and
@@ -39,7 +39,8 @@ SIMT, TENSOR_CORE, DECODE, WGMMA = 0, 1, 2, 3
 
 
 def build_library():
-    """Compile tests/cuda_emulation/emulated_gemm.cpp once per source version (cached in /tmp)."""
+    """Compile tests/cuda_emulation/ (the kernels, and the emulator's own faulty test kernels) once
+    per source version (cached in /tmp)."""
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES if p.is_file())).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / "lora_kernels_emulation" / f"emulated_gemm_{digest}.so"
     if not out.exists():
@@ -55,6 +56,7 @@ def build_library():
             f"-I{CUDA_INCLUDE}",
             f"-I{ROOT / 'csrc'}",
             str(ROOT / "tests" / "cuda_emulation" / "emulated_gemm.cpp"),
+            str(ROOT / "tests" / "cuda_emulation" / "faulty_kernels.cpp"),
             "-o",
             str(tmp),
         ]
@@ -87,6 +89,8 @@ def build_library():
     for entry in (lib.emulated_gemm, lib.chosen_kernel, lib.workspace_elems):
         entry.argtypes = gemm_args
     lib.workspace_elems.restype = i64
+    lib.run_faulty_kernel.argtypes = [ctypes.c_int, ctypes.c_bool]
+    lib.run_block_index.argtypes = [ptr, ctypes.c_int]
     lib.emulation_error.restype = ctypes.c_char_p
     lib.emulated_launches.argtypes = [ctypes.POINTER(i64), ctypes.c_int]
     lib.emulated_dropout.argtypes = [
@@ -321,28 +325,13 @@ SHAPES = [
 ]
 
 
-# Shapes that exist for a 16-bit arrangement (tensor-core decode at N ≥ 256, dX split along N): in
-# fp32 they run the warp-per-row decode and the SIMT kernel, as the shapes above do, and cost most of
-# the emulation's time (2–3 min each under the emulator's OS threads on a 2-core machine), so they run
-# in 16-bit only.
-SIXTEEN_BIT_ONLY = {
-    (8, 64, 264, 8),
-    (8, 64, 128, 128),
-    (2, 520, 270, 4),
-    (19, 136, 300, 8),
-    (32, 264, 257, 16),
-    (24, 1040, 264, 8),
-}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def shape_dtype_cases(shapes):
-    """(shape, dtype) for every dtype, fp32 left out for the SIXTEEN_BIT_ONLY shapes."""
+    """(shape, dtype) for every shape in every dtype."""
     return [
-        pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{dtype}")
-        for shape in shapes
-        for dtype in DTYPES
-        if not (dtype == torch.float32 and shape in SIXTEEN_BIT_ONLY)
+        pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{dtype}") for shape in shapes for dtype in DTYPES
     ]
 
 
@@ -596,3 +585,27 @@ def test_emulated_dropout_forward_backward_match_float64(lib, shape, dtype):
     against float64 with reference.dropout_keep's mask."""
     torch.manual_seed(hash((shape, str(dtype))) % 2**31)
     check_against_float64(Gemm(lib), *shape, dtype, dropout_p=0.3)
+
+
+# What the emulator must report for each fault of tests/cuda_emulation/faulty_kernels.cpp.
+FAULTS = {
+    0: "still in flight from a cp.async",  # ldmatrix of a copy never waited for
+    1: "barrier (__syncthreads or a warp's) never completes: 63 of 64 threads arrived",  # a deadlock
+    2: "mbarrier wait at shared offset 0 never completes (1 arrivals",  # one arrival short: a deadlock
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_emulator_reports_each_fault_and_passes_its_fix(lib, fault):
+    lib.emulation_error()  # forget what earlier tests left
+    lib.run_faulty_kernel(fault, False)
+    assert lib.emulation_error().decode() == "", "the correct twin must pass"
+    lib.run_faulty_kernel(fault, True)
+    assert FAULTS[fault] in lib.emulation_error().decode()
+
+
+def test_blocks_on_several_worker_threads_keep_their_own_index(lib):
+    out = torch.full((37,), -1, dtype=torch.int32)
+    lib.run_block_index(out.data_ptr(), 37)
+    assert out.tolist() == list(range(37))
+    assert lib.emulation_error().decode() == ""

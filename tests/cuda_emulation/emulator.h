@@ -1,11 +1,16 @@
 // Runs the unchanged CUDA kernel sources of csrc/ on a CPU, so the CUDA backend's index math,
 // tiling, tails and tensor-core fragment layouts are checked on machines without a GPU (CI).
 //
-// Every CUDA thread of a block is an OS thread; __syncthreads is a barrier across them. The
-// warp-collective instructions of csrc/device.cuh (ldmatrix, mma.sync, the warp sum) exchange
-// operands through a per-warp buffer between two warp barriers and compute exactly what the PTX
-// ISA specifies for each lane. Blocks run one after another; shared memory starts as 0xFF bytes
-// (NaN in every float type), so a read of a slot the kernel never wrote shows up in the result.
+// Every CUDA thread of a block is a fiber (its own stack, switched in user space) and the block's
+// fibers take turns on one OS thread: a thread runs until it waits (__syncthreads, a warp barrier,
+// an mbarrier), then the next one runs. The warp-collective instructions of csrc/device.cuh
+// (ldmatrix, mma.sync, the warp sum) exchange operands through a per-warp buffer between two warp
+// barriers and compute exactly what the PTX ISA specifies for each lane. The blocks of a grid run
+// on one OS thread per CPU core, in parallel (blocks of one launch never share memory they write
+// in these kernels; the split-K partial sums are reduced by a second launch). A round in which
+// every thread of a block waits and none can go on is a deadlock: reported, and the block's waits
+// then return. Shared memory starts as 0xFF bytes (NaN in every float type), so a read of a slot
+// the kernel never wrote shows up in the result.
 //
 // cp.async is emulated as late as the PTX memory model allows: a copy lands only when the issuing
 // thread's cp.async.wait_group retires its group, so a wait that lets too many groups stay in
@@ -29,7 +34,7 @@
 // a cp.async copy not fenced for the async proxy (fence.proxy.async) before a barrier, or of a TMA
 // box whose phase no one has waited for; a copy (cp.async or TMA) into a chunk a wgmma still reads;
 // an expect_tx that does not match the bytes copied; more arrivals than a barrier's count; a wait
-// that never completes (after 20 s). setmaxnreg is a no-op here.
+// that never completes (a deadlock). setmaxnreg is a no-op here.
 //
 // What this cannot see: plain loads and stores to shared memory (element-wise staging, the
 // decode and SIMT kernels' reductions) in the race check, timing, registers. compute-sanitizer
@@ -39,8 +44,7 @@
 #define LORA_KERNELS_EMULATE 1
 
 #include <algorithm>
-#include <barrier>
-#include <chrono>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
@@ -55,6 +59,10 @@
 #include <type_traits>
 #include <vector>
 
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cmath>
@@ -68,8 +76,16 @@
 
 namespace emu {
 
+// A barrier across `count` fibers of one block (__syncthreads: the block's threads; a warp's 32).
+struct Barrier {
+  explicit Barrier(int count) : count(count) {}
+  void arrive_and_wait();  // defined with the fibers, below
+  int count, arrived = 0;
+  uint64_t generation = 0;
+};
+
 struct Warp {
-  std::barrier<> sync{32};
+  Barrier sync{32};
   const unsigned char* address[32];
   uint32_t regs[32][6];
   float value[32];
@@ -125,14 +141,16 @@ struct Block {
   Block(int threads, size_t smem_bytes)
       : sync(threads), warps(threads / 32), smem(smem_bytes + 128, 0xFF), smem_bytes(smem_bytes),
         chunks(smem_bytes / 16 + 1) {}
-  std::barrier<> sync;
+  Barrier sync;
   std::vector<Warp> warps;
   std::vector<unsigned char> smem;
   size_t smem_bytes;
   std::mutex chunks_mutex;
   std::vector<Chunk> chunks;
   std::map<uint32_t, Mbarrier> mbarriers;  // by shared offset (guarded by chunks_mutex)
-  bool hung = false;  // a wait timed out (reported): the others give up at once (guarded by chunks_mutex)
+  // Waits passed and arrivals made: a round of the block's fibers that changes neither is a deadlock.
+  uint64_t progress = 0;
+  bool hung = false;  // a deadlock (reported): every wait of the block returns at once
   unsigned char* shared() {  // 128-byte aligned, like __align__(128) extern __shared__
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem.data()) + 127) & ~uintptr_t(127));
   }
@@ -287,7 +305,163 @@ struct LaunchShape {
 inline std::mutex launches_mutex;
 inline std::vector<LaunchShape> launches;
 
-// Launch: run every block of the grid, each as block_dim OS threads.
+// ---- Fibers: one per CUDA thread; the thread-locals above are the running fiber's. ----
+
+// What a fiber swaps into the thread-locals when it runs, and out again when it waits.
+struct ThreadState {
+  Block* block = nullptr;
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+  int epoch = 0;
+  AsyncGroups<Copy> cp_asyncs;
+  std::vector<int> unfenced;
+  AsyncGroups<WgmmaOp> wgmmas;
+};
+inline void swap_thread_state(ThreadState& s) {
+  std::swap(block, s.block);
+  std::swap(thread_idx, s.thread_idx);
+  std::swap(block_idx, s.block_idx);
+  std::swap(block_dim, s.block_dim);
+  std::swap(grid_dim, s.grid_dim);
+  std::swap(epoch, s.epoch);
+  std::swap(cp_asyncs, s.cp_asyncs);
+  std::swap(unfenced, s.unfenced);
+  std::swap(wgmmas, s.wgmmas);
+}
+
+constexpr size_t kFiberStackBytes = 256 * 1024;  // kernels keep their tiles in registers: frames of a few KiB
+
+#if defined(__x86_64__)
+// The context switch: push the callee-saved registers (System V ABI), swap stack pointers, pop.
+// Plain ucontext (below) makes a signal-mask system call per switch: 566 ns a round trip against 19 ns
+// (the 2-core development CPU, g++ 12 -O2, 2026-12-01).
+// A naked inline function (no prologue; one copy however many files include this header).
+[[gnu::naked, gnu::noinline]] inline void switch_stack(void** /*save_sp: rdi*/, void* /*load_sp: rsi*/) {
+  asm(R"(
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+  )");
+}
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { switch_stack(&from.sp, to.sp); }
+// A context that starts `entry` on `stack`: the six registers the switch pops, then entry's address
+// for its ret, then a null return address for entry (which never returns) at a call's alignment.
+inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  auto* sp = reinterpret_cast<uintptr_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15));
+  *--sp = 0;
+  *--sp = reinterpret_cast<uintptr_t>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = 0;
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+  Context context;
+  std::unique_ptr<char[]> stack{new char[kFiberStackBytes]};  // not zeroed: pages are touched as used
+  ThreadState state;
+  bool done = false;
+};
+
+inline thread_local Context scheduler;  // the OS thread's own context, which runs the fibers in turn
+inline thread_local Fiber* running = nullptr;
+inline thread_local void (*fiber_body)(void*) = nullptr;  // what the fibers of the current block run
+inline thread_local void* fiber_body_arg = nullptr;
+
+// A waiting fiber lets the next one run.
+inline void yield_fiber() { switch_context(running->context, scheduler); }
+
+inline void fiber_entry() {
+  fiber_body(fiber_body_arg);
+  running->done = true;
+  ++block->progress;
+  switch_context(running->context, scheduler);  // never resumed
+  std::abort();
+}
+
+inline void Barrier::arrive_and_wait() {
+  ++block->progress;
+  if (++arrived == count) {
+    arrived = 0;
+    ++generation;
+    return;
+  }
+  const uint64_t mine = generation;
+  while (generation == mine) {
+    if (block->hung) {
+      report("a barrier (__syncthreads or a warp's) never completes: %d of %d threads arrived (thread %u, block %u)",
+             arrived, count, thread_idx.x, block_idx.x);
+      return;
+    }
+    yield_fiber();
+  }
+}
+
+// Runs block `b`: its fibers in turn until all have returned. A round with no progress (every
+// fiber waiting on what no other will provide) marks the block hung.
+inline void run_block(Block& b, std::vector<Fiber>& fibers, dim3 threads, dim3 block_index, dim3 grid,
+                      void (*body)(void*), void* arg) {
+  fiber_body = body;
+  fiber_body_arg = arg;
+  for (size_t t = 0; t < fibers.size(); ++t) {
+    Fiber& f = fibers[t];
+    f.done = false;
+    f.state = ThreadState{};
+    f.state.block = &b;
+    f.state.thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
+    f.state.block_idx = block_index;
+    f.state.block_dim = threads;
+    f.state.grid_dim = grid;
+    make_context(f.context, f.stack.get(), kFiberStackBytes, fiber_entry);
+  }
+  for (size_t live = fibers.size(); live > 0;) {
+    const uint64_t before = b.progress;
+    for (Fiber& f : fibers) {
+      if (f.done) continue;
+      running = &f;
+      swap_thread_state(f.state);
+      switch_context(scheduler, f.context);
+      swap_thread_state(f.state);
+      if (f.done) --live;
+    }
+    if (live > 0 && b.progress == before) b.hung = true;
+  }
+  running = nullptr;
+}
+
+// OS threads that run a launch's blocks (LORA_EMULATED_WORKERS: another number).
+inline int worker_count() {
+  const char* env = std::getenv("LORA_EMULATED_WORKERS");
+  if (env != nullptr && std::atoi(env) > 0) return std::atoi(env);
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Launch: run every block of the grid, block_dim fibers each, blocks spread over worker threads.
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_bytes, Args... args) {
   const int n = static_cast<int>(threads.x * threads.y * threads.z);
@@ -296,27 +470,23 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 threads, size_t smem_
     std::lock_guard<std::mutex> lock(launches_mutex);
     launches.push_back({grid, n});
   }
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block b(n, smem_bytes);
-        std::vector<std::thread> pool;
-        pool.reserve(n);
-        for (int t = 0; t < n; ++t)
-          pool.emplace_back([&, t] {
-            block = &b;
-            thread_idx = dim3(t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y));
-            block_idx = dim3(bx, by, bz);
-            block_dim = threads;
-            grid_dim = grid;
-            epoch = 0;
-            cp_asyncs.clear();
-            unfenced.clear();
-            wgmmas.clear();
-            kernel(args...);
-          });
-        for (auto& th : pool) th.join();
-      }
+  auto call = [&] { kernel(args...); };
+  auto body = [](void* p) { (*static_cast<decltype(call)*>(p))(); };
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    std::vector<Fiber> fibers(n);
+    for (int64_t i; (i = next++) < blocks;) {
+      const dim3 index(i % grid.x, (i / grid.x) % grid.y, i / (int64_t(grid.x) * grid.y));
+      Block b(n, smem_bytes);
+      run_block(b, fibers, threads, index, grid, body, &call);
+    }
+  };
+  std::vector<std::thread> workers;
+  const int64_t helpers = std::min<int64_t>(worker_count(), blocks) - 1;
+  for (int64_t w = 0; w < helpers; ++w) workers.emplace_back(work);
+  work();
+  for (auto& w : workers) w.join();
 }
 
 }  // namespace emu
@@ -583,6 +753,7 @@ inline void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
   emu::Mbarrier& b = mbarrier_at(bar);
   b = emu::Mbarrier{};
   b.arrivals = b.arrivals_left = static_cast<int>(arrivals);
+  ++emu::block->progress;
 }
 // One arrival on the current phase, announcing `bytes` of copies (mbarrier_arrive: none).
 inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -592,6 +763,7 @@ inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   if (b.arrivals_left == 0) emu::report("mbarrier at shared offset %u: more arrivals than its count", smem_address(bar));
   b.tx += bytes;
   --b.arrivals_left;
+  ++emu::block->progress;
 }
 inline void mbarrier_arrive(uint64_t* bar) { mbarrier_arrive_expect_tx(bar, 0); }
 // Issued now, landed by the first wait on its barrier's phase (see Mbarrier). A copy into a chunk
@@ -616,18 +788,21 @@ inline void tma_load_2d(void* dst, const CUtensorMap* map, int32_t inner, int32_
     chunk.landed = emu::kInFlight;
   }
   mbarrier_at(bar).copies.push_back({at, m, inner, outer});
+  ++emu::block->progress;
 }
 // A phase completes once every arrival has come and copies of at least the expected bytes have been
-// started (they land now). Until then the wait spins (another thread, a producer, may still be
-// arriving or starting copies); after 20 s it reports a hang and returns, and so do the block's
-// later waits, at once.
+// started (they land now). Until then the other threads run (a producer may still be arriving or
+// starting copies); if none of them can, the wait reports the deadlock and returns, and so do the
+// block's later waits, at once.
 inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(emu::block->chunks_mutex);
       emu::Mbarrier& b = mbarrier_at(bar);
-      if (b.phase != parity || emu::block->hung) return;  // that phase has completed (or the block hangs)
+      if (b.phase != parity) {  // that phase has completed
+        ++emu::block->progress;
+        return;
+      }
       int64_t started = 0;
       for (const emu::BoxCopy& c : b.copies) started += c.map.box_bytes();
       if (b.arrivals_left == 0 && started >= b.tx) {  // the copies land now, and the phase completes
@@ -653,20 +828,20 @@ inline void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         b.tx = 0;
         b.phase ^= 1;
         b.arrivals_left = b.arrivals;
+        ++emu::block->progress;
         return;
       }
-      if (std::chrono::steady_clock::now() > deadline) {
-        emu::block->hung = true;
+      if (emu::block->hung) {
         emu::report("mbarrier wait at shared offset %u never completes (%d arrivals and %lld bytes of copies missing)",
                     smem_address(bar), b.arrivals_left, static_cast<long long>(b.tx - started));
         return;
       }
     }
-    std::this_thread::yield();
+    emu::yield_fiber();
   }
 }
 
-// Blocks and launches run in order, so the prior grid has always finished.
+// Launches run in order, so the prior grid has always finished.
 inline void wait_for_prior_grid() {}
 inline void allow_dependents_early() {}
 template <typename... Params, typename... Args>
