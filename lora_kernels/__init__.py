@@ -16,7 +16,8 @@ from .layers import (
     wrap_with_lora,
 )
 from .multi import lora_linear_multi
-from .peft_compat import load_peft_adapter, patch_peft, save_peft_adapter, unpatch_peft
+from .peft_format import load_peft_adapter, save_peft_adapter
+from .peft_patch import patch_peft, unpatch_peft
 from .reference import lora_linear_multi_reference, lora_linear_reference, lora_scale
 
 __version__ = "0.1.0"

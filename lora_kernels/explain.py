@@ -85,7 +85,7 @@ def explain(model: nn.Module) -> Explanation:
     """Per LoRA layer of ``model``: which backend its last call ran and why (``print`` it, or read
     the rows). Covers our layers and PEFT's LoRA layers, patched or not."""
     from .layers import LoRAMixin
-    from .peft_compat import peft_layer_status
+    from .peft_patch import peft_layer_status
 
     out = Explanation()
     for name, module in model.named_modules():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ._checks import check_alpha, check_backend, check_dropout, check_rank
 from .explain import record, set_layer_name
 from .function import Dispatch, _lora_linear
-from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
+from .multi import BASE_ONLY_NAME, lora_linear_mixed_batch
 from .reference import lora_scale
 
 
@@ -28,17 +28,28 @@ def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
 
 MERGED_KEY = "lora_merged"
 _MERGED = Dispatch("merged", True, "adapter merged into weight: a plain F.linear", "merged")
-_BASE_ONLY = Dispatch("merged", True, "mixed batch of '__base__' rows only: a plain F.linear", "merged")
 
 
 class Adapter(NamedTuple):
-    """One adapter of a LoRA layer, as :meth:`LoRAMixin.adapter` returns it."""
+    """One adapter of a LoRA layer, as :meth:`LoRAMixin.adapter` returns it for any of its names."""
 
     lora_A: nn.Linear
     lora_B: nn.Linear
     r: int
     alpha: float
     use_rslora: bool
+    scaling: float
+
+
+class NamedAdapter(nn.ModuleDict):
+    """An adapter added with :meth:`LoRAMixin.add_adapter`: its ``lora_A`` / ``lora_B`` (also as
+    ``adapter["lora_A"]``) and the numbers that scale it, under the attribute names the layer uses
+    for its default adapter."""
+
+    def __init__(self, lora_A: nn.Linear, lora_B: nn.Linear, r, alpha, use_rslora):
+        super().__init__({"lora_A": lora_A, "lora_B": lora_B})
+        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = lora_scale(r, alpha, use_rslora)
 
 
 class LoRAMixin:
@@ -64,8 +75,9 @@ class LoRAMixin:
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.merged = False
         self.weight.requires_grad_(False)
-        self.extra_adapters = nn.ModuleDict()  # more named adapters for mixed batches (empty: no state)
-        self.extra_config = {}  # name -> dict(r, alpha, use_rslora, scaling)
+        # The default adapter is the layer's own lora_A / lora_B (PEFT's key names); more named
+        # adapters for mixed batches are NamedAdapter modules here (empty: no state).
+        self.extra_adapters = nn.ModuleDict()
 
     def _new_adapter(self, r):
         """(lora_A, lora_B) Linear modules of rank r, initialised so the adapter adds exactly zero."""
@@ -83,21 +95,30 @@ class LoRAMixin:
         """W₀ as (out, in), a view of ``weight``."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def add_adapter(self, name: str, r=8, alpha=16, use_rslora=False):
+    def adapter_names(self) -> List[str]:
+        """The names :meth:`adapter` and mixed batches accept: "default" first, then those added."""
+        return ["default", *self.extra_adapters]
+
+    def adapter(self, name="default") -> Adapter:
+        """The :class:`Adapter` (lora_A, lora_B, r, alpha, use_rslora, scaling) called ``name``."""
+        if name == "default":
+            holder = self
+        elif name in self.extra_adapters:
+            holder = self.extra_adapters[name]
+        else:
+            raise KeyError(f"no adapter {name!r}; this layer has {self.adapter_names()}")
+        return Adapter(holder.lora_A, holder.lora_B, holder.r, holder.lora_alpha, holder.use_rslora, holder.scaling)
+
+    def add_adapter(self, name: str, r=8, alpha=16, use_rslora=False) -> NamedAdapter:
         """Another adapter, selectable per sample with ``forward(x, adapter_names=[...])``; the
         first adapter is named "default". Fresh adapters are Kaiming/zero initialised."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"the adapter name must be a non-empty string, got {name!r}")
-        if name in ("default", "__base__") or name in self.extra_adapters:
+        if name == BASE_ONLY_NAME or name in self.adapter_names():
             raise ValueError(f"adapter name {name!r} is taken")
         r, alpha = check_rank(r), check_alpha(alpha)
-        lora_A, lora_B = self._new_adapter(r)
-        adapter = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B})
-        self.extra_adapters[name] = adapter
-        self.extra_config[name] = dict(
-            r=r, alpha=alpha, use_rslora=use_rslora, scaling=lora_scale(r, alpha, use_rslora)
-        )
-        return adapter
+        self.extra_adapters[name] = NamedAdapter(*self._new_adapter(r), r, alpha, use_rslora)
+        return self.extra_adapters[name]
 
     def _mixed_batch(self, x, adapter_names):
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
@@ -106,28 +127,18 @@ class LoRAMixin:
             raise RuntimeError("unmerge() before running a mixed-adapter batch")
         if self.training and self.lora_dropout > 0:
             raise RuntimeError("mixed-adapter batches run without dropout: call eval() first")
-        unknown = set(adapter_names) - set(self.extra_adapters) - {"default", "__base__"}
+        known = self.adapter_names()
+        unknown = set(adapter_names) - set(known) - {BASE_ONLY_NAME}
         if unknown:
             raise ValueError(
-                f"unknown adapter names {sorted(unknown)}; this layer has "
-                f"{['default', *self.extra_adapters]} (and '__base__' for none)"
+                f"unknown adapter names {sorted(unknown)}; this layer has {known} (and {BASE_ONLY_NAME!r} for none)"
             )
-        names = [n for n in dict.fromkeys(adapter_names) if n != "__base__"]
-        if not names:
-            record(self, _BASE_ONLY)
-            return F.linear(x, self.base_weight(), self.bias)
-        pick = lambda n: (
-            (self.lora_A, self.lora_B)
-            if n == "default"
-            else (  # noqa: E731
-                self.extra_adapters[n]["lora_A"],
-                self.extra_adapters[n]["lora_B"],
-            )
-        )
-        lora_A, lora_B = stack_adapters([pick(n)[0].weight for n in names], [pick(n)[1].weight for n in names])
-        scales = [self.scaling if n == "default" else self.extra_config[n]["scaling"] for n in names]
-        ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
-        y, dispatch = _lora_linear_multi(x, self.base_weight(), self.bias, lora_A, lora_B, scales, ids, self.backend)
+        adapters = {}
+        for name in dict.fromkeys(adapter_names):
+            if name != BASE_ONLY_NAME:
+                a = self.adapter(name)
+                adapters[name] = (a.lora_A.weight, a.lora_B.weight, a.scaling)
+        y, dispatch = lora_linear_mixed_batch(x, self.base_weight(), self.bias, adapters, adapter_names, self.backend)
         record(self, dispatch)
         return y
 
@@ -162,21 +173,6 @@ class LoRAMixin:
             )
         record(self, dispatch)
         return y
-
-    def adapter(self, name="default"):
-        """The :class:`Adapter` (lora_A, lora_B, r, alpha, use_rslora) called ``name``."""
-        if name == "default":
-            return Adapter(self.lora_A, self.lora_B, self.r, self.lora_alpha, self.use_rslora)
-        if name not in self.extra_adapters:
-            raise KeyError(f"no adapter {name!r}; this layer has {['default', *self.extra_adapters]}")
-        cfg = self.extra_config[name]
-        return Adapter(
-            self.extra_adapters[name]["lora_A"],
-            self.extra_adapters[name]["lora_B"],
-            cfg["r"],
-            cfg["alpha"],
-            cfg["use_rslora"],
-        )
 
     @torch.no_grad()
     def _delta_weight(self):

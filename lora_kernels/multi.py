@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import dispatch, reference
 from ._checks import check_lora_linear_args
-from .dispatch import FUNCTORCH, resolve
+from .dispatch import FUNCTORCH, Dispatch, resolve
 from .function import differentiate, in_functorch_transform, rows
 from .precision import autocast_args, autocast_dtype
 
@@ -110,14 +110,33 @@ def _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, bac
         raise ValueError(
             f"adapter_ids must be in [-1, {n}), got values in [{int(adapter_ids.min())}, {int(adapter_ids.max())}]"
         )
-    dispatch = resolve(backend, x, by_size=False)
+    chosen = resolve(backend, x, by_size=False)
     if in_functorch_transform():  # torch.func sees the plain-torch loop (see lora_linear)
-        dispatch = FUNCTORCH
-    if dispatch.backend == "reference":
-        return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), dispatch
-    return LoRALinearMultiFunction.apply(
-        x, weight, bias, lora_A, lora_B, scales, adapter_ids, dispatch.backend
-    ), dispatch
+        chosen = FUNCTORCH
+    if chosen.backend == "reference":
+        return reference.lora_linear_multi_reference(x, weight, bias, lora_A, lora_B, scales, adapter_ids), chosen
+    return LoRALinearMultiFunction.apply(x, weight, bias, lora_A, lora_B, scales, adapter_ids, chosen.backend), chosen
+
+
+# PEFT's mixed batch: one adapter name per sample, this name for a sample that runs the base layer alone.
+BASE_ONLY_NAME = "__base__"
+BASE_ONLY = Dispatch("merged", True, f"mixed batch of {BASE_ONLY_NAME!r} rows only: a plain F.linear", "merged")
+
+
+def lora_linear_mixed_batch(x, weight, bias, adapters, adapter_names, backend):
+    """PEFT's mixed batch as one fused call, for LoRA layers and patched PEFT layers alike.
+
+    ``adapters``: {name: (lora_A (r, in), lora_B (out, r), scale)} for the names of
+    ``adapter_names`` (one per sample, x.shape[0]) that have an adapter; a sample whose name is not
+    in it runs the base layer alone. Returns (y, the Dispatch made).
+    """
+    if not adapters:
+        return F.linear(x, weight, bias), BASE_ONLY
+    names = list(adapters)
+    lora_A, lora_B = stack_adapters([adapters[n][0] for n in names], [adapters[n][1] for n in names])
+    scales = [adapters[n][2] for n in names]
+    ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
+    return _lora_linear_multi(x, weight, bias, lora_A, lora_B, scales, ids, backend)
 
 
 def stack_adapters(lora_As, lora_Bs):
@@ -131,7 +150,7 @@ def stack_adapters(lora_As, lora_Bs):
 
 def sample_adapter_ids(adapter_names, index, x):
     """PEFT's mixed-batch convention: one adapter name per sample (x.shape[0]); a name absent from
-    ``index`` (e.g. "__base__") means the base layer alone. Returns ids of shape x.shape[:-1]."""
+    ``index`` (e.g. BASE_ONLY_NAME) means the base layer alone. Returns ids of shape x.shape[:-1]."""
     if x.dim() < 2 or len(adapter_names) != x.shape[0]:
         raise ValueError(
             f"adapter_names must name one adapter per sample: {x.shape[0] if x.dim() > 1 else 0} "

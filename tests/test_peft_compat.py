@@ -64,7 +64,7 @@ def test_patch_peft_same_logits_and_gradients(kind, backend):
     n_layers = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
     assert lora_kernels.patch_peft(model, backend=backend) == n_layers
     assert all(
-        lora_kernels.peft_compat.peft_layer_status(m) == ""
+        lora_kernels.peft_patch.peft_layer_status(m) == ""
         for m in model.modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     )  # switched
@@ -97,7 +97,7 @@ def test_patched_model_keeps_peft_behaviour(tmp_path):
     assert state_after.keys() == state_before.keys()
     assert lora_kernels.unpatch_peft(model) > 0
     assert all(
-        lora_kernels.peft_compat.peft_layer_status(m) != ""
+        lora_kernels.peft_patch.peft_layer_status(m) != ""
         for m in model.modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     )  # none switched any more
@@ -131,8 +131,8 @@ def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
     ref = model(input_ids=ids, adapter_names=names).logits
     lora_kernels.patch_peft(model, backend=backend)
     calls = []
-    real = lora_kernels.peft_compat._lora_linear_multi
-    monkeypatch.setattr(lora_kernels.peft_compat, "_lora_linear_multi", lambda *a: calls.append(1) or real(*a))
+    real = lora_kernels.peft_patch.lora_linear_mixed_batch
+    monkeypatch.setattr(lora_kernels.peft_patch, "lora_linear_mixed_batch", lambda *a: calls.append(1) or real(*a))
     assert_close(model(input_ids=ids, adapter_names=names).logits, ref.double(), torch.float32, "mixed batch")
     assert len(calls) == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
 

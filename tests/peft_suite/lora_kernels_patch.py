@@ -75,7 +75,7 @@ def pytest_configure(config):
     from peft.tuners.lora import LoraModel
     from peft.tuners.tuners_utils import BaseTuner
 
-    import lora_kernels.peft_compat as compat
+    import lora_kernels.peft_patch as compat
 
     logging.getLogger("lora_kernels").setLevel(logging.ERROR)  # one line per layer and model: too many here
     compat._fused_peft_forward = _checked(compat._fused_peft_forward)  # before any fused class exists

@@ -1,14 +1,15 @@
-"""Fit the PEFT ecosystem: accelerate an existing PEFT model in place, and read/write PEFT's
-adapter format (``adapter_config.json`` + ``adapter_model.safetensors``) for our own layers."""
+"""patch_peft: an existing PEFT model's LoRA layers switched to the fused kernels, in place.
+
+The class of each PEFT ``lora.Linear`` layer is swapped for a subclass whose forward is fused.
+Parameters, adapter names, scaling, dropout modules, merge/unmerge and save_pretrained are PEFT's
+own, untouched; anything the fused op does not cover falls through to PEFT's forward, recorded
+for :func:`lora_kernels.explain`. (PEFT's adapter files for our own layers: peft_format.py.)"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 from collections import Counter
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -16,36 +17,25 @@ import torch.nn as nn
 from ._checks import check_backend
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
-from .layers import LoRAMixin, _is_conv1d, full_tensor, replace_module, wrap_with_lora
-from .multi import _lora_linear_multi, sample_adapter_ids, stack_adapters
+from .layers import _is_conv1d
+from .multi import lora_linear_mixed_batch
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
-from .reference import lora_scale
 
 log = logging.getLogger("lora_kernels")
 
-PEFT_PREFIX = "base_model.model."
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
-
-# ---------------------------------------------------------------------------------------------
-# patch_peft: swap the class of PEFT's lora.Linear layers for a subclass whose forward is fused.
-# Parameters, adapter names, scaling, dropout modules, merge/unmerge and save_pretrained are
-# PEFT's own, untouched; anything the fused op does not cover falls through to PEFT's forward.
-# ---------------------------------------------------------------------------------------------
-
-
-def _activation_args(x, weight, bias, lora_A, lora_B):
-    """The tensors as the fused op will see them (cast as autocast would), and '' or why their
-    dtypes are not a mix the op computes (then PEFT's own forward runs)."""
+def _dtype_mix_error(x, weight, bias, lora_A, lora_B) -> str:
+    """'' or why the tensors' dtypes, cast as autocast would (as the fused op sees them), are not a
+    mix the op computes (then PEFT's own forward runs)."""
     amp = autocast_dtype(x.device.type)
     if amp is not None:
         x, weight, bias, lora_A, lora_B = autocast_args(amp, x, weight, bias, lora_A, lora_B)
-    return (x, weight, bias, lora_A, lora_B), dtype_mix_error(x, weight, bias, lora_A, lora_B)
+    return dtype_mix_error(x, weight, bias, lora_A, lora_B)
 
 
 def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
-    lora_linear_multi call: (y, Dispatch), y None where it cannot be fused (PEFT's loop then runs)."""
+    multi-adapter call: (y, Dispatch), y None where it cannot be fused (PEFT's loop then runs)."""
     names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
         return None, _peft("a mixed batch with no adapter of this layer, or not one name per sample", "peft-args")
@@ -60,14 +50,12 @@ def _mixed_batch(self, x, adapter_names):
     if reason is not None:
         return None, reason
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    lora_A, lora_B = stack_adapters([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names])
-    (x, weight, bias, lora_A, lora_B), mix = _activation_args(x, weight, base.bias, lora_A, lora_B)
-    if mix:
-        return None, _peft(mix, "peft-dtype")
-    ids = sample_adapter_ids(adapter_names, {n: i for i, n in enumerate(names)}, x)
-    return _lora_linear_multi(
-        x, weight, bias, lora_A, lora_B, [self.scaling[n] for n in names], ids, self.lora_kernels_backend
-    )
+    for n in names:  # a dtype mix the op does not take (judged per adapter, as PEFT computes them) runs PEFT's loop
+        mix = _dtype_mix_error(x, weight, base.bias, self.lora_A[n].weight, self.lora_B[n].weight)
+        if mix:
+            return None, _peft(mix, "peft-dtype")
+    adapters = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
+    return lora_linear_mixed_batch(x, weight, base.bias, adapters, adapter_names, self.lora_kernels_backend)
 
 
 def _peft(why, key):
@@ -310,156 +298,3 @@ def unpatch_peft(model: nn.Module) -> int:
             module.__class__ = _FUSED_ORIGINAL[type(module)]
             count += 1
     return count
-
-
-# ---------------------------------------------------------------------------------------------
-# PEFT's adapter format for models built with LoRALinear / inject_lora.
-# ---------------------------------------------------------------------------------------------
-
-
-def save_peft_adapter(
-    model: nn.Module, path: str, *, adapter_name: str = "default", base_model_name_or_path: str = None
-) -> List[str]:
-    """Write adapter ``adapter_name`` of the model's LoRA layers as a PEFT adapter that
-    ``PeftModel.from_pretrained`` (or ``load_adapter``) loads. Returns the module names saved.
-    Under torch.distributed the first rank writes; with tensor-parallel layers call it on every rank
-    (their factors are gathered whole)."""
-    from safetensors.torch import save_file
-
-    layers = {
-        name: m.adapter(adapter_name)
-        for name, m in model.named_modules()
-        if isinstance(m, LoRAMixin) and (adapter_name == "default" or adapter_name in m.extra_adapters)
-    }
-    if not layers:
-        raise ValueError(f"model has no LoRA layers with adapter {adapter_name!r} to save (use inject_lora first)")
-    dropouts = {m.lora_dropout for m in model.modules() if isinstance(m, LoRAMixin)}
-    first = next(iter(layers.values()))
-    if len({a.use_rslora for a in layers.values()}) > 1 or len(dropouts) > 1:
-        raise ValueError("PEFT's format has one use_rslora and one dropout per adapter; the layers differ")
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": dropouts.pop(),
-        "use_rslora": first.use_rslora,
-        "target_modules": sorted(layers),
-        "bias": "none",
-        "fan_in_fan_out": all(model.get_submodule(n).fan_in_fan_out for n in layers),
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_dora": False,
-        "rank_pattern": {n: a.r for n, a in layers.items() if a.r != first.r},
-        "alpha_pattern": {n: a.alpha for n, a in layers.items() if a.alpha != first.alpha},
-    }
-    tensors = {}
-    for name, a in layers.items():  # sharded (tensor-parallel) factors are gathered whole: a collective
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full_tensor(a.lora_A.weight.detach()).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full_tensor(a.lora_B.weight.detach()).contiguous()
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # one writer
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-    return sorted(layers)
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module name ending in it."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
-            return value
-    return default
-
-
-def load_peft_adapter(
-    model: nn.Module, path: str, *, adapter_name: str = "default", backend: str = "auto"
-) -> List[str]:
-    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_peft_adapter`) into a plain model or
-    one with LoRA layers already: adapted ``nn.Linear`` / ``Conv1D`` modules become LoRA layers, and
-    the weights go into adapter ``adapter_name`` ("default", or a named adapter for mixed batches,
-    added where missing). Returns the module names loaded.
-
-    Full tensors PEFT saves beside the adapters (biases with ``bias="all"`` or ``"lora_only"``,
-    ``modules_to_save`` such as ``lm_head``) are copied into the model's own parameters, in place,
-    as PEFT's model would use them; only for the default adapter (they are not per adapter). Any
-    tensor of the file that names no parameter of the model is an error, never skipped."""
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path} holds a {config['peft_type']} adapter, not LoRA")
-    for key in ("use_dora", "lora_bias"):
-        if config.get(key):
-            raise NotImplementedError(f"{path}: {key}=True adapters are not supported by lora_kernels")
-    check_backend(backend)
-    weights_file = os.path.join(path, WEIGHTS_NAME)
-    if os.path.exists(weights_file):
-        from safetensors.torch import load_file
-
-        state = load_file(weights_file)
-    else:
-        state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
-    state = {k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    names = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
-    if not names:
-        raise ValueError(f"{weights_file} holds no lora_A weights")
-    full = _full_tensors(model, state, path, adapter_name)  # checked before the model changes
-    use_rslora = config.get("use_rslora", False)
-    for name in names:
-        module = model.get_submodule(name)
-        lora_A, lora_B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
-        r = lora_A.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
-        if not isinstance(module, LoRAMixin):  # the default adapter gets this rank (zero B if not loaded into)
-            module = wrap_with_lora(module, r, alpha, config.get("lora_dropout", 0.0), use_rslora, backend)
-            replace_module(model, name, module)
-        if adapter_name == "default":
-            if module.r != r:
-                raise ValueError(f"{name} has a rank-{module.r} adapter; {path} holds rank {r}")
-            module.lora_alpha, module.use_rslora = alpha, use_rslora
-            module.scaling = lora_scale(r, alpha, use_rslora)
-        elif adapter_name not in module.extra_adapters:
-            module.add_adapter(adapter_name, r, alpha, use_rslora)
-        target = module.adapter(adapter_name)
-        if target.r != r:
-            raise ValueError(f"{name}: adapter {adapter_name!r} has rank {target.r}; {path} holds rank {r}")
-        with torch.no_grad():
-            target.lora_A.weight.copy_(lora_A)
-            target.lora_B.weight.copy_(lora_B)
-    with torch.no_grad():
-        for param, value in full:
-            param.copy_(value)
-    return names
-
-
-def _full_tensors(model, state, path, adapter_name):
-    """[(the model's parameter, the file's tensor)] for the entries that are not LoRA factors: biases
-    (``q_proj.base_layer.bias`` in PEFT's naming is our ``q_proj.bias``) and modules_to_save."""
-    rest = {k: v for k, v in state.items() if not k.endswith((".lora_A.weight", ".lora_B.weight"))}
-    if not rest:
-        return []
-    if adapter_name != "default":
-        raise NotImplementedError(
-            f"{path} also holds full tensors ({', '.join(sorted(rest)[:3])}, ...): biases or "
-            "modules_to_save are not per adapter; load it as the default adapter"
-        )
-    params = dict(model.named_parameters())
-    out, unknown = [], []
-    for key, value in rest.items():
-        name = key.replace(".base_layer.", ".")
-        param = params.get(name)
-        if param is None or param.shape != value.shape:
-            unknown.append(
-                key if param is None else f"{key} (shape {tuple(value.shape)}, the model's {tuple(param.shape)})"
-            )
-        else:
-            out.append((param, value))
-    if unknown:
-        raise ValueError(
-            f"{path} holds tensors that match no parameter of the model: {', '.join(unknown[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''}"
-        )
-    return out
