@@ -56,28 +56,53 @@ at::Tensor adapter_operand(const at::Tensor& t, const char* name, const at::Tens
   return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
 }
 
-// out = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias); the inner sizes are passed explicitly.
-void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, Operand P2 = kNone, Operand Q2 = kNone,
-          int64_t K2 = 0, float alpha2 = 0.0f, const void* bias = nullptr, RowAdapters adapters = kNoAdapters,
-          bool overlap_prior = false) {
+// What a product adds to alpha·P·Q, each field set by name where a call uses it (most set none).
+struct GemmExtras {
+  Operand P2 = kNone, Q2 = kNone;  // + alpha2·P2(M×K2)·Q2(K2×N); K2 = 0: no second product
+  int64_t K2 = 0;
+  float alpha2 = 0.0f;
+  const void* bias = nullptr;          // + bias (N,)
+  RowAdapters adapters = kNoAdapters;  // multi-adapter rows: keep ⊙ (...) (lora_gemm.h)
+  bool overlap_prior = false;          // GemmParams::overlap_prior
+};
+
+// The extras of a second product: + alpha2·P2·Q2.
+GemmExtras plus_product(Operand P2, Operand Q2, int64_t K2, float alpha2) {
+  GemmExtras e;
+  e.P2 = P2;
+  e.Q2 = Q2;
+  e.K2 = K2;
+  e.alpha2 = alpha2;
+  return e;
+}
+
+// The extras of a multi-adapter product: row m keeps only its adapter's columns, times its scale.
+GemmExtras masked_rows(RowAdapters adapters) {
+  GemmExtras e;
+  e.adapters = adapters;
+  return e;
+}
+
+// out = alpha·P·Q (+ extras); the inner size K is passed explicitly.
+void gemm(at::Tensor& out, Operand P, Operand Q, int64_t K, float alpha, const GemmExtras& extras = {}) {
   GemmParams p{};  // filled field by field; c_transposed stays false (set inside the wgmma path only)
   p.M = out.size(0);
   p.N = out.size(1);
   p.K = K;
-  p.K2 = K2;
+  p.K2 = extras.K2;
   p.P = P;
   p.Q = Q;
-  p.P2 = P2;
-  p.Q2 = Q2;
-  p.bias = bias;
+  p.P2 = extras.P2;
+  p.Q2 = extras.Q2;
+  p.bias = extras.bias;
   p.C = out.data_ptr();
   p.stride_cm = out.stride(0);
   p.stride_cn = out.stride(1);
   p.alpha = alpha;
-  p.alpha2 = alpha2;
+  p.alpha2 = extras.alpha2;
   p.workspace = nullptr;  // set below where the product is split along K
-  p.adapters = adapters;
-  p.overlap_prior = overlap_prior;
+  p.adapters = extras.adapters;
+  p.overlap_prior = extras.overlap_prior;
   // Split-K scratch from the caching allocator: freed below, reused only after this stream's kernels.
   const int64_t scratch = lora_kernels::workspace_elems(dtype_of(out), p);
   at::Tensor workspace;
@@ -173,9 +198,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const at::Tensor lora_in = drop_seed ? dropped(x, drop_seed, dropout_p) : x_lora ? *x_lora : x;
   at::Tensor xa = at::empty({M, R}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  gemm(xa, plain(lora_in), transposed(A), K, static_cast<float>(scale), kNone, kNone, 0, 0.0f, nullptr, adapters);
-  gemm(y, plain(x), transposed(weight), K, 1.0f, plain(xa), transposed(B), R, 1.0f, bias ? bias->data_ptr() : nullptr,
-       kNoAdapters, R > 0 && overlap_allowed());  // R = 0: no xa kernel ran
+  gemm(xa, plain(lora_in), transposed(A), K, static_cast<float>(scale), masked_rows(adapters));  // xa = s·x·Aᵀ
+  GemmExtras lora_term = plus_product(plain(xa), transposed(B), R, 1.0f);  // y = x·W₀ᵀ + xa·Bᵀ + bias
+  lora_term.bias = bias ? bias->data_ptr() : nullptr;
+  lora_term.overlap_prior = R > 0 && overlap_allowed();  // R = 0: no xa kernel ran
+  gemm(y, plain(x), transposed(weight), K, 1.0f, lora_term);
   return {y, xa};
 }
 
@@ -203,9 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor d_lora_A = at::empty({R, K}, dy.options());
   at::Tensor d_lora_B = at::empty({N, R}, dy.options());
   const float s = static_cast<float>(scale);
-  gemm(g, plain(dy), plain(B), N, 1.0f, kNone, kNone, 0, 0.0f, nullptr, adapters);  // g = dY·B (masked)
+  gemm(g, plain(dy), plain(B), N, 1.0f, masked_rows(adapters));  // g = dY·B (masked)
   if (fuse_lora_dx && !drop_seed) {
-    gemm(dx, plain(dy), plain(weight), N, 1.0f, plain(g), plain(A), R, s);  // dX = dY·W₀ + s·g·A
+    gemm(dx, plain(dy), plain(weight), N, 1.0f, plus_product(plain(g), plain(A), R, s));  // dX = dY·W₀ + s·g·A
   } else {
     gemm(dx, plain(dy), plain(weight), N, 1.0f);  // dX = dY·W₀ ...
     if (fuse_lora_dx) {                           // ... + keep ⊙ s·g·A / (1 − p)
