@@ -88,8 +88,11 @@ def _tile_config(kernel: str, bucket: int, block_r: int, dtype: torch.dtype, dro
     if dtype == torch.float32:
         wide_rank = block_r >= 64  # 8 warps spread the FMA-dot operands over more threads
         block_n, block_k = _FP32_TILES[kernel][bucket > 0]
-        block_m = 16 if bucket == 0 else 32 if wide_rank else 64
-        return _tiles(block_m, block_n, block_k, 1 if bucket == 0 else 8, 8 if wide_rank else 4, 3)
+        if bucket == 0:  # ≤ 16 rows: one row tile, so no grouping of row tiles
+            block_m, group_m = 16, 1
+        else:
+            block_m, group_m = (32 if wide_rank else 64), 8
+        return _tiles(block_m, block_n, block_k, group_m, 8 if wide_rank else 4, 3)
     cfg = dict(_TILES[kernel][bucket])
     steps = _K_STEP_BY_RANK.get((kernel, bucket))
     if steps:

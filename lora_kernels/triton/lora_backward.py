@@ -42,6 +42,7 @@ from ._launch import launch
 
 @triton.jit
 def _lora_dx_kernel(
+    # Pointers: the tensors, in global memory
     dy_ptr,
     w_ptr,
     a_ptr,
@@ -51,6 +52,7 @@ def _lora_dx_kernel(
     seed_ptr,
     ids_ptr,
     scales_ptr,
+    # Sizes and scalars
     M,
     N,
     K,
@@ -59,6 +61,7 @@ def _lora_dx_kernel(
     dropout_p,
     n_adapters,
     adapter_rank,
+    # Strides, in elements: x[i, j] is at x_ptr + i·stride_xm + j·stride_xk, and so on
     stride_dym,
     stride_dyn,
     stride_wn,
@@ -71,6 +74,7 @@ def _lora_dx_kernel(
     stride_dxk,
     stride_gm,
     stride_gr,
+    # Meta-parameters (compile time): code paths, then tile sizes
     FUSE_LORA_DX: tl.constexpr,
     DROPOUT: tl.constexpr,
     MULTI: tl.constexpr,
@@ -196,6 +200,7 @@ def _reduce_over_rows(
 
 @triton.jit
 def _lora_dadb_kernel(
+    # Pointers: the tensors, in global memory
     g_ptr,
     x_ptr,
     dy_ptr,
@@ -203,6 +208,7 @@ def _lora_dadb_kernel(
     da_part_ptr,
     db_part_ptr,
     seed_ptr,
+    # Sizes and scalars
     M,
     N,
     K,
@@ -210,6 +216,7 @@ def _lora_dadb_kernel(
     rows_per_split,
     dropout_p,
     da_scale,
+    # Strides, in elements: x[i, j] is at x_ptr + i·stride_xm + j·stride_xk, and so on
     stride_gm,
     stride_gr,
     stride_xm,
@@ -218,6 +225,7 @@ def _lora_dadb_kernel(
     stride_dyn,
     stride_sm,
     stride_sr,
+    # Meta-parameters (compile time): code paths, then tile sizes
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,

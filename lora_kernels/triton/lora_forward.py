@@ -44,6 +44,7 @@ from ._launch import launch
 
 @triton.jit
 def _lora_forward_kernel(
+    # Pointers: the tensors, in global memory
     x_ptr,
     w_ptr,
     bias_ptr,
@@ -53,6 +54,7 @@ def _lora_forward_kernel(
     xa_ptr,
     ids_ptr,
     scales_ptr,
+    # Sizes and scalars
     M,
     N,
     K,
@@ -60,6 +62,7 @@ def _lora_forward_kernel(
     scale,
     n_adapters,
     adapter_rank,
+    # Strides, in elements: x[i, j] is at x_ptr + i·stride_xm + j·stride_xk, and so on
     stride_xm,
     stride_xk,
     stride_wn,
@@ -72,6 +75,7 @@ def _lora_forward_kernel(
     stride_yn,
     stride_sm,
     stride_sr,
+    # Meta-parameters (compile time): code paths, then tile sizes
     HAS_BIAS: tl.constexpr,
     XA_GIVEN: tl.constexpr,
     MULTI: tl.constexpr,
@@ -143,21 +147,25 @@ def _lora_forward_kernel(
 
 @triton.jit
 def _dropout_xa_kernel(
+    # Pointers: the tensors, in global memory
     x_ptr,
     a_ptr,
     xa_ptr,
     seed_ptr,
+    # Sizes and scalars
     M,
     K,
     R,
     scale,
     dropout_p,
+    # Strides, in elements: x[i, j] is at x_ptr + i·stride_xm + j·stride_xk, and so on
     stride_xm,
     stride_xk,
     stride_ar,
     stride_ak,
     stride_sm,
     stride_sr,
+    # Meta-parameters (compile time): code paths, then tile sizes
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -240,10 +248,12 @@ def fused_forward(
     else:
         xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if fused_dropout:  # first pass: xa = s·dropout(x)·Aᵀ, each element of x dropped once
-        # rows per program: about one program per SM, 16 to 64 rows each (fp32's FMA dots: ≤ 32)
-        wide = x.dtype == torch.float32 or INTERPRETING
+        # rows per program: about one program per SM, 16 to 64 rows each (fp32's FMA dots: ≤ 32;
+        # the interpreter: 16, few rows per numpy step)
+        wide = x.dtype == torch.float32 or INTERPRETING  # FMA dots or numpy steps: smaller tiles
         rows_per_sm = next_power_of_2(cdiv(M, sm_count(x.device)))
-        block_m = 16 if INTERPRETING else min(32 if wide else 64, max(16, rows_per_sm))
+        most_rows = 16 if INTERPRETING else (32 if wide else 64)
+        block_m = min(most_rows, max(16, rows_per_sm))
         launch(
             _dropout_xa_kernel,
             (cdiv(M, block_m),),
