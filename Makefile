@@ -91,12 +91,14 @@ test-package: install
 OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 OLDEST_VENV   ?= .venv-oldest
 OLDEST_SPEC   ?= torch==2.11.0 triton==3.6.0 "numpy<2.3" "setuptools<82" wheel peft==0.21.2 transformers==5.17.0 \
-	accelerate safetensors pytest hypothesis
+	accelerate safetensors pytest hypothesis "pytest-xdist==3.8.*"
+# These tests keep one core busy each (the reference path on small tensors): a worker per core.
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_SPEC)
 	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(OLDEST_VENV)/bin/pip install -q --no-build-isolation --no-deps --force-reinstall .
 	cd tests && LORA_KERNELS_SKIP_CUDA_BUILD=1 $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		-n auto --dist loadfile \
 		--ignore=test_cuda_emulation.py --ignore=triton --ignore=test_ptxas_report.py \
 		--ignore=test_properties.py $(PYTEST_ARGS)
 

@@ -16,6 +16,9 @@ import torch._dynamo  # noqa: E402,F401  (loaded before the poison fixture ever 
 
 import lora_kernels  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # make test's parallel workers share the cores, not oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = lora_kernels.available_backends(DEVICE)
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
