@@ -37,11 +37,16 @@ $(VENV)/.deps-installed: Makefile
 	touch $@
 
 # The editable install compiles csrc/ (minutes): redone only when the build's inputs change, so the
-# targets below that need the package do not each compile it again.
+# targets below that need the package do not each compile it again. Its log (with ptxas's report per
+# kernel, which tests/test_ptxas_report.py reads instead of compiling again) is kept.
 INSTALLED := build/.installed-$(subst /,_,$(PYTHON))
+BUILD_LOG := build/extension-build.log
 $(INSTALLED): $(DEPS) setup.py pyproject.toml $(wildcard csrc/*)
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
-	@mkdir -p build && touch $@
+	@mkdir -p build
+	$(PYTHON) -m pip install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
+		|| (tail -60 $(BUILD_LOG); exit 1)
+	@grep "lora_kernels: installing WITHOUT" $(BUILD_LOG) || echo "lora_kernels: built with the CUDA extension (log: $(BUILD_LOG))"
+	@touch $@
 
 install: $(INSTALLED)
 

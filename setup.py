@@ -49,7 +49,9 @@ def cuda_extension():
     if CUDA_HOME is None:
         return [], {}, "nvcc was not found (set CUDA_HOME)"
     arch_list = env.with_default("TORCH_CUDA_ARCH_LIST")  # torch's build reads it from the environment
-    nvcc_flags = ["-O3", "-lineinfo"]  # torch picks the C++ standard
+    # torch picks the C++ standard. --resource-usage: ptxas's report per kernel (registers, spills,
+    # serialized wgmma) in the build log, where tests/test_ptxas_report.py reads it (make install keeps it)
+    nvcc_flags = ["-O3", "-lineinfo", "--resource-usage"]
     if has_sm90a(arch_list):
         nvcc_flags.append("-DLORA_KERNELS_HAS_SM90A")
     ext = CUDAExtension(
