@@ -99,15 +99,24 @@ class LoRAMixin:
         """The names :meth:`adapter` and mixed batches accept: "default" first, then those added."""
         return ["default", *self.extra_adapters]
 
+    def _holder(self, name):
+        """What holds adapter ``name``: the layer itself ("default") or its NamedAdapter."""
+        if name == "default":
+            return self
+        if name in self.extra_adapters:
+            return self.extra_adapters[name]
+        raise KeyError(f"no adapter {name!r}; this layer has {self.adapter_names()}")
+
     def adapter(self, name="default") -> Adapter:
         """The :class:`Adapter` (lora_A, lora_B, r, alpha, use_rslora, scaling) called ``name``."""
-        if name == "default":
-            holder = self
-        elif name in self.extra_adapters:
-            holder = self.extra_adapters[name]
-        else:
-            raise KeyError(f"no adapter {name!r}; this layer has {self.adapter_names()}")
-        return Adapter(holder.lora_A, holder.lora_B, holder.r, holder.lora_alpha, holder.use_rslora, holder.scaling)
+        h = self._holder(name)
+        return Adapter(h.lora_A, h.lora_B, h.r, h.lora_alpha, h.use_rslora, h.scaling)
+
+    def set_adapter_alpha(self, name, alpha, use_rslora):
+        """Give adapter ``name`` a new alpha (and rsLoRA choice); its scaling follows."""
+        h = self._holder(name)
+        h.lora_alpha, h.use_rslora = check_alpha(alpha), use_rslora
+        h.scaling = lora_scale(h.r, h.lora_alpha, use_rslora)
 
     def add_adapter(self, name: str, r=8, alpha=16, use_rslora=False) -> NamedAdapter:
         """Another adapter, selectable per sample with ``forward(x, adapter_names=[...])``; the

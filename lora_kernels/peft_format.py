@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from ._checks import check_backend
 from .layers import LoRAMixin, full_tensor, replace_module, wrap_with_lora
-from .reference import lora_scale
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -119,16 +118,12 @@ def load_peft_adapter(
         if not isinstance(module, LoRAMixin):  # the default adapter gets this rank (zero B if not loaded into)
             module = wrap_with_lora(module, r, alpha, config.get("lora_dropout", 0.0), use_rslora, backend)
             replace_module(model, name, module)
-        if adapter_name == "default":
-            if module.r != r:
-                raise ValueError(f"{name} has a rank-{module.r} adapter; {path} holds rank {r}")
-            module.lora_alpha, module.use_rslora = alpha, use_rslora
-            module.scaling = lora_scale(r, alpha, use_rslora)
-        elif adapter_name not in module.adapter_names():
+        if adapter_name not in module.adapter_names():
             module.add_adapter(adapter_name, r, alpha, use_rslora)
         target = module.adapter(adapter_name)
         if target.r != r:
             raise ValueError(f"{name}: adapter {adapter_name!r} has rank {target.r}; {path} holds rank {r}")
+        module.set_adapter_alpha(adapter_name, alpha, use_rslora)  # the file's alpha, for any adapter loaded into
         with torch.no_grad():
             target.lora_A.weight.copy_(lora_A)
             target.lora_B.weight.copy_(lora_B)

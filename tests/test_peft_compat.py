@@ -207,3 +207,19 @@ def test_named_adapters_round_trip_with_peft(tmp_path):
     with torch.no_grad():
         trained.set_adapter("other")
         torch.testing.assert_close(back(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_into_an_existing_named_adapter_takes_the_files_alpha(tmp_path):
+    """An adapter loaded into a named adapter that exists already scales as the file says, as the
+    default adapter always did (it used to keep its old alpha: a silently different result)."""
+    source = torch.nn.Sequential(lora_kernels.LoRALinear(12, 10, r=4, alpha=8))
+    torch.nn.init.normal_(source[0].lora_B.weight)
+    lora_kernels.save_peft_adapter(source, str(tmp_path))
+    target = torch.nn.Sequential(lora_kernels.LoRALinear(12, 10, r=4, alpha=8))
+    target[0].weight.data.copy_(source[0].weight.data)
+    target[0].bias.data.copy_(source[0].bias.data)
+    target[0].add_adapter("other", r=4, alpha=1)
+    lora_kernels.load_peft_adapter(target, str(tmp_path), adapter_name="other")
+    assert target[0].adapter("other").scaling == source[0].scaling
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(target[0](x, adapter_names=["other"] * 3), source[0](x))
