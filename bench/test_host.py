@@ -18,6 +18,8 @@ Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16
     triton wrapper          lora_kernels.triton.forward's host code: dtype flags, tiles, allocation, grid
     lora_linear             the whole functional call on backend="triton" (the three above + glue)
     LoRALinear              the module's forward (nn.Module call, explain() record, the functional call)
+    patched PEFT layer      a PEFT lora.Linear after patch_peft (its per-call checks + the functional
+                            call); bf16 adapters, as the fp32 default's two casts would compute here
     training: lora_linear   forward + backward through the autograd Function (backward kernels stubbed)
 """
 
@@ -109,6 +111,9 @@ def stages(M):
         "lora_linear": lambda: lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="triton"),
         "LoRALinear": lambda: layer(x),
     }
+    peft_layer = _patched_peft_layer(**like)
+    if peft_layer is not None:
+        out["patched PEFT layer"] = lambda: peft_layer(x)
     xg = x.clone().requires_grad_()
     Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
     dy = torch.zeros(M, N, **like)
@@ -119,6 +124,20 @@ def stages(M):
 
     out["training: lora_linear"] = training_step
     return out
+
+
+def _patched_peft_layer(dtype):
+    """A PEFT LoRA layer (r = 16, adapters in the base's dtype) switched by patch_peft to the Triton
+    backend; None without PEFT."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    base = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False, dtype=dtype))
+    config = LoraConfig(r=RANK, lora_alpha=32, target_modules=["0"])
+    model = get_peft_model(base, config, autocast_adapter_dtype=False).eval().requires_grad_(False)
+    lora_kernels.patch_peft(model, backend="triton")
+    return model.base_model.model[0]
 
 
 @pytest.mark.parametrize("M", MS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,29 +33,79 @@ def _dtype_mix_error(x, weight, bias, lora_A, lora_B) -> str:
     return dtype_mix_error(x, weight, bias, lora_A, lora_B)
 
 
+# The per-call checks read modules, parameters and hooks from the modules' own dicts: through
+# nn.Module.__getattr__ (23 look-ups a call) and PEFT's get_base_layer (a failing hasattr) they cost
+# more than the rest of the eager call (bench/results/host-overhead-cpu.md).
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """``module.<name>`` for a registered submodule (``module._modules``; KeyError if absent)."""
+    return module._modules[name]
+
+
+def _tensor_attr(module: nn.Module, name: str):
+    """``module.<name>`` for a parameter, without nn.Module.__getattr__ when it is one; anything
+    else (a parametrization's property, a buffer, a plain attribute) by ordinary attribute look-up."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """PEFT's ``layer.get_base_layer()``: base_layer followed down while there is one."""
+    base = _child(layer, "base_layer")
+    while "base_layer" in base._modules or hasattr(type(base), "base_layer") or "base_layer" in base.__dict__:
+        base = base.base_layer
+    return base
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` (as PEFT does) runs code of someone else's: its forward or backward
+    hooks, accelerate's ``_hf_hook``, or a forward replaced on the instance."""
+    state = module.__dict__
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "_hf_hook" in state
+        or "forward" in state
+    )
+
+
+def _any_global_hooks() -> bool:
+    m = nn.modules.module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
+
+
 def _mixed_batch(self, x, adapter_names):
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) as one fused
     multi-adapter call: (y, Dispatch), y None where it cannot be fused (PEFT's loop then runs)."""
-    names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
+    lora_A, lora_B = _child(self, "lora_A")._modules, _child(self, "lora_B")._modules
+    names = [n for n in dict.fromkeys(adapter_names) if n in lora_A]
     if not names or x.dim() < 2 or len(adapter_names) != x.shape[0]:
         return None, _peft("a mixed batch with no adapter of this layer, or not one name per sample", "peft-args")
     if any(n in getattr(self, "lora_variant", {}) for n in names):
         return None, _peft("LoRA variants in a mixed batch are not fused", "peft-variant")
-    if self.training and any(
-        isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].p > 0 for n in names
-    ):
+    dropouts = _child(self, "lora_dropout")._modules
+    if self.training and any(isinstance(dropouts[n], nn.Dropout) and dropouts[n].p > 0 for n in names):
         return None, _peft("mixed batches with dropout in training are not fused", "peft-dropout")
-    base = self.get_base_layer()
-    reason = _module_reason(base, *(self.lora_A[n] for n in names), *(self.lora_B[n] for n in names))
+    base = _base_layer(self)
+    reason = _module_reason(base, *(lora_A[n] for n in names), *(lora_B[n] for n in names))
     if reason is not None:
         return None, reason
-    weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    for n in names:  # a dtype mix the op does not take (judged per adapter, as PEFT computes them) runs PEFT's loop
-        mix = _dtype_mix_error(x, weight, base.bias, self.lora_A[n].weight, self.lora_B[n].weight)
+    weight, bias = _tensor_attr(base, "weight"), _tensor_attr(base, "bias")
+    weight = weight.t() if self.fan_in_fan_out else weight
+    adapters = {
+        n: (_tensor_attr(lora_A[n], "weight"), _tensor_attr(lora_B[n], "weight"), self.scaling[n]) for n in names
+    }
+    for A, B, _ in adapters.values():  # a dtype mix the op does not take (judged per adapter, as PEFT computes them)
+        mix = _dtype_mix_error(x, weight, bias, A, B)
         if mix:
             return None, _peft(mix, "peft-dtype")
-    adapters = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
-    return lora_linear_mixed_batch(x, weight, base.bias, adapters, adapter_names, self.lora_kernels_backend)
+    return lora_linear_mixed_batch(x, weight, bias, adapters, adapter_names, self.lora_kernels_backend)
 
 
 def _peft(why, key):
@@ -66,8 +116,8 @@ _PEFT_DISABLED = _peft("adapters disabled (the base layer alone)", "peft-disable
 _PEFT_MERGED = _peft("adapter merged into the base weight", "peft-merged")
 _PEFT_ARGS = _peft("extra forward arguments", "peft-args")
 _PEFT_HOOKS = _peft(
-    "the base layer has forward hooks (accelerate's offloading, or the user's), which PEFT's "
-    "call of base_layer(x) runs",
+    "a module PEFT would call has hooks or a replaced forward (accelerate's offloading, or the "
+    "user's), which PEFT's calls of base_layer, lora_A and lora_B run",
     "peft-hooks",
 )
 _FUSED_DROPOUT_TYPES = (nn.Dropout, nn.Identity)
@@ -77,12 +127,12 @@ def _module_reason(*modules) -> Dispatch:
     """Why these modules (the base layer, lora_A, lora_B) must be called as modules; None if their
     weights can be read directly. PEFT calls each of them, so their hooks run there (accelerate's
     offloading loads the weights in such a hook)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _any_global_hooks():
         return _PEFT_HOOKS
     for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None:
+        if _hooked(module):
             return _PEFT_HOOKS
-        weight = module.weight
+        weight = _tensor_attr(module, "weight")
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
             return _peft(
                 f"the weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor",
@@ -93,59 +143,72 @@ def _module_reason(*modules) -> Dispatch:
     return None
 
 
-def _call_reason(self, args, kwargs) -> Dispatch:
-    """Why this call goes to PEFT's own forward; None if it can be fused. Checked on every call, so
-    adapters added, activated or loaded after patch_peft are judged as they are now."""
+class _FusedCall(NamedTuple):
+    """What one fused call of a PEFT layer reads, as :func:`_call_reason` found it."""
+
+    weight: torch.Tensor  # the base weight as (out, in)
+    bias: Optional[torch.Tensor]
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout_p: float  # 0 unless the adapter's nn.Dropout is in training mode
+
+
+def _call_reason(self, args, kwargs) -> Tuple[Optional[Dispatch], Optional[_FusedCall]]:
+    """(why this call goes to PEFT's own forward, None), or (None, what the fused call reads).
+    Checked on every call, so adapters added, activated or loaded after patch_peft are judged as
+    they are now."""
     if self.disable_adapters:
-        return _PEFT_DISABLED
+        return _PEFT_DISABLED, None
     if self.merged:
-        return _PEFT_MERGED
+        return _PEFT_MERGED, None
     if args or kwargs:
-        return _PEFT_ARGS
-    if len(self.active_adapters) != 1:
-        return _peft(f"{len(self.active_adapters)} active adapters at once are not fused", "peft-active")
-    adapter = self.active_adapters[0]
-    if adapter not in self.lora_A:
-        return _peft(f"active adapter {adapter!r} is not on this layer", "peft-absent")
+        return _PEFT_ARGS, None
+    active = self.active_adapters
+    if len(active) != 1:
+        return _peft(f"{len(active)} active adapters at once are not fused", "peft-active"), None
+    adapter = active[0]
+    lora_A = _child(self, "lora_A")._modules.get(adapter)
+    if lora_A is None:
+        return _peft(f"active adapter {adapter!r} is not on this layer", "peft-absent"), None
     if adapter in getattr(self, "lora_variant", {}):
-        return _peft(f"LoRA variant {type(self.lora_variant[adapter]).__name__} is not fused", "peft-variant")
+        return _peft(f"LoRA variant {type(self.lora_variant[adapter]).__name__} is not fused", "peft-variant"), None
     if getattr(self, "lora_bias", {}).get(adapter):
-        return _peft("lora_bias is not fused", "peft-lora-bias")
-    if type(self.lora_dropout[adapter]) not in _FUSED_DROPOUT_TYPES:
-        return _peft(f"lora_dropout {type(self.lora_dropout[adapter]).__name__} is not fused", "peft-dropout")
-    return _module_reason(self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter])
+        return _peft("lora_bias is not fused", "peft-lora-bias"), None
+    dropout = _child(self, "lora_dropout")._modules[adapter]
+    if type(dropout) not in _FUSED_DROPOUT_TYPES:
+        return _peft(f"lora_dropout {type(dropout).__name__} is not fused", "peft-dropout"), None
+    base, lora_B = _base_layer(self), _child(self, "lora_B")._modules[adapter]
+    reason = _module_reason(base, lora_A, lora_B)
+    if reason is not None:
+        return reason, None
+    weight = _tensor_attr(base, "weight")
+    return None, _FusedCall(
+        weight.t() if self.fan_in_fan_out else weight,
+        _tensor_attr(base, "bias"),
+        _tensor_attr(lora_A, "weight"),
+        _tensor_attr(lora_B, "weight"),
+        self.scaling[adapter],
+        dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0,
+    )
 
 
 def _fused_peft_forward(self, x, *args, **kwargs):
-    peft_forward = super(type(self), self).forward
-    if not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters and not self.merged:
+    if not args and kwargs.keys() == {"adapter_names"} and not self.disable_adapters and not self.merged:
         out, dispatch = _mixed_batch(self, x, kwargs["adapter_names"])
         record(self, dispatch)
-        return peft_forward(x, *args, **kwargs) if out is None else out
-    dispatch = _call_reason(self, args, kwargs)
+        return super(type(self), self).forward(x, *args, **kwargs) if out is None else out
+    dispatch, call = _call_reason(self, args, kwargs)
     if dispatch is not None:
         record(self, dispatch)
-        return peft_forward(x, *args, **kwargs)
-    adapter = self.active_adapters[0]
-    base = self.get_base_layer()
-    weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    dropout = self.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return super(type(self), self).forward(x, *args, **kwargs)
+    backend = self.lora_kernels_backend
     try:  # a valid PEFT layer our op would refuse (a dtype mix, dropout p = 1, ...) runs PEFT's own code
-        prepared = prepare_args(
-            x,
-            weight,
-            base.bias,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            self.scaling[adapter],
-            p,
-            self.lora_kernels_backend,
-        )
+        prepared = prepare_args(x, *call, backend)
     except (TypeError, ValueError) as exc:
         record(self, _peft(str(exc), "peft-dtype" if "dtype" in str(exc) else "peft-args-refused"))
-        return peft_forward(x, *args, **kwargs)
-    y, dispatch = run_prepared(*prepared, self.lora_kernels_backend)
+        return super(type(self), self).forward(x, *args, **kwargs)
+    y, dispatch = run_prepared(*prepared, backend)
     record(self, dispatch)
     return y
 

@@ -303,6 +303,41 @@ def test_base_layer_hooks_run(monkeypatch):
     assert report[0].backend == "peft" and "hooks" in report[0].why and all(r.backend != "peft" for r in report[1:])
 
 
+@pytest.mark.parametrize("where", ["backward hook on lora_A", "forward replaced on lora_B", "global backward hook"])
+def test_adapter_hooks_and_replaced_forwards_run(where):
+    """PEFT calls lora_A and lora_B as modules: a backward hook there, or a forward replaced on the
+    instance, runs under PEFT, so the patched layer takes PEFT's path (the fused call would skip it)."""
+    model = peft_model("llama")
+    ids = ids_for_test()
+    layer = lora_layers(model)[0]
+    calls = []
+    handle = None
+    if where == "backward hook on lora_A":
+        layer.lora_A["default"].register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    elif where == "forward replaced on lora_B":
+        plain = layer.lora_B["default"].forward
+        layer.lora_B["default"].forward = lambda x: calls.append(1) or 3 * plain(x)
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append(1))
+    try:
+        want = model(input_ids=ids).logits
+        want.sum().backward()
+        calls_unpatched = len(calls)
+        assert calls_unpatched > 0
+        lora_kernels.patch_peft(model)
+        got = model(input_ids=ids).logits
+        got.sum().backward()
+        torch.testing.assert_close(got, want)
+        assert len(calls) == 2 * calls_unpatched
+        report = lora_kernels.explain(model)
+        assert report[0].backend == "peft" and "hooks" in report[0].why
+        if where != "global backward hook":
+            assert all(r.backend != "peft" for r in report[1:])
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def test_accelerate_cpu_offload():
     accelerate = pytest.importorskip("accelerate")
     model = peft_model("llama")
