@@ -20,6 +20,9 @@ Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16
     LoRALinear              the module's forward (nn.Module call, explain() record, the functional call)
     patched PEFT layer      a PEFT lora.Linear after patch_peft (its per-call checks + the functional
                             call); bf16 adapters, as the fp32 default's two casts would compute here
+    nn.Linear 16×16, PEFT layer 16×16
+                            for comparison, unpatched and computing on the CPU: tiny shapes, so that
+                            their time is mostly host time (an upper bound of it)
     training: lora_linear   forward + backward through the autograd Function (backward kernels stubbed)
 """
 
@@ -111,9 +114,13 @@ def stages(M):
         "lora_linear": lambda: lora_kernels.lora_linear(x, W, None, A, B, 2.0, backend="triton"),
         "LoRALinear": lambda: layer(x),
     }
-    peft_layer = _patched_peft_layer(**like)
+    peft_layer = _peft_layer(K, N, **like)
     if peft_layer is not None:
         out["patched PEFT layer"] = lambda: peft_layer(x)
+        tiny_linear, tiny_peft = torch.nn.Linear(16, 16, bias=False, **like), _peft_layer(16, 16, patched=False, **like)
+        tiny_x = torch.zeros(M, 16, **like)
+        out["nn.Linear 16×16"] = lambda: tiny_linear(tiny_x)
+        out["PEFT layer 16×16"] = lambda: tiny_peft(tiny_x)
     xg = x.clone().requires_grad_()
     Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
     dy = torch.zeros(M, N, **like)
@@ -126,17 +133,18 @@ def stages(M):
     return out
 
 
-def _patched_peft_layer(dtype):
-    """A PEFT LoRA layer (r = 16, adapters in the base's dtype) switched by patch_peft to the Triton
-    backend; None without PEFT."""
+def _peft_layer(in_features, out_features, dtype, patched=True):
+    """A PEFT LoRA layer (r = 16, adapters in the base's dtype), switched by patch_peft to the Triton
+    backend if ``patched``; None without PEFT."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         return None
-    base = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False, dtype=dtype))
+    base = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False, dtype=dtype))
     config = LoraConfig(r=RANK, lora_alpha=32, target_modules=["0"])
     model = get_peft_model(base, config, autocast_adapter_dtype=False).eval().requires_grad_(False)
-    lora_kernels.patch_peft(model, backend="triton")
+    if patched:
+        lora_kernels.patch_peft(model, backend="triton")
     return model.base_model.model[0]
 
 
