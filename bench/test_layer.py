@@ -6,6 +6,8 @@ Implementations, all measured in this run on the same inputs:
   unsloth-style   o = x @ W₀ᵀ; o.addmm_(x @ Aᵀ, Bᵀ, alpha=s): Unsloth's matmul_lora
   peft            PEFT's own lora.Linear, when peft is installed
   lora_kernels[b] our lora_linear with backend b (triton, cuda, auto; reference on a CPU run)
+  lora_kernels[triton] +tma  the Triton backend with its large-M TMA forward (lora_forward_tma.py,
+                  opt-in by LORA_KERNELS_TMA_FORWARD_ROWS) at every M; 16-bit runs on a GPU
   ... +fp32 adapters  PEFT's default set-up on a 16-bit base (get_peft_model keeps lora_A/lora_B
                   in fp32): PEFT's lora.Linear and ours (auto) with fp32 A and B, x and W₀ in the
                   run's dtype; only in 16-bit runs. Against the pure 16-bit rows it shows what the
@@ -23,6 +25,7 @@ from timing import input_sets_needed, peak_memory_mb, time_eager, time_graph
 import lora_kernels
 
 FP32_ADAPTERS = " +fp32 adapters"
+TMA = " +tma"
 
 
 def implementations(device, dtype):
@@ -35,6 +38,8 @@ def implementations(device, dtype):
         pass
     backends = [b for b in lora_kernels.available_backends(device) if b != "reference"] or ["reference"]
     names += [f"lora_kernels[{b}]" for b in backends] + (["lora_kernels[auto]"] if device == "cuda" else [])
+    if device == "cuda" and "triton" in backends and dtype != torch.float32:
+        names.append("lora_kernels[triton]" + TMA)
     if dtype != torch.float32:  # PEFT's default on a 16-bit base
         names += [
             n + FP32_ADAPTERS for n in ("peft", "lora_kernels[auto]" if device == "cuda" else names[-1]) if n in names
@@ -75,6 +80,17 @@ def make_layer_fn(impl, W, A, B, s):
         layer.lora_B["default"].weight = B
         return layer, [A, B]
     backend = impl[len("lora_kernels[") : impl.index("]")]
+    if impl.endswith(TMA):
+        from lora_kernels.triton import lora_forward_tma
+
+        def with_tma(x):  # the switch's effect, for this call only
+            saved, lora_forward_tma.MIN_ROWS = lora_forward_tma.MIN_ROWS, 1
+            try:
+                return lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)
+            finally:
+                lora_forward_tma.MIN_ROWS = saved
+
+        return with_tma, [A, B]
     return (lambda x: lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)), [A, B]
 
 

@@ -15,6 +15,9 @@ Fused dropout is the exception: every column tile would redraw the whole mask of
 M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pass
 (_dropout_xa_kernel) draws each element once and stores xa = s·dropout(x)·Aᵀ, and the main kernel
 loads xa as if the caller had given it.
+
+At large M on Hopper (opt-in, LORA_KERNELS_TMA_FORWARD_ROWS) the main kernel is the persistent,
+warp-specialized TMA kernel of lora_forward_tma.py instead, with xa computed once per row first.
 """
 
 from typing import Optional, Tuple
@@ -24,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import lora_forward_tma
 from ._common import (
     INTERPRETING,
     adapter_rows,
@@ -243,8 +247,14 @@ def fused_forward(
     if multi and (x_lora is not None or fused_dropout or adapter_scales is None or adapter_rank < 1):
         raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora or dropout")
     flags, block_r = kernel_flags(x.dtype), rank_block(R)
-    if x_lora is not None:
-        xa = (x_lora @ lora_A.t()).mul_(scale)
+    # large M on Hopper (opt-in): xa once per row, then the warp-specialized TMA kernel (lora_forward_tma.py)
+    tma = (
+        0 < lora_forward_tma.MIN_ROWS <= M
+        and not multi
+        and lora_forward_tma.tma_forward_reason(x, weight, lora_B) is None
+    )
+    if x_lora is not None or (tma and not fused_dropout):
+        xa = ((x if x_lora is None else x_lora) @ lora_A.t()).mul_(scale)
     else:
         xa = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if fused_dropout:  # first pass: xa = s·dropout(x)·Aᵀ, each element of x dropped once
@@ -276,6 +286,8 @@ def fused_forward(
             num_stages=3,
             **flags,
         )
+    if tma:
+        return lora_forward_tma.tma_forward(x, weight, bias, xa, lora_B, out=y), xa
     args = (
         x,
         weight,
