@@ -6,8 +6,8 @@ Implementations, all measured in this run on the same inputs:
   unsloth-style   o = x @ W₀ᵀ; o.addmm_(x @ Aᵀ, Bᵀ, alpha=s): Unsloth's matmul_lora
   peft            PEFT's own lora.Linear, when peft is installed
   lora_kernels[b] our lora_linear with backend b (triton, cuda, auto; reference on a CPU run)
-  lora_kernels[triton] +tma  the Triton backend with its large-M TMA forward (lora_forward_tma.py,
-                  opt-in by LORA_KERNELS_TMA_FORWARD_ROWS) at every M; 16-bit runs on a GPU
+  lora_kernels[triton] +tma  the Triton backend with its large-M TMA kernel for the forward and dX
+                  (tma_gemm.py, opt-in by LORA_KERNELS_TMA_FORWARD_ROWS) at every M; 16-bit runs on a GPU
   ... +fp32 adapters  PEFT's default set-up on a 16-bit base (get_peft_model keeps lora_A/lora_B
                   in fp32): PEFT's lora.Linear and ours (auto) with fp32 A and B, x and W₀ in the
                   run's dtype; only in 16-bit runs. Against the pure 16-bit rows it shows what the
@@ -80,22 +80,15 @@ def make_layer_fn(impl, W, A, B, s):
         layer.lora_B["default"].weight = B
         return layer, [A, B]
     backend = impl[len("lora_kernels[") : impl.index("]")]
-    if impl.endswith(TMA):
-        from lora_kernels.triton import lora_forward_tma
-
-        def with_tma(x):  # the switch's effect, for this call only
-            saved, lora_forward_tma.MIN_ROWS = lora_forward_tma.MIN_ROWS, 1
-            try:
-                return lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)
-            finally:
-                lora_forward_tma.MIN_ROWS = saved
-
-        return with_tma, [A, B]
     return (lambda x: lora_kernels.lora_linear(x, W, None, A, B, s, backend=backend)), [A, B]
 
 
-def test_layer(case, info, benchmark):
+def test_layer(case, info, benchmark, monkeypatch):
     K, N, M, r, impl = case
+    if impl.endswith(TMA):  # the switch's effect, for this case only
+        from lora_kernels.triton import tma_gemm
+
+        monkeypatch.setattr(tma_gemm, "MIN_ROWS", 1)
     dtype, device, s = info.dtype, info.device, 2.0
     n_sets = input_sets_needed((M * K + N * K + M * N + r * (K + N)) * dtype.itemsize, device)
     sets = []

@@ -49,8 +49,8 @@ SWITCHES = (
         "LORA_KERNELS_TMA_FORWARD_ROWS",
         "run",
         "0",
-        "N > 0: the Triton forward uses its warp-specialized TMA kernel (sm_90+, 16-bit) from N rows of x up "
-        "(not yet run on a GPU)",
+        "N > 0: the Triton forward and dX use the warp-specialized TMA kernel (sm_90+, 16-bit) from N rows of x "
+        "up (not yet run on a GPU)",
     ),
     Switch(
         "TRITON_INTERPRET",

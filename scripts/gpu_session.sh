@@ -24,9 +24,9 @@
 #     bash scripts/gpu_session.sh launch     # eager overhead (issue 24): the Triton and graph tests with
 #                                            # LORA_KERNELS_DIRECT_LAUNCH=1, host stages, eager layer cells
 #                                            # at M = 1..32 with the switch off and on, generate() tok/s (~7 min)
-#     bash scripts/gpu_session.sh tma        # the large-M TMA forward (issue 23): its GPU tests against float64,
+#     bash scripts/gpu_session.sh tma        # the large-M TMA kernel, forward and dX (issue 23): its GPU tests against float64,
 #                                            # memcheck of the Triton kernels with it on, and the forward at
-#                                            # M = 1024, 8192, 32768 against cuBLAS, pointer kernel vs TMA (~7 min)
+#                                            # M = 1024, 8192, 32768 against cuBLAS, pointer kernels vs TMA (~7 min)
 # Time boxes and arguments can be changed by environment: TEST_S, TEST_ARGS, LAYER_S, RANKS,
 # REPS, FEATURES_S, TABLE1_S, TABLE1_DTYPES, TRIALS, CUDA_BENCH_S, CUDA_BENCH_ARGS, WGMMA_BENCH_ARGS.
 set -uo pipefail
@@ -108,13 +108,13 @@ case "${1:-test}" in
         2>&1 | grep -v "^\[transformers\]" | tee "$R/generate-direct$direct.log" | tail -5; pack
     done ;;
   tma)
-    box "${TEST_S:-120}" python3 -m pytest tests/triton/test_triton_kernels.py -q -p no:cacheprovider -rfE --tb=short \
+    box "${TEST_S:-100}" python3 -m pytest tests/triton/test_triton_kernels.py -q -p no:cacheprovider -rfE --tb=short \
       -k "tma" > "$R/tma-test.log" 2>&1
     grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/tma-test.log" | cut -c1-200 | head -30; pack
-    LORA_KERNELS_TMA_FORWARD_ROWS=1 LORA_SANITIZE_BACKENDS=triton box 60 compute-sanitizer --tool memcheck \
+    LORA_KERNELS_TMA_FORWARD_ROWS=1 LORA_SANITIZE_BACKENDS=triton box 50 compute-sanitizer --tool memcheck \
       --print-limit 20 python3 scripts/sanitize_workload.py > "$R/tma-memcheck.log" 2>&1; tail -2 "$R/tma-memcheck.log"; pack
     for shape in ${SHAPES:-4096x4096 4096x11008 11008x4096}; do
-      TAIL=40 bench "tma-$shape" "${LAYER_S:-80}" --suite layer --shapes "$shape" --ranks "${RANKS:-16,64}" \
+      TAIL=40 bench "tma-$shape" "${LAYER_S:-90}" --suite layer --shapes "$shape" --ranks "${RANKS:-16,64}" \
         --m "${MS:-1024,8192,32768}" --reps "${REPS:-20}" --dtype bf16 \
         --impls "base,unsloth-style,lora_kernels[triton],lora_kernels[triton] +tma,lora_kernels[auto]"
     done ;;

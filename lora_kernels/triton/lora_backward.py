@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import tma_gemm
 from ._common import (
     INTERPRETING,
     adapter_rows,
@@ -370,9 +371,19 @@ def fused_backward(
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
         launch(_lora_dx_kernel, grid, *args, **dx_flags, **cfg)
 
-    key = lambda: ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))  # noqa: E731
-    cfg = tuned(key, tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"]), launch_dx)
-    launch_dx(cfg)
+    cfg = tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"])  # its tiles also shape the dA/dB launch
+    if (  # large M on Hopper (opt-in): g once per row, then dX by the warp-specialized TMA kernel (tma_gemm.py)
+        0 < tma_gemm.MIN_ROWS <= M
+        and not multi
+        and not dx_flags["DROPOUT"]
+        and tma_gemm.dx_reason(dy, weight, lora_A) is None
+    ):
+        g = dy @ lora_B
+        tma_gemm.dx(dy, weight, g * scale if fuse_lora_dx else None, lora_A, out=dx)
+    else:
+        key = lambda: ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))  # noqa: E731
+        cfg = tuned(key, cfg, launch_dx)
+        launch_dx(cfg)
 
     block_m = 32 if INTERPRETING else 64
     tiles = cdiv(K, cfg["BLOCK_K"]) + cdiv(N, cfg["BLOCK_N"])

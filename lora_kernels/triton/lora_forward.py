@@ -17,7 +17,7 @@ M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pas
 loads xa as if the caller had given it.
 
 At large M on Hopper (opt-in, LORA_KERNELS_TMA_FORWARD_ROWS) the main kernel is the persistent,
-warp-specialized TMA kernel of lora_forward_tma.py instead, with xa computed once per row first.
+warp-specialized TMA kernel of tma_gemm.py instead, with xa computed once per row first.
 """
 
 from typing import Optional, Tuple
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from . import lora_forward_tma
+from . import tma_gemm
 from ._common import (
     INTERPRETING,
     adapter_rows,
@@ -247,12 +247,8 @@ def fused_forward(
     if multi and (x_lora is not None or fused_dropout or adapter_scales is None or adapter_rank < 1):
         raise ValueError("multi-adapter batches take adapter_scales and adapter_rank, and no x_lora or dropout")
     flags, block_r = kernel_flags(x.dtype), rank_block(R)
-    # large M on Hopper (opt-in): xa once per row, then the warp-specialized TMA kernel (lora_forward_tma.py)
-    tma = (
-        0 < lora_forward_tma.MIN_ROWS <= M
-        and not multi
-        and lora_forward_tma.tma_forward_reason(x, weight, lora_B) is None
-    )
+    # large M on Hopper (opt-in): xa once per row, then the warp-specialized TMA kernel (tma_gemm.py)
+    tma = 0 < tma_gemm.MIN_ROWS <= M and not multi and tma_gemm.forward_reason(x, weight, lora_B) is None
     if x_lora is not None or (tma and not fused_dropout):
         xa = ((x if x_lora is None else x_lora) @ lora_A.t()).mul_(scale)
     else:
@@ -287,7 +283,7 @@ def fused_forward(
             **flags,
         )
     if tma:
-        return lora_forward_tma.tma_forward(x, weight, bias, xa, lora_B, out=y), xa
+        return tma_gemm.forward(x, weight, bias, xa, lora_B, out=y), xa
     args = (
         x,
         weight,

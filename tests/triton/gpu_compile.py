@@ -32,7 +32,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
 import lora_kernels.triton.lora_backward as bwd  # noqa: E402
 import lora_kernels.triton.lora_forward as fwd  # noqa: E402
-import lora_kernels.triton.lora_forward_tma as tma  # noqa: E402
+import lora_kernels.triton.tma_gemm as tma  # noqa: E402
 
 TRITON_TYPE = {
     torch.float16: "fp16",
@@ -122,7 +122,7 @@ def compile_with_ptxas_log(fn, sig, consts, attrs, arch, options):
 
 
 def check_tma_and_warp_specialization(ptx: str) -> None:
-    """What lora_forward_tma.py is built for, read from the compiled PTX (Triton drops either silently
+    """What tma_gemm.py is built for, read from the compiled PTX (Triton drops either silently
     when it cannot apply it): TMA loads and stores, and warp groups given different register budgets
     (setmaxnreg: a lean producer, consumers with the accumulators)."""
     if "cp.async.bulk.tensor" not in ptx:
@@ -139,8 +139,8 @@ def recorded_launches(quick):
     fwd._dropout_xa_kernel = LaunchRecorder(fwd._dropout_xa_kernel, launches)
     bwd._lora_dx_kernel = LaunchRecorder(bwd._lora_dx_kernel, launches)
     bwd._lora_dadb_kernel = LaunchRecorder(bwd._lora_dadb_kernel, launches)
-    tma._lora_forward_tma_kernel = LaunchRecorder(tma._lora_forward_tma_kernel, launches)
-    tma.MIN_ROWS = 8192  # the opt-in TMA forward, at the largest M (its launches do not depend on M)
+    tma._gemm_low_rank_tma_kernel = LaunchRecorder(tma._gemm_low_rank_tma_kernel, launches)
+    tma.MIN_ROWS = 8192  # the opt-in TMA kernel, at the largest M (its launches do not depend on M)
     ms = [1, 128, 8192] if quick else [1, 16, 128, 1024, 8192]
     ranks = [16, 128] if quick else [1, 16, 64, 128]
     # (activation dtype, adapter dtype): fp32 adapters on a 16-bit base are PEFT's default (rounded to
@@ -197,12 +197,13 @@ def main():
     ]
     for arch in args.arch or [90]:
         for fn, sig, consts, attrs, options in launches:
-            if fn.__name__ == "_lora_forward_tma_kernel" and arch < 90:
+            if fn.__name__ == "_gemm_low_rank_tma_kernel" and arch < 90:
                 continue  # TMA: Hopper and newer only (tma_forward_reason)
             blocks = " ".join(
                 f"{k}={v}"
                 for k, v in consts.items()
-                if k.startswith("BLOCK") or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI")
+                if k.startswith("BLOCK")
+                or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI", "TRANSPOSED", "LOW_RANK")
             )
             dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
             adapter = sig.get("a_ptr", sig.get("da_part_ptr", "*" + dtype))[1:]  # dA's type (fp32 partial sums too)
@@ -222,7 +223,7 @@ def main():
                     raise RuntimeError(
                         f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}"
                     )
-                if fn.__name__ == "_lora_forward_tma_kernel":
+                if fn.__name__ == "_gemm_low_rank_tma_kernel":
                     check_tma_and_warp_specialization(kernel.asm["ptx"])
                 use = resource_usage(kernel.asm["cubin"])
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"

@@ -116,72 +116,67 @@ def test_autotune_falls_back_to_the_table_when_no_candidate_launches(monkeypatch
     assert _common.tuned(("forward", 1), default, launch) == default
 
 
-# ---- the large-M TMA forward (lora_forward_tma.py; opt-in by LORA_KERNELS_TMA_FORWARD_ROWS) ----------
+# ---- the large-M TMA kernel (tma_gemm.py; opt-in by LORA_KERNELS_TMA_FORWARD_ROWS): forward and dX ----
 
 
 @pytest.fixture
 def tma_from_row_1(monkeypatch):
-    """The TMA forward for every M, counting its calls; off a GPU with three programs, so that each
-    walks several tiles (on a GPU, one per SM: the large shapes walk many)."""
-    from lora_kernels.triton import lora_forward_tma
+    """The TMA kernel for every M; returns the jobs it ran ("forward", "dx"). Off a GPU with three
+    programs, so that each walks several tiles (on a GPU, one per SM: the large shapes walk many)."""
+    from lora_kernels.triton import tma_gemm
 
-    calls = []
-    real = lora_forward_tma.tma_forward
-    monkeypatch.setattr(lora_forward_tma, "MIN_ROWS", 1)
+    jobs = []
+    real = tma_gemm.gemm_low_rank
+
+    def counted(*args, transposed, **kwargs):
+        jobs.append("forward" if transposed else "dx")
+        return real(*args, transposed=transposed, **kwargs)
+
+    monkeypatch.setattr(tma_gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(tma_gemm, "gemm_low_rank", counted)
     if DEVICE != "cuda":
-        monkeypatch.setattr(lora_forward_tma, "sm_count", lambda device: 3)
-    monkeypatch.setattr(lora_forward_tma, "tma_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+        monkeypatch.setattr(tma_gemm, "sm_count", lambda device: 3)
+    return jobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "shape, variant",
+    "shape, variant, jobs",
     [
-        ((200, 72, 136, 16), {}),  # tile edges in M, N and K; 2×2 tiles on 3 programs
-        ((300, 64, 264, 64), {}),  # 3×3 tiles: every program walks three
-        ((1, 8, 8, 8), {}),
-        ((77, 40, 48, 128), {}),  # the largest rank block
-        ((150, 56, 144, 16), {"dropout_p": 0.3}),  # xa from the fused-dropout pass
-        ((150, 56, 144, 24), {"x_lora_given": True, "fuse_lora_dx": False}),  # the caller's xa
+        ((200, 72, 136, 16), {}, ["forward", "dx"]),  # tile edges in M, N and K; 2×2 tiles on 3 programs
+        ((300, 64, 264, 64), {}, ["forward", "dx"]),  # 3×3 tiles (forward): every program walks three
+        ((1, 8, 8, 8), {}, ["forward", "dx"]),
+        ((77, 40, 48, 128), {}, ["forward", "dx"]),  # the largest rank block
+        ((150, 56, 144, 16), {"dropout_p": 0.3}, ["forward"]),  # xa from the dropout pass; dX needs the mask
+        ((150, 56, 144, 24), {"x_lora_given": True, "fuse_lora_dx": False}, ["forward", "dx"]),  # dX = dY·W₀
     ],
     ids=str,
 )
-def test_tma_forward_contract(shape, variant, dtype, tma_from_row_1, poison):
+def test_tma_kernel_contract(shape, variant, jobs, dtype, tma_from_row_1, poison):
     contract_vs_float64(*shape, dtype, **variant)
-    assert tma_from_row_1, "the TMA kernel did not run"
+    assert tma_from_row_1 == jobs
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU")
 @pytest.mark.parametrize("M", [1024, 8192])
 @pytest.mark.parametrize("K, N, r", [(4096, 4096, 16), (4096, 11008, 64), (11008, 4096, 128)], ids=str)
-def test_tma_forward_large_shapes_on_gpu(M, K, N, r, tma_from_row_1, poison):
+def test_tma_kernel_large_shapes_on_gpu(M, K, N, r, tma_from_row_1, poison):
     contract_vs_float64(M, K, N, r, torch.bfloat16)
-    assert tma_from_row_1, "the TMA kernel did not run"
+    assert tma_from_row_1 == ["forward", "dx"]
 
 
 @pytest.mark.parametrize(
-    "shape, dtype, strided_x, why",
+    "shape, dtype, strided_x, jobs",
     [
-        ((40, 48, 44, 8), torch.bfloat16, False, "out_features 44"),  # y's rows: 88 bytes
-        ((40, 48, 48, 12), torch.bfloat16, False, "rank 12"),  # xa's and B's rows: 24 bytes
-        ((40, 50, 48, 8), torch.float16, False, "x is not"),  # x's rows: 100 bytes
-        ((40, 48, 48, 8), torch.float16, True, "x is not"),  # a column slice, 6 bytes off alignment
-        ((40, 48, 48, 8), torch.float32, False, "float32"),
+        ((40, 48, 44, 8), torch.bfloat16, False, []),  # y's and dY's rows: 88 bytes
+        ((40, 48, 48, 12), torch.bfloat16, False, []),  # xa's, g's, B's rows: 24 bytes
+        ((40, 50, 48, 8), torch.float16, False, []),  # x's and dX's rows: 100 bytes
+        ((40, 48, 48, 8), torch.float16, True, ["dx"]),  # x a column slice, 6 bytes off alignment (dX reads dY)
+        ((40, 48, 48, 8), torch.float32, False, []),
     ],
     ids=str,
 )
-def test_tma_forward_declines_what_tma_cannot_read(shape, dtype, strided_x, why, tma_from_row_1, poison):
-    """Tensors TMA cannot address (rows not 16-byte aligned, fp32) take the pointer kernel, correctly."""
-    from lora_kernels.triton import lora_forward_tma
-
-    M, K, N, r = shape
-    x = (
-        torch.empty(M, K + 8, dtype=dtype, device=DEVICE)[:, 3 : 3 + K]
-        if strided_x
-        else torch.empty(M, K, dtype=dtype, device=DEVICE)
-    )
-    w, b = torch.empty(N, K, dtype=dtype, device=DEVICE), torch.empty(N, r, dtype=dtype, device=DEVICE)
-    assert why in lora_forward_tma.tma_forward_reason(x, w, b)
+def test_tma_kernel_declines_what_tma_cannot_read(shape, dtype, strided_x, jobs, tma_from_row_1, poison):
+    """Tensors TMA cannot address (rows not 16-byte aligned, fp32) take the pointer kernels, correctly."""
     contract_vs_float64(*shape, dtype, strided_x=strided_x)
-    assert not tma_from_row_1
+    assert tma_from_row_1 == jobs
