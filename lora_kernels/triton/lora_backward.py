@@ -373,13 +373,11 @@ def fused_backward(
 
     cfg = tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"])  # its tiles also shape the dA/dB launch
     if (  # large M on Hopper (opt-in): g once per row, then dX by the warp-specialized TMA kernel (tma_gemm.py)
-        0 < tma_gemm.MIN_ROWS <= M
-        and not multi
-        and not dx_flags["DROPOUT"]
-        and tma_gemm.dx_reason(dy, weight, lora_A) is None
+        0 < tma_gemm.MIN_ROWS <= M and not multi and tma_gemm.dx_reason(dy, weight, lora_A) is None
     ):
         g = dy @ lora_B
-        tma_gemm.dx(dy, weight, g * scale if fuse_lora_dx else None, lora_A, out=dx)
+        masked = dict(dropout_p=dropout_p, seed=seed) if dx_flags["DROPOUT"] else {}
+        tma_gemm.dx(dy, weight, g * scale if fuse_lora_dx else None, lora_A, out=dx, **masked)
     else:
         key = lambda: ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))  # noqa: E731
         cfg = tuned(key, cfg, launch_dx)

@@ -1,7 +1,7 @@
 """The large-M kernel for Hopper: one GEMM plus a rank-r term, for the forward and for dX.
 
     forward  y  = x·W₀ᵀ + xa·Bᵀ + bias      xa = s·x·Aᵀ  (M, r), given
-    dX       dX = dY·W₀ + (s·g)·A          g = dY·B     (M, r), given
+    dX       dX = dY·W₀ + mask ⊙ (s·g)·A   g = dY·B     (M, r), given; mask: fused dropout's, redrawn
 
 Both are ``out = P·op(Q) + U·op(V)`` with Q = W₀ (N, K) and V a LoRA factor; they differ only in
 which dimension of Q and V is the output one (``TRANSPOSED``: the forward's W₀ᵀ and Bᵀ). Built
@@ -21,7 +21,8 @@ lora_backward.py (which win at small M, where the op is launch- and memory-bound
   row (by cuBLAS, or the fused-dropout pass): r/N of the main product's FLOPs, one more read of P.
 
 The rank-r term is one more K step on the same accumulator, ``[U | op(V)]`` (BLOCK_R ≤ 128 wide),
-so the output is written once, by a TMA store. The tile loop is not pipelined (num_stages=1):
+so the output is written once, by a TMA store; under fused dropout (dX) it is a separate product,
+masked elementwise by the forward's mask redrawn from its seed before it is added. The tile loop is not pipelined (num_stages=1):
 pipelined, it multi-buffers the U and V tiles and the r = 128 launch no longer fits in shared
 memory.
 
@@ -37,7 +38,16 @@ import triton
 import triton.language as tl
 
 from .. import _env
-from ._common import INTERPRETING, cast_to, cdiv, grouped_tile, kernel_flags, rank_block, sm_count
+from ._common import (
+    INTERPRETING,
+    cast_to,
+    cdiv,
+    dropout_uniform,
+    grouped_tile,
+    kernel_flags,
+    rank_block,
+    sm_count,
+)
 from ._launch import launch
 
 
@@ -50,11 +60,13 @@ def _gemm_low_rank_tma_kernel(
     v_ptr,
     bias_ptr,
     out_ptr,
+    seed_ptr,
     # Sizes: out is (M, N), the main product reduces over K, the low-rank one over R
     M,
     N,
     K,
     R,
+    dropout_p,
     # Row strides, in elements
     stride_pm,
     stride_q,
@@ -64,6 +76,7 @@ def _gemm_low_rank_tma_kernel(
     # Meta-parameters (compile time): code paths, then tile sizes and the grid
     HAS_BIAS: tl.constexpr,
     LOW_RANK: tl.constexpr,
+    DROPOUT: tl.constexpr,
     TRANSPOSED: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -87,6 +100,7 @@ def _gemm_low_rank_tma_kernel(
         q_desc = tl.make_tensor_descriptor(q_ptr, shape=[K, N], strides=[stride_q, 1], block_shape=[BLOCK_K, BLOCK_N])
         v_desc = tl.make_tensor_descriptor(v_ptr, shape=[R, N], strides=[stride_v, 1], block_shape=[BLOCK_R, BLOCK_N])
 
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     k_steps = tl.cdiv(K, BLOCK_K)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, num_stages=1):
@@ -104,12 +118,22 @@ def _gemm_low_rank_tma_kernel(
             v = v_desc.load([off_n, 0]).T if TRANSPOSED else v_desc.load([0, off_n])
             if UPCAST:
                 u, v = u.to(tl.float32), v.to(tl.float32)
-            acc = tl.dot(u, v, acc, input_precision=DOT_PRECISION)
+            if DROPOUT:  # dX: the LoRA branch saw dropout(x), so its share goes through the same mask
+                rows = off_m + tl.arange(0, BLOCK_M)
+                keep = dropout_uniform(seed, rows, off_n, BLOCK_N) >= dropout_p
+                low_rank = tl.dot(u, v, input_precision=DOT_PRECISION)
+                acc += tl.where(keep, low_rank * (1.0 / (1.0 - dropout_p)), 0.0)
+            else:
+                acc = tl.dot(u, v, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_desc.store([off_m, off_n], cast_to(acc, out_desc.dtype, UPCAST))
 
+
+# triton 3.6's warp-specialization pass rejects the dropout mask's interleave (tl.join: "Unexpected
+# op"); there the masked dX runs on the same TMA pipeline without warp specialization.
+_WS_WITH_DROPOUT = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
 
 # The forward and dX use this kernel from this many rows of x up (0: never).
 MIN_ROWS = int(_env.value("LORA_KERNELS_TMA_FORWARD_ROWS"))
@@ -148,9 +172,13 @@ def _allocate_descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def gemm_low_rank(p, q, u, v, bias, out, transposed: bool, warp_specialize: bool = True) -> torch.Tensor:
+def gemm_low_rank(
+    p, q, u, v, bias, out, transposed: bool, dropout_p=0.0, seed=None, warp_specialize: bool = True
+) -> torch.Tensor:
     """``out = p·op(q) + u·op(v) + bias`` (op: transposed or not; ``u`` None: no rank-r term), for
-    tensors :func:`tma_reason` accepts, ``out`` dense and bias (if any) contiguous."""
+    tensors :func:`tma_reason` accepts, ``out`` dense and bias (if any) contiguous. With
+    ``dropout_p`` > 0 the rank-r term is masked elementwise by the fused-dropout mask of ``seed``
+    (out's element (m, n) as x's (m, k): dX)."""
     M, N = out.shape
     K = p.shape[1]
     R = u.shape[1] if u is not None else 16
@@ -158,6 +186,9 @@ def gemm_low_rank(p, q, u, v, bias, out, transposed: bool, warp_specialize: bool
         triton.set_allocator(_allocate_descriptor_scratch)
     tiles = cdiv(M, TILES["BLOCK_M"]) * cdiv(N, TILES["BLOCK_N"])
     programs = max(1, min(tiles, sm_count(p.device)))
+    specialize = warp_specialize and (dropout_p == 0.0 or _WS_WITH_DROPOUT)
+    # unspecialized, one warp group would hold the whole 128×128 accumulator (and spill): two do
+    options = LAUNCH if specialize else dict(LAUNCH, num_warps=8)
     launch(
         _gemm_low_rank_tma_kernel,
         (programs,),
@@ -167,10 +198,12 @@ def gemm_low_rank(p, q, u, v, bias, out, transposed: bool, warp_specialize: bool
         v if v is not None else out,
         bias if bias is not None else out,
         out,
+        seed if seed is not None else out,
         M,
         N,
         K,
         R,
+        dropout_p,
         p.stride(0),
         q.stride(0),
         u.stride(0) if u is not None else out.stride(0),
@@ -178,13 +211,14 @@ def gemm_low_rank(p, q, u, v, bias, out, transposed: bool, warp_specialize: bool
         out.stride(0),
         HAS_BIAS=bias is not None,
         LOW_RANK=u is not None,
+        DROPOUT=dropout_p > 0.0,
         TRANSPOSED=transposed,
-        WARP_SPECIALIZE=warp_specialize,
+        WARP_SPECIALIZE=specialize,
         BLOCK_R=rank_block(R),
         NUM_PROGRAMS=programs,
         **kernel_flags(p.dtype),
         **TILES,
-        **LAUNCH,
+        **options,
     )
     return out
 
@@ -204,6 +238,7 @@ def dx_reason(dy, weight, lora_A) -> Optional[str]:
     return tma_reason(lora_A.shape[0], weight.shape[1], dy, weight, lora_A)
 
 
-def dx(dy, weight, g_scaled, lora_A, out):
-    """dX = dY·W₀ + (s·g)·A into ``out`` (M, K); ``g_scaled`` None: dY·W₀ alone."""
-    return gemm_low_rank(dy, weight, g_scaled, lora_A, None, out, transposed=False)
+def dx(dy, weight, g_scaled, lora_A, out, dropout_p=0.0, seed=None):
+    """dX = dY·W₀ + mask ⊙ (s·g)·A into ``out`` (M, K), the mask the fused-dropout forward drew from
+    ``seed`` (none at ``dropout_p`` = 0); ``g_scaled`` None: dY·W₀ alone."""
+    return gemm_low_rank(dy, weight, g_scaled, lora_A, None, out, transposed=False, dropout_p=dropout_p, seed=seed)

@@ -121,12 +121,14 @@ def compile_with_ptxas_log(fn, sig, consts, attrs, arch, options):
     return kernel, log.getvalue()
 
 
-def check_tma_and_warp_specialization(ptx: str) -> None:
+def check_tma_and_warp_specialization(ptx: str, warp_specialized: bool) -> None:
     """What tma_gemm.py is built for, read from the compiled PTX (Triton drops either silently
-    when it cannot apply it): TMA loads and stores, and warp groups given different register budgets
-    (setmaxnreg: a lean producer, consumers with the accumulators)."""
+    when it cannot apply it): TMA loads and stores, and where asked for, warp groups given different
+    register budgets (setmaxnreg: a lean producer, consumers with the accumulators)."""
     if "cp.async.bulk.tensor" not in ptx:
         raise RuntimeError("no TMA copies (cp.async.bulk.tensor) in the TMA kernel")
+    if not warp_specialized:
+        return
     budgets = {int(n) for n in re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+)", ptx)}
     if not budgets or min(budgets) > 64:
         raise RuntimeError(f"not warp-specialized: no producer warp group with a small register budget ({budgets})")
@@ -203,7 +205,17 @@ def main():
                 f"{k}={v}"
                 for k, v in consts.items()
                 if k.startswith("BLOCK")
-                or k in ("HAS_BIAS", "XA_GIVEN", "FUSE_LORA_DX", "DROPOUT", "MULTI", "TRANSPOSED", "LOW_RANK")
+                or k
+                in (
+                    "HAS_BIAS",
+                    "XA_GIVEN",
+                    "FUSE_LORA_DX",
+                    "DROPOUT",
+                    "MULTI",
+                    "TRANSPOSED",
+                    "LOW_RANK",
+                    "WARP_SPECIALIZE",
+                )
             )
             dtype = next(v for v in sig.values() if v.startswith("*"))[1:]
             adapter = sig.get("a_ptr", sig.get("da_part_ptr", "*" + dtype))[1:]  # dA's type (fp32 partial sums too)
@@ -224,7 +236,7 @@ def main():
                         f"needs {kernel.metadata.shared} B of shared memory, sm_{arch} has {MAX_SHARED[arch]}"
                     )
                 if fn.__name__ == "_gemm_low_rank_tma_kernel":
-                    check_tma_and_warp_specialization(kernel.asm["ptx"])
+                    check_tma_and_warp_specialization(kernel.asm["ptx"], consts["WARP_SPECIALIZE"])
                 use = resource_usage(kernel.asm["cubin"])
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
                 if not dtype.startswith("fp32") and use["stack"] > MAX_STACK_16BIT:

@@ -147,7 +147,8 @@ def tma_from_row_1(monkeypatch):
         ((300, 64, 264, 64), {}, ["forward", "dx"]),  # 3×3 tiles (forward): every program walks three
         ((1, 8, 8, 8), {}, ["forward", "dx"]),
         ((77, 40, 48, 128), {}, ["forward", "dx"]),  # the largest rank block
-        ((150, 56, 144, 16), {"dropout_p": 0.3}, ["forward"]),  # xa from the dropout pass; dX needs the mask
+        ((150, 56, 144, 16), {"dropout_p": 0.3}, ["forward", "dx"]),  # xa from the dropout pass; dX's mask
+        ((200, 264, 136, 8), {"dropout_p": 0.5}, ["forward", "dx"]),  # the mask over 2×3 tiles of dX
         ((150, 56, 144, 24), {"x_lora_given": True, "fuse_lora_dx": False}, ["forward", "dx"]),  # dX = dY·W₀
     ],
     ids=str,
