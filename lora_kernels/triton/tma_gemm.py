@@ -22,9 +22,9 @@ lora_backward.py (which win at small M, where the op is launch- and memory-bound
 
 The rank-r term is one more K step on the same accumulator, ``[U | op(V)]`` (BLOCK_R ≤ 128 wide),
 so the output is written once, by a TMA store; under fused dropout (dX) it is a separate product,
-masked elementwise by the forward's mask redrawn from its seed before it is added. The tile loop is not pipelined (num_stages=1):
-pipelined, it multi-buffers the U and V tiles and the r = 128 launch no longer fits in shared
-memory.
+masked elementwise by the forward's mask redrawn from its seed before it is added. The tile loop
+is not pipelined (num_stages=1): pipelined, it multi-buffers the U and V tiles and the r = 128
+launch no longer fits in shared memory.
 
 Opt-in (LORA_KERNELS_TMA_FORWARD_ROWS) until it has been timed on a GPU: the compile for sm_90a is
 checked (tests/triton/gpu_compile.py: TMA, warp specialization, no serialized wgmma, no spills),
