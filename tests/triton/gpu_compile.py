@@ -176,6 +176,8 @@ def recorded_launches(quick):
     unique = {}
     for fn, args, kwargs in launches:
         sig, consts, attrs, options = signature_of(fn, args, dict(kwargs))
+        if quick and fn is tma._gemm_low_rank_tma_kernel.fn and sig["p_ptr"] == "*fp16":
+            continue  # its fp16 launches are its bf16 ones but for the element type (35 s of CI for both)
         key = (
             fn.__name__,
             tuple(sorted(sig.items())),
