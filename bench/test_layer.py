@@ -7,7 +7,7 @@ Implementations, all measured in this run on the same inputs:
   peft            PEFT's own lora.Linear, when peft is installed
   lora_kernels[b] our lora_linear with backend b (triton, cuda, auto; reference on a CPU run)
   lora_kernels[triton] +tma  the Triton backend with its large-M TMA kernel for the forward and dX
-                  (tma_gemm.py, opt-in by LORA_KERNELS_TMA_FORWARD_ROWS) at every M; 16-bit runs on a GPU
+                  (tma_gemm.py, opt-in by LORA_KERNELS_TMA_ROWS) at every M; 16-bit runs on a GPU
   ... +fp32 adapters  PEFT's default set-up on a 16-bit base (get_peft_model keeps lora_A/lora_B
                   in fp32): PEFT's lora.Linear and ours (auto) with fp32 A and B, x and W₀ in the
                   run's dtype; only in 16-bit runs. Against the pure 16-bit rows it shows what the

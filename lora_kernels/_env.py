@@ -46,7 +46,7 @@ SWITCHES = (
         "1: later Triton launches of a seen argument class skip the JIT's per-call work (not yet run on a GPU)",
     ),
     Switch(
-        "LORA_KERNELS_TMA_FORWARD_ROWS",
+        "LORA_KERNELS_TMA_ROWS",
         "run",
         "0",
         "N > 0: the Triton forward and dX use the warp-specialized TMA kernel (sm_90+, 16-bit) from N rows of x "

@@ -111,7 +111,7 @@ case "${1:-test}" in
     box "${TEST_S:-100}" python3 -m pytest tests/triton/test_triton_kernels.py -q -p no:cacheprovider -rfE --tb=short \
       -k "tma" > "$R/tma-test.log" 2>&1
     grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$R/tma-test.log" | cut -c1-200 | head -30; pack
-    LORA_KERNELS_TMA_FORWARD_ROWS=1 LORA_SANITIZE_BACKENDS=triton box 50 compute-sanitizer --tool memcheck \
+    LORA_KERNELS_TMA_ROWS=1 LORA_SANITIZE_BACKENDS=triton box 50 compute-sanitizer --tool memcheck \
       --print-limit 20 python3 scripts/sanitize_workload.py > "$R/tma-memcheck.log" 2>&1; tail -2 "$R/tma-memcheck.log"; pack
     for shape in ${SHAPES:-4096x4096 4096x11008 11008x4096}; do
       TAIL=40 bench "tma-$shape" "${LAYER_S:-90}" --suite layer --shapes "$shape" --ranks "${RANKS:-16,64}" \

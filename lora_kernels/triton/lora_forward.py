@@ -16,7 +16,7 @@ M = 1024, N = 4096; torch 2.11, triton 3.6, 2026-11-22). There a first, thin pas
 (_dropout_xa_kernel) draws each element once and stores xa = s·dropout(x)·Aᵀ, and the main kernel
 loads xa as if the caller had given it.
 
-At large M on Hopper (opt-in, LORA_KERNELS_TMA_FORWARD_ROWS) the main kernel is the persistent,
+At large M on Hopper (opt-in, LORA_KERNELS_TMA_ROWS) the main kernel is the persistent,
 warp-specialized TMA kernel of tma_gemm.py instead, with xa computed once per row first.
 """
 

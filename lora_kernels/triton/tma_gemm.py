@@ -26,7 +26,7 @@ masked elementwise by the forward's mask redrawn from its seed before it is adde
 is not pipelined (num_stages=1): pipelined, it multi-buffers the U and V tiles and the r = 128
 launch no longer fits in shared memory.
 
-Opt-in (LORA_KERNELS_TMA_FORWARD_ROWS) until it has been timed on a GPU: the compile for sm_90a is
+Opt-in (LORA_KERNELS_TMA_ROWS) until it has been timed on a GPU: the compile for sm_90a is
 checked (tests/triton/gpu_compile.py: TMA, warp specialization, no serialized wgmma, no spills),
 the arithmetic under the interpreter.
 """
@@ -136,7 +136,7 @@ def _gemm_low_rank_tma_kernel(
 _WS_WITH_DROPOUT = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8)
 
 # The forward and dX use this kernel from this many rows of x up (0: never).
-MIN_ROWS = int(_env.value("LORA_KERNELS_TMA_FORWARD_ROWS"))
+MIN_ROWS = int(_env.value("LORA_KERNELS_TMA_ROWS"))
 
 # Tiles: 128×128 output tiles with 64-wide K steps, 4 stages (the producer keeps 3 K steps in
 # flight), the shape Triton's persistent-matmul tutorial uses on Hopper. num_warps = 4: with more,

@@ -116,7 +116,7 @@ def test_autotune_falls_back_to_the_table_when_no_candidate_launches(monkeypatch
     assert _common.tuned(("forward", 1), default, launch) == default
 
 
-# ---- the large-M TMA kernel (tma_gemm.py; opt-in by LORA_KERNELS_TMA_FORWARD_ROWS): forward and dX ----
+# ---- the large-M TMA kernel (tma_gemm.py; opt-in by LORA_KERNELS_TMA_ROWS): forward and dX ----
 
 
 @pytest.fixture
