@@ -375,7 +375,7 @@ def fused_backward(
     if (  # large M on Hopper (opt-in): g once per row, then dX by the warp-specialized TMA kernel (tma_gemm.py)
         0 < tma_gemm.MIN_ROWS <= M and not multi and tma_gemm.dx_reason(dy, weight, lora_A) is None
     ):
-        g = dy @ lora_B
+        torch.mm(dy, lora_B, out=g)  # into the g allocated above
         masked = dict(dropout_p=dropout_p, seed=seed) if dx_flags["DROPOUT"] else {}
         tma_gemm.dx(dy, weight, g * scale if fuse_lora_dx else None, lora_A, out=dx, **masked)
     else:
