@@ -47,11 +47,13 @@ struct GemmParams {
   bool c_transposed;
 };
 
-// The factor `keep` of element (m, n) of C, applied by every kernel's epilogue.
+// The factor `keep` of element (m, n) of C, applied by every kernel's epilogue: column n belongs to
+// adapter n / rank, tested as a range (a 64-bit division is a ~50-instruction routine on the GPU,
+// and this runs per element).
 __host__ __device__ inline float adapter_keep(const RowAdapters& a, int64_t m, int64_t n) {
   if (a.ids == nullptr) return 1.0f;
-  const int64_t id = a.ids[m];
-  return id >= 0 && id < a.count && n / a.rank == id ? a.scales[id] : 0.0f;
+  const int64_t id = a.ids[m], first = id * a.rank;
+  return id >= 0 && id < a.count && n >= first && n < first + a.rank ? a.scales[id] : 0.0f;
 }
 
 // LoRA dropout with the mask drawn on the device from *seed (an int64 in device memory, so no host

@@ -27,6 +27,10 @@
 //     generic-proxy writes, so each thread fences them (fence.proxy.async) before the barrier after
 //     which the tensor cores read.
 //
+// Epilogue. Keep and bias in fp32, then C written once: through 2 KiB of shared memory per warp
+// as 16-byte stores of whole 128-byte row segments where C's rows are 16-byte aligned, else as the
+// 32-bit pairs of the accumulator layout (store_tile).
+//
 // Layouts. Every tile is stored with the 128-byte swizzle that wgmma's matrix descriptors read
 // (device.cuh, sw128_descriptor) and TMA writes: K-major operands as rows of 64 k; MN-major ones (W₀
 // in dY·W₀) as 64-wide column blocks of BK rows, read with wgmma's transpose bit.
@@ -49,16 +53,24 @@ constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 constexpr int kMinTilesPerSplit = 2;  // 128 of K
 constexpr int kGroupM = 8;            // row tiles per group of the launch order
 
+// The epilogue's staging (store_tile_staged): per consumer warp, its 16 rows of the tile, 64 columns
+// (one 128-byte row of 16-bit elements) at a time.
+constexpr int kStagedColumns = 64;
+constexpr int kStagingBytes = (kThreads / 32) * 16 * kStagedColumns * 2;  // 16 KiB
+
 template <int BN_, int STAGES_>
 struct Config {
   static constexpr int kBN = BN_, kStages = STAGES_;
   static constexpr int kStageElems = (kBM + BN_) * kBK, kStageBytes = kStageElems * 2;
-  // The stages, room to align them to 1024 bytes, and two mbarriers per stage (see Stages).
-  static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + 2 * STAGES_ * 8;
+  // The stages, room to align them to 1024 bytes, two mbarriers per stage and the epilogue's
+  // staging where it runs (see Stages).
+  static constexpr bool kStagedEpilogue = BN_ % kStagedColumns == 0;
+  static constexpr int kEpilogueBytes = kStagedEpilogue ? kStagingBytes : 0;
+  static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + 2 * STAGES_ * 8 + kEpilogueBytes;
 };
-// 128×256 tiles, 4 stages (192 KiB): products of more than 64 rows.
+// 128×256 tiles, 4 stages (192 KiB, 209 KiB in all): products of more than 64 rows.
 using WideTiles = Config<256, 4>;
-// 128×32 tiles, 8 stages (160 KiB): products of at most 64 rows computed transposed (see
+// 128×32 tiles, 8 stages (160 KiB; pairs stored, no staging): products of at most 64 rows computed transposed (see
 // transposed_problem), W₀ on the 128-row side; memory-bound, so 6 tiles of W₀ in flight per block.
 using NarrowTiles = Config<32, 8>;
 
@@ -119,17 +131,19 @@ struct TensorMaps {
 // Shared memory: kStages stages of a P tile then a Q tile, each starting on a 1024-byte boundary
 // (the swizzle repeats every 1024 bytes of the shared address space), then one mbarrier per stage
 // that its TMA copies complete on (`landed`) and, in the producer kernel, one per stage that the
-// consumers arrive on when they are done with it (`freed`).
+// consumers arrive on when they are done with it (`freed`), then the epilogue's staging.
 template <typename T, typename Cfg>
 struct Stages {
   T* tiles;
   uint32_t address;
   uint64_t *landed, *freed;
+  T* staging;  // 16-byte aligned: the stages are whole KiB, the barriers 16 bytes per stage
   __device__ __forceinline__ explicit Stages(unsigned char* smem) {
     tiles = reinterpret_cast<T*>(smem + (1024 - dev::smem_address(smem) % 1024) % 1024);
     address = dev::smem_address(tiles);
     landed = reinterpret_cast<uint64_t*>(tiles + Cfg::kStages * Cfg::kStageElems);
     freed = landed + Cfg::kStages;
+    staging = reinterpret_cast<T*>(freed + Cfg::kStages);
   }
   __device__ __forceinline__ T* p_tile(int s) const { return tiles + s * Cfg::kStageElems; }
   __device__ __forceinline__ uint32_t p_address(int s) const { return address + 2 * s * Cfg::kStageElems; }
@@ -206,9 +220,91 @@ __device__ __forceinline__ void rescale_before_lora(float (&acc)[N], const GemmP
 }
 
 // Epilogue (after the last wgmma_wait): acc[4j + e] is row 16·(warp % 4) + lane/4 + 8·(e/2),
-// column 8j + 2·(lane % 4) + e % 2 of this warpgroup's 64 rows.
+// column 8j + 2·(lane % 4) + e % 2 of this warpgroup's 64 rows, so warp w of the block holds rows
+// 16w..16w+15 of the tile.
+//
+// Where C's rows take aligned 16-byte stores (Params::vector_store) and this tile is not a split's
+// fp32 partial sum, each warp writes its 16 rows through its 2 KiB of `staging`, 64 columns at a
+// time: keep and bias applied in fp32, the pairs of the accumulator layout written to shared
+// memory, then read back and stored as 16-byte chunks, 8 lanes per 128-byte row segment, instead
+// of 32-bit pairs spread over 8 rows and 4 half-used sectors per store. Chunk c of staged row r sits
+// at chunk c ^ (r % 8), so that neither the pair writes nor the chunk reads of a warp meet a
+// shared-memory bank twice. Elsewhere (C transposed or strided, split-K) the pairs are stored as
+// they are (store_pair).
 template <typename T, int BN>
-__device__ __forceinline__ void store_tile(const Params& params, const Work& w, const float (&acc)[BN / 2]) {
+__device__ __forceinline__ void store_tile_staged(const Params& params, const Work& w, const float (&acc)[BN / 2],
+                                                  T* staging) {
+  const GemmParams& g = params.g;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  T* const rows = staging + warp * 16 * kStagedColumns;  // this warp's 16 × 64 staging tile
+  const T* const bias = static_cast<const T*>(g.bias);
+  T* const C = static_cast<T*>(g.C);
+  const int64_t m_warp = w.m0 + 16 * warp;
+  const float out_scale = w.range.out_scale(g);
+#pragma unroll
+  for (int c = 0; c < BN / kStagedColumns; ++c) {
+    const int64_t n_staged = w.n0 + c * kStagedColumns;
+    if (n_staged >= g.N) break;  // (the same for the whole block)
+    // Inside C and with no multi-adapter mask (the common case), bias alone, with no checks.
+    const bool inside = m_warp + 16 <= g.M && n_staged + kStagedColumns <= g.N;
+    const bool plain = inside && g.adapters.ids == nullptr;
+#pragma unroll
+    for (int j = 0; j < kStagedColumns / 8; ++j) {
+      const int column = 8 * j + 2 * (lane % 4);
+      const int64_t n = n_staged + column;
+      float b0 = 0.0f, b1 = 0.0f;
+      if (plain && bias != nullptr) {
+        b0 = dev::to_float(bias[n]);
+        b1 = dev::to_float(bias[n + 1]);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = lane / 4 + 8 * half;
+        const int64_t m = m_warp + r;
+        const int a = 4 * (c * kStagedColumns / 8 + j) + 2 * half;
+        float v0 = out_scale * acc[a], v1 = out_scale * acc[a + 1];
+        if (plain) {
+          v0 += b0;
+          v1 += b1;
+        } else if (m < g.M) {
+          if (n < g.N) v0 = dev::keep_and_bias<T>(g, m, n, v0);
+          if (n + 1 < g.N) v1 = dev::keep_and_bias<T>(g, m, n + 1, v1);
+        }
+        *reinterpret_cast<uint32_t*>(rows + r * kStagedColumns + ((j ^ (r & 7)) << 3) + column % 8) =
+            pack_pair<T>(v0, v1);
+      }
+    }
+    dev::sync_warp();  // every lane's pairs are staged
+#pragma unroll
+    for (int i = 0; i < 16 * kStagedColumns / 8 / 32; ++i) {
+      const int chunk = 32 * i + lane, r = chunk / 8, c8 = chunk % 8;
+      const int64_t m = m_warp + r, n = n_staged + 8 * c8;
+      const uint4 v = *reinterpret_cast<const uint4*>(rows + r * kStagedColumns + ((c8 ^ (r & 7)) << 3));
+      T* const out = C + m * g.stride_cm + n;
+      if (inside || (m < g.M && n + 8 <= g.N)) {
+        *reinterpret_cast<uint4*>(out) = v;
+      } else if (m < g.M && n < g.N) {  // the last columns of C
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const uint16_t bits = static_cast<uint16_t>(words[k / 2] >> (16 * (k % 2)));
+          if (n + k < g.N) memcpy(out + k, &bits, 2);
+        }
+      }
+    }
+    dev::sync_warp();  // every lane has read the staged rows before the next columns overwrite them
+  }
+}
+
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile(const Params& params, const Work& w, const float (&acc)[BN / 2],
+                                           T* staging) {
+  if constexpr (BN % kStagedColumns == 0) {  // (Config::kStagedEpilogue: the staging exists)
+    if (params.vector_store && params.splits == 1) {
+      store_tile_staged<T, BN>(params, w, acc, staging);
+      return;
+    }
+  }
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4, warpgroup = threadIdx.x / 128;
   const int64_t row0 = w.m0 + 64 * warpgroup + 16 * warp_in_group + lane / 4;
   const float out_scale = w.range.out_scale(params.g);
@@ -281,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   dev::wgmma_wait<0>();
   dev::fence_accumulators(acc);
   if (w.range.count == 0) zero(acc);
-  store_tile<T, kBN>(params, w, acc);
+  store_tile<T, kBN>(params, w, acc, stages.staging);
 #endif
 }
 
@@ -350,12 +446,12 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     dev::fence_accumulators(acc);
     if (w.range.count > 0) release(use - 1);
     if (w.range.count == 0) zero(acc);
-    store_tile<T, kBN>(params, w, acc);
+    store_tile<T, kBN>(params, w, acc, stages.staging);
   }
 #endif
 }
 
-// A block holds an SM (160–192 KiB of shared memory), so K is split only when the tiles leave more
+// A block holds an SM (161–209 KiB of shared memory), so K is split only when the tiles leave more
 // than half the SMs idle, and into about one block per SM; the splits then add a pass over fp32
 // partial sums.
 template <typename Cfg>

@@ -37,6 +37,7 @@ struct Params {
   DType dtype;
   bool vec[4];                  // P, Q, P2, Q2 can be staged with aligned 16-byte copies
   bool pair_store;              // two neighbouring outputs of a row can be written as one 32-bit store
+  bool vector_store;            // C's rows can be written in aligned 16-byte chunks (the wgmma epilogue)
   int splits, tiles_per_split;  // split-K: split z takes K tiles [z·tiles_per_split, +tiles_per_split)
 };
 
@@ -166,13 +167,20 @@ inline bool q_is_k_major(const GemmParams& g) { return !(g.Q.stride_col == 1 && 
 inline Params make_params(DType dtype, const GemmParams& g) {
   const Views ops = views_of(g);
   const bool p_k = p_is_k_major(g), q_k = q_is_k_major(g);
-  return Params{g,
-                dtype,
-                {vector_loadable(ops.P, p_k), vector_loadable(ops.Q, q_k), g.K2 > 0 && vector_loadable(ops.P2, p_k),
-                 g.K2 > 0 && vector_loadable(ops.Q2, q_k)},
-                g.stride_cn == 1 && g.stride_cm % 2 == 0 && reinterpret_cast<uintptr_t>(g.C) % 4 == 0,
-                1,
-                0};
+  const int64_t element_bytes = dtype == DType::kFloat32 ? 4 : 2;
+  const uintptr_t c_address = reinterpret_cast<uintptr_t>(g.C);
+  Params params{};
+  params.g = g;
+  params.dtype = dtype;
+  params.vec[0] = vector_loadable(ops.P, p_k);
+  params.vec[1] = vector_loadable(ops.Q, q_k);
+  params.vec[2] = g.K2 > 0 && vector_loadable(ops.P2, p_k);
+  params.vec[3] = g.K2 > 0 && vector_loadable(ops.Q2, q_k);
+  params.pair_store = g.stride_cn == 1 && g.stride_cm % 2 == 0 && c_address % 4 == 0;
+  params.vector_store = g.stride_cn == 1 && (g.stride_cm * element_bytes) % 16 == 0 && c_address % 16 == 0;
+  params.splits = 1;  // (launch_tiles sets the split)
+  params.tiles_per_split = 0;
+  return params;
 }
 
 struct Split {

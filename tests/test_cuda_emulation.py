@@ -86,9 +86,10 @@ def build_library():
         i64,
         ctypes.c_bool,
     ]
-    for entry in (lib.emulated_gemm, lib.chosen_kernel, lib.workspace_elems):
+    for entry in (lib.emulated_gemm, lib.chosen_kernel, lib.workspace_elems, lib.wgmma_staged_epilogue):
         entry.argtypes = gemm_args
     lib.workspace_elems.restype = i64
+    lib.wgmma_staged_epilogue.restype = ctypes.c_bool
     lib.run_faulty_kernel.argtypes = [ctypes.c_int, ctypes.c_bool]
     lib.run_block_index.argtypes = [ptr, ctypes.c_int]
     lib.emulation_error.restype = ctypes.c_char_p
@@ -126,11 +127,12 @@ def lib():
 class Gemm:
     """C = keep ⊙ (alpha·P·Q (+ alpha2·P2·Q2)) (+ bias) through the emulated launch_gemm, with the
     split-K scratch it asks for (NaN-poisoned, as bindings.cpp's is uninitialised); records the
-    kernel used, whether K was split and the launches (grid, threads per block). keep: the
+    kernel used, whether K was split, whether a wgmma kernel would stage its epilogue through
+    shared memory (16-byte stores) and the launches (grid, threads per block). keep: the
     multi-adapter mask of ``adapters`` = (ids int32, scales float32, rank), or 1."""
 
     def __init__(self, lib):
-        self.lib, self.kernels, self.split, self.launches = lib, [], [], []
+        self.lib, self.kernels, self.split, self.staged, self.launches = lib, [], [], [], []
 
     def __call__(self, C, P, Q, alpha, P2=None, Q2=None, alpha2=0.0, bias=None, adapters=None, overlap_prior=False):
         dtype = DTYPE_CODE[C.dtype]
@@ -170,9 +172,11 @@ class Gemm:
         problem = self.lib.emulation_error().decode()
         assert not problem, f"{M}×{K}→{N} (K2 = {K2}): {problem}"
         for out in (C, workspace):
-            assert_guards_intact(out)
+            if out is not None and out.is_contiguous():  # (a slice's caller checks the whole)
+                assert_guards_intact(out)
         self.kernels.append(self.lib.chosen_kernel(*args(workspace)))
         self.split.append(scratch > 0)
+        self.staged.append(self.lib.wgmma_staged_epilogue(*args(workspace)))
         return C
 
 
@@ -428,6 +432,8 @@ def test_emulated_wgmma_matches_float64(lib, shape, dtype, loads, monkeypatch):
     assert gemm.kernels[3] == (WGMMA if K >= 256 else TENSOR_CORE), gemm.kernels  # dX
     aligned = K % 8 == 0 and R % 8 == 0
     check_wgmma_launches(gemm, loads, {1: aligned, 3: aligned and N % 8 == 0} if K >= 256 else {1: aligned}, sms)
+    # y's epilogue stores 16 bytes at a time where its rows (N) allow and K is not split
+    assert gemm.staged[1] == (N % 8 == 0 and sms < 64), gemm.staged
     if sms == 64:
         assert gemm.split[1] and gemm.split[3], gemm.split
 
@@ -465,15 +471,44 @@ def test_emulated_wgmma_few_rows_transposed(lib, shape, dtype, loads, monkeypatc
     assert gemm.kernels[1] == WGMMA, gemm.kernels  # y
 
 
+@pytest.mark.parametrize("M", [40, 70])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_emulated_wgmma_multi_adapter_mask_transposed(lib, dtype, monkeypatch):
-    """32 adapters × rank 8 at 40 rows: xa (N = 256) on the transposed wgmma path keeps, per row of
-    x (a column of the transposed product), only its adapter's columns."""
+def test_emulated_wgmma_multi_adapter_mask(lib, dtype, M, monkeypatch):
+    """32 adapters × rank 8: xa (N = 256) on wgmma keeps, per row of x, only its adapter's columns;
+    at 40 rows computed transposed (a row of x is a column of the product), at 70 on 128×256 tiles
+    through the staged epilogue."""
     monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
-    torch.manual_seed(7)
+    torch.manual_seed(7 + M)
     gemm = Gemm(lib)
-    check_against_float64(gemm, 40, 72, 264, 256, dtype, n_adapters=32)
+    check_against_float64(gemm, M, 72, 264, 256, dtype, n_adapters=32)
     assert gemm.kernels[0] == WGMMA, gemm.kernels  # xa
+    assert gemm.staged[0] == (M == 70), gemm.staged
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_wgmma_staged_epilogue_edges(lib, dtype, monkeypatch):
+    """The wgmma epilogue's 16-byte stores at C's edges: C a column slice of a wider tensor (row
+    stride 280, N = 270, so each row ends in a part chunk written element by element), ragged rows
+    and bias; nothing outside the slice is written. Starting 3 elements in (rows not 16-byte
+    aligned) the pairs are stored as they are."""
+    monkeypatch.setenv("LORA_KERNELS_WGMMA", "1")
+    torch.manual_seed(11)
+    M, K, N, R = 200, 72, 270, 8
+    p, w = guarded(torch.randn(M, K, dtype=dtype)), guarded((torch.randn(N, K) / K**0.5).to(dtype))
+    p2, q2 = guarded(torch.randn(M, R, dtype=dtype)), guarded((torch.randn(R, N) / R**0.5).to(dtype))
+    bias = guarded(torch.randn(N).to(dtype))
+    d = lambda t: t.double()  # noqa: E731
+    expected = 0.5 * d(p) @ d(w).t() + 2.0 * d(p2) @ d(q2) + d(bias)
+    magnitude = 0.5 * d(p).abs() @ d(w).abs().t() + 2.0 * d(p2).abs() @ d(q2).abs() + d(bias).abs()
+    for start, staged in ((8, True), (3, False)):
+        wide = poisoned(M, 280, dtype=dtype)
+        gemm = Gemm(lib)
+        out = gemm(wide[:, start : start + N], p, w.t(), 0.5, p2, q2, 2.0, bias=bias)
+        assert gemm.kernels == [WGMMA] and gemm.staged == [staged], (gemm.kernels, gemm.staged)
+        assert_close(out, expected, dtype, f"wgmma into C[:, {start}:{start + N}]", magnitude=magnitude)
+        outside = torch.cat([wide[:, :start], wide[:, start + N :]], dim=1)
+        assert outside.isnan().all(), "the epilogue wrote outside C's columns"
+        assert_guards_intact(wide)
 
 
 def test_emulated_wgmma_transposed_operands(lib, monkeypatch):

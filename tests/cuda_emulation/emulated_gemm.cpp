@@ -34,7 +34,7 @@ GemmParams params_of(int64_t M, int64_t N, int64_t K, int64_t K2, const void* P,
   params_of(M, N, K, K2, P, Q, P2, Q2, bias, C, strides, alpha, alpha2, workspace, adapter_ids, adapter_scales, \
             n_adapters, adapter_rank, overlap_prior)
 
-// The first three entry points take the same arguments (those of launch_gemm's GemmParams).
+// The first four entry points take the same arguments (those of launch_gemm's GemmParams).
 extern "C" {
 
 // Returns the cudaError_t of launch_gemm.
@@ -48,6 +48,16 @@ int64_t workspace_elems(int dtype, GEMM_ARGS) { return lora_kernels::workspace_e
 // Which kernel launch_gemm picks for these arguments (0 SIMT, 1 tensor cores, 2 decode, 3 wgmma).
 int chosen_kernel(int dtype, GEMM_ARGS) {
   return static_cast<int>(lora_kernels::choose_kernel(static_cast<DType>(dtype), PARAMS));
+}
+
+// Whether the wgmma kernel, if it runs these arguments, writes C through its staged epilogue
+// (16-byte stores; lora_wgmma.cu, store_tile): C's rows 16-byte aligned, one block per tile along K
+// (no split-K workspace), not computed transposed.
+bool wgmma_staged_epilogue(int dtype, GEMM_ARGS) {
+  const GemmParams g = PARAMS;
+  return !lora_kernels::wgmma::transposed(g) &&
+         lora_kernels::tensor_core::make_params(static_cast<DType>(dtype), g).vector_store &&
+         lora_kernels::workspace_elems(static_cast<DType>(dtype), g) == 0;
 }
 
 // The emulated launch_dropout (lora_gemm.h), its arguments made as bindings.cpp makes them: out =
