@@ -338,39 +338,9 @@ def fused_backward(
     g = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
     flags = kernel_flags(dy.dtype)
     block_r = rank_block(R)
-    args = (
-        dy,
-        weight,
-        lora_A,
-        lora_B,
-        dx,
-        g,
-        seed if fused_dropout else g,
-        adapter_ids if multi else g,
-        adapter_scales if multi else g,
-        M,
-        N,
-        K,
-        R,
-        scale,
-        dropout_p,
-        adapter_scales.shape[0] if multi else 0,
-        adapter_rank,
-        *dy.stride(),
-        *weight.stride(),
-        *lora_A.stride(),
-        *lora_B.stride(),
-        *dx.stride(),
-        *g.stride(),
-    )
     dx_flags = dict(
         FUSE_LORA_DX=fuse_lora_dx, DROPOUT=fused_dropout and fuse_lora_dx, MULTI=multi, BLOCK_R=block_r, **flags
     )
-
-    def launch_dx(cfg):
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-        launch(_lora_dx_kernel, grid, *args, **dx_flags, **cfg)
-
     cfg = tile_config("dx", M, R, dy.dtype, dropout=dx_flags["DROPOUT"])  # its tiles also shape the dA/dB launch
     if (  # large M on Hopper (opt-in): g once per row, then dX by the warp-specialized TMA kernel (tma_gemm.py)
         0 < tma_gemm.MIN_ROWS <= M and not multi and tma_gemm.dx_reason(dy, weight, lora_A) is None
@@ -379,6 +349,36 @@ def fused_backward(
         masked = dict(dropout_p=dropout_p, seed=seed) if dx_flags["DROPOUT"] else {}
         tma_gemm.dx(dy, weight, g * scale if fuse_lora_dx else None, lora_A, out=dx, **masked)
     else:
+        args = (
+            dy,
+            weight,
+            lora_A,
+            lora_B,
+            dx,
+            g,
+            seed if fused_dropout else g,
+            adapter_ids if multi else g,
+            adapter_scales if multi else g,
+            M,
+            N,
+            K,
+            R,
+            scale,
+            dropout_p,
+            adapter_scales.shape[0] if multi else 0,
+            adapter_rank,
+            *dy.stride(),
+            *weight.stride(),
+            *lora_A.stride(),
+            *lora_B.stride(),
+            *dx.stride(),
+            *g.stride(),
+        )
+
+        def launch_dx(cfg):
+            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
+            launch(_lora_dx_kernel, grid, *args, **dx_flags, **cfg)
+
         key = lambda: ("dx", next_power_of_2(M), N, K, R, dy.dtype, tuple(sorted(dx_flags.items())))  # noqa: E731
         cfg = tuned(key, cfg, launch_dx)
         launch_dx(cfg)
