@@ -84,6 +84,24 @@ def main():
                 x.double(), w.double(), None, A.double(), B.double(), [1.0, 2.0, 0.5, 1.5], ids
             )
             check(f"{backend} multi-adapter M={M}", y, ref, 1e-5)
+    if "cuda" in backends and lora_kernels.cuda.wgmma_supported():
+        # the multi-adapter mask in the wgmma epilogues: 32 adapters × rank 8, so xa and g have 256
+        # columns; at 70 rows on 128×256 tiles (staged through shared memory), at 40 transposed
+        os.environ["LORA_KERNELS_WGMMA"] = "1"
+        for M in (40, 70):
+            x = torch.randn(M, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(264, 72, device="cuda", dtype=torch.bfloat16) / 72**0.5
+            A = torch.randn(32, 8, 72, device="cuda", dtype=torch.bfloat16).div_(72**0.5).requires_grad_()
+            B = torch.randn(32, 264, 8, device="cuda", dtype=torch.bfloat16).div_(8**0.5).requires_grad_()
+            ids = torch.randint(-1, 32, (M,), device="cuda")
+            scales = [0.5 + i / 32 for i in range(32)]
+            y = lora_kernels.lora_linear_multi(x, w, None, A, B, scales, ids, backend="cuda")
+            y.backward(torch.ones_like(y))
+            ref = lora_kernels.lora_linear_multi_reference(
+                x.double(), w.double(), None, A.double(), B.double(), scales, ids
+            )
+            check(f"cuda wgmma multi-adapter M={M} bf16", y, ref, 1e-2)
+        os.environ.pop("LORA_KERNELS_WGMMA")
     torch.cuda.synchronize()
     print("sanitize workload done:", backends)
 
