@@ -20,6 +20,13 @@ from .multi import BASE_ONLY_NAME, lora_linear_mixed_batch
 from .reference import lora_scale
 
 
+def _tensor_attr(module: nn.Module, name: str):
+    """``module.<name>`` for a parameter, without nn.Module.__getattr__ when it is one; anything
+    else (a parametrization's property, a buffer, a plain attribute) by ordinary attribute look-up."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
     """PEFT's default: Kaiming-uniform A, zero B, so a fresh adapter changes nothing."""
     nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
@@ -170,16 +177,17 @@ class LoRAMixin:
             record(self, _MERGED)
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
+        # the tensors without nn.Module.__getattr__ (a few µs of an eager call's host time)
+        weight, bias = _tensor_attr(self, "weight"), _tensor_attr(self, "bias")
+        lora_A = _tensor_attr(self._modules["lora_A"], "weight")
+        lora_B = _tensor_attr(self._modules["lora_B"], "weight")
         if "_lora_kernels_tp" in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
             from .parallel import tp_forward
 
-            y, dispatch = tp_forward(
-                self, x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.backend
-            )
+            y, dispatch = tp_forward(self, x, weight, bias, lora_A, lora_B, self.scaling, p, self.backend)
         else:  # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
-            y, dispatch = _lora_linear(
-                x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.backend
-            )
+            weight = weight.t() if self.fan_in_fan_out else weight  # (base_weight())
+            y, dispatch = _lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, p, self.backend)
         record(self, dispatch)
         return y
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ._checks import check_backend
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
-from .layers import _is_conv1d
+from .layers import _is_conv1d, _tensor_attr
 from .multi import lora_linear_mixed_batch
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
 
@@ -39,13 +39,6 @@ def _dtype_mix_error(x, weight, bias, lora_A, lora_B) -> str:
 def _child(module: nn.Module, name: str) -> nn.Module:
     """``module.<name>`` for a registered submodule (``module._modules``; KeyError if absent)."""
     return module._modules[name]
-
-
-def _tensor_attr(module: nn.Module, name: str):
-    """``module.<name>`` for a parameter, without nn.Module.__getattr__ when it is one; anything
-    else (a parametrization's property, a buffer, a plain attribute) by ordinary attribute look-up."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
 
 
 def _base_layer(layer: nn.Module) -> nn.Module:

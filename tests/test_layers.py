@@ -27,6 +27,34 @@ def test_fresh_layer_equals_wrapped_linear(bias, backend):
     assert not layer.weight.requires_grad
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_sees_parametrized_and_replaced_weights(backend):
+    """forward reads its tensors past nn.Module.__getattr__, yet a parametrization
+    (torch.nn.utils.parametrize: a property on the class) of W₀ or lora_A, and a parameter
+    swapped by torch.func.functional_call, are what it computes with."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = LoRALinear(40, 24, r=4, alpha=8, backend=backend, device=DEVICE)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 40, device=DEVICE)
+    W, A, B = (t.detach().clone().double() for t in (layer.weight, layer.lora_A.weight, layer.lora_B.weight))
+    bias = layer.bias.detach().double()
+
+    def expected(W, A, B):
+        return x.double() @ W.t() + bias + layer.scaling * (x.double() @ A.t()) @ B.t()
+
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    parametrize.register_parametrization(layer.lora_A, "weight", Doubled())
+    assert_close(layer(x), expected(2 * W, 2 * A, B), torch.float32, "parametrized W₀ and A")
+    B2 = torch.randn(24, 4, device=DEVICE)
+    swapped = torch.func.functional_call(layer, {"lora_B.weight": B2}, (x,))
+    assert_close(swapped, expected(2 * W, 2 * A, B2.double()), torch.float32, "functional_call's lora_B")
+
+
 def test_constructor_like_nn_linear():
     layer = LoRALinear(32, 16, bias=False, r=4, alpha=8, dtype=torch.float64)
     assert layer.bias is None and layer.weight.dtype == torch.float64 and layer.scaling == 2.0
