@@ -45,7 +45,9 @@ def tool(name: str) -> str:
 
 def disassemble(binary: Path, arch: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([tool("cuobjdump"), "-xelf", "all", str(binary.resolve())], cwd=tmp, check=True, capture_output=True)
+        subprocess.run(
+            [tool("cuobjdump"), "-xelf", "all", str(binary.resolve())], cwd=tmp, check=True, capture_output=True
+        )
         cubins = sorted(Path(tmp).glob(f"*{arch}*.cubin"))
         if not cubins:
             raise SystemExit(f"no {arch} cubin in {binary}")
