@@ -99,8 +99,9 @@ class LoRAMixin:
         _init_adapter(self.lora_A, self.lora_B)
 
     def base_weight(self):
-        """W₀ as (out, in), a view of ``weight``."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        """W₀ as (out, in), a view of ``weight`` (read without nn.Module.__getattr__: every call needs it)."""
+        weight = _tensor_attr(self, "weight")
+        return weight.t() if self.fan_in_fan_out else weight
 
     def adapter_names(self) -> List[str]:
         """The names :meth:`adapter` and mixed batches accept: "default" first, then those added."""
@@ -178,16 +179,16 @@ class LoRAMixin:
             return F.linear(x, self.base_weight(), self.bias)
         p = self.lora_dropout if self.training else 0.0
         # the tensors without nn.Module.__getattr__ (a few µs of an eager call's host time)
-        weight, bias = _tensor_attr(self, "weight"), _tensor_attr(self, "bias")
+        bias = _tensor_attr(self, "bias")
         lora_A = _tensor_attr(self._modules["lora_A"], "weight")
         lora_B = _tensor_attr(self._modules["lora_B"], "weight")
         if "_lora_kernels_tp" in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
             from .parallel import tp_forward
 
+            weight = _tensor_attr(self, "weight")
             y, dispatch = tp_forward(self, x, weight, bias, lora_A, lora_B, self.scaling, p, self.backend)
         else:  # under torch.autocast, lora_linear computes in the autocast dtype as nn.Linear does
-            weight = weight.t() if self.fan_in_fan_out else weight  # (base_weight())
-            y, dispatch = _lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, p, self.backend)
+            y, dispatch = _lora_linear(x, self.base_weight(), bias, lora_A, lora_B, self.scaling, p, self.backend)
         record(self, dispatch)
         return y
 
