@@ -57,6 +57,9 @@ constexpr int kGroupM = 8;            // row tiles per group of the launch order
 // (one 128-byte row of 16-bit elements) at a time.
 constexpr int kStagedColumns = 64;
 constexpr int kStagingBytes = (kThreads / 32) * 16 * kStagedColumns * 2;  // 16 KiB
+// Tiles of BN columns stage their epilogue (and have the staging in shared memory) where BN is
+// whole staged column blocks: the 128×256 tiles, not the transposed 128×32 ones.
+constexpr bool staged_epilogue(int BN) { return BN % kStagedColumns == 0; }
 
 template <int BN_, int STAGES_>
 struct Config {
@@ -64,8 +67,7 @@ struct Config {
   static constexpr int kStageElems = (kBM + BN_) * kBK, kStageBytes = kStageElems * 2;
   // The stages, room to align them to 1024 bytes, two mbarriers per stage and the epilogue's
   // staging where it runs (see Stages).
-  static constexpr bool kStagedEpilogue = BN_ % kStagedColumns == 0;
-  static constexpr int kEpilogueBytes = kStagedEpilogue ? kStagingBytes : 0;
+  static constexpr int kEpilogueBytes = staged_epilogue(BN_) ? kStagingBytes : 0;
   static constexpr int kSmemBytes = STAGES_ * kStageBytes + 1024 + 2 * STAGES_ * 8 + kEpilogueBytes;
 };
 // 128×256 tiles, 4 stages (192 KiB, 209 KiB in all): products of more than 64 rows.
@@ -299,7 +301,7 @@ __device__ __forceinline__ void store_tile_staged(const Params& params, const Wo
 template <typename T, int BN>
 __device__ __forceinline__ void store_tile(const Params& params, const Work& w, const float (&acc)[BN / 2],
                                            T* staging) {
-  if constexpr (BN % kStagedColumns == 0) {  // (Config::kStagedEpilogue: the staging exists)
+  if constexpr (staged_epilogue(BN)) {
     if (params.vector_store && params.splits == 1) {
       store_tile_staged<T, BN>(params, w, acc, staging);
       return;
