@@ -34,6 +34,8 @@ def _init_adapter(lora_A: nn.Linear, lora_B: nn.Linear):
 
 
 MERGED_KEY = "lora_merged"
+# Set on a layer (ours or a patched PEFT one) that lora_kernels.parallel sharded: its style's name.
+TP_STYLE = "_lora_kernels_tp"
 _MERGED = Dispatch("merged", True, "adapter merged into weight: a plain F.linear", "merged")
 
 
@@ -182,7 +184,7 @@ class LoRAMixin:
         bias = _tensor_attr(self, "bias")
         lora_A = _tensor_attr(self._modules["lora_A"], "weight")
         lora_B = _tensor_attr(self._modules["lora_B"], "weight")
-        if "_lora_kernels_tp" in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
+        if TP_STYLE in self.__dict__:  # parallelized by lora_kernels.parallel: DTensors in and out
             from .parallel import tp_forward
 
             weight = _tensor_attr(self, "weight")

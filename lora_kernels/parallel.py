@@ -17,6 +17,10 @@ fused kernels compute in one call:
   the bias is added by the first rank's kernel only. Backward: dX_k, dA_k local (dY is replicated),
   dB = Σ_k dYᵀ·xa_k: one all-reduce of dB (out×r, the replicated factor).
 
+The styles take our ``LoRALinear`` and PEFT's LoRA layers once ``patch_peft`` has switched them
+(every adapter of a PEFT layer is sharded alike; a mixed batch is one fused multi-adapter call per
+rank on its shards).
+
 With dropout, the colwise input is replicated and every rank must drop the same elements: the
 kernels' seed is broadcast from the first rank of the mesh (8 bytes; only when dropout is on).
 Parameters are DTensors (as torch's styles make them), so optimizers, ``fully_shard`` on a 2-D mesh
@@ -33,9 +37,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 
+from .layers import TP_STYLE as _TP  # the layer's style, "colwise" or "rowwise"; set when it is parallelized
 from .layers import LoRAMixin
-
-_TP = "_lora_kernels_tp"  # the layer's style, "colwise" or "rowwise"; set when it is parallelized
 
 
 def _distribute(module: nn.Module, name: str, mesh, placement, src_data_rank):
@@ -48,20 +51,33 @@ def _distribute(module: nn.Module, name: str, mesh, placement, src_data_rank):
     )
 
 
-def _check_layer(module):
+def _peft_layer_class():
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
-        LoraLayer = ()
-    if LoraLayer and isinstance(module, LoraLayer):
-        raise NotImplementedError(
-            "PEFT's LoRA layers are not supported under tensor parallelism yet: load the "
-            "adapter into the plain model with lora_kernels.load_peft_adapter instead"
-        )
+        return None
+    return LoraLayer
+
+
+def _check_layer(module):
+    """Refuse, with the reason, a layer the styles cannot shard (before anything is distributed)."""
+    peft_layer = _peft_layer_class()
+    if peft_layer is not None and isinstance(module, peft_layer):
+        from .peft_patch import peft_layer_status
+
+        status = peft_layer_status(module)
+        if status:
+            raise NotImplementedError(
+                f"this PEFT LoRA layer runs PEFT's own forward ({status}); lora_kernels.parallel shards the "
+                "layers lora_kernels.patch_peft switches: call patch_peft(model) before parallelize_module"
+            )
+        if module.fan_in_fan_out:
+            raise NotImplementedError("tensor parallelism of Conv1D-style (in, out) weights is not supported")
+        return
     if not isinstance(module, LoRAMixin):
         raise NotImplementedError(
-            f"lora_kernels.parallel styles take LoRALinear / LoRAConv1D layers, got "
-            f"{type(module).__name__} (use torch's styles for plain layers)"
+            f"lora_kernels.parallel styles take LoRALinear layers and PEFT LoRA layers switched by "
+            f"patch_peft, got {type(module).__name__} (use torch's styles for plain layers)"
         )
     if module.extra_adapters:
         raise NotImplementedError("tensor parallelism of layers with several adapters (mixed batches) is not supported")
@@ -69,19 +85,35 @@ def _check_layer(module):
         raise NotImplementedError("tensor parallelism of Conv1D-style (in, out) weights is not supported")
 
 
+def _factors(module):
+    """(the module holding W₀ and bias, [(module holding lora_A, module holding lora_B), ...]) of a
+    LoRA layer: ours (one adapter) or PEFT's (every adapter it holds, active or not)."""
+    if isinstance(module, LoRAMixin):
+        return module, [(module.lora_A, module.lora_B)]
+    return module.get_base_layer(), [(module.lora_A[n], module.lora_B[n]) for n in module.lora_A]
+
+
+def _partition(module, mesh, src, weight, bias, lora_A, lora_B, style):
+    """Place a LoRA layer's parameters: W₀ as ``weight``, the bias as ``bias``, every adapter's A and
+    B as ``lora_A`` / ``lora_B``; mark the layer with its style."""
+    base, adapters = _factors(module)
+    _distribute(base, "weight", mesh, weight, src)
+    _distribute(base, "bias", mesh, bias, src)
+    for a, b in adapters:
+        _distribute(a, "weight", mesh, lora_A, src)
+        _distribute(b, "weight", mesh, lora_B, src)
+    module.__dict__[_TP] = style
+
+
 class ColwiseParallel(_TorchColwise):
     """torch's ``ColwiseParallel`` for LoRA layers (same arguments): W₀, bias, ``lora_B`` sharded by
     output rows, ``lora_A`` replicated (see the module docstring)."""
 
     def _partition_lora(self, name, module, mesh):
-        if not isinstance(module, LoRAMixin):
-            return  # lora_A / lora_B submodules: their parameters are placed with the layer's
+        if name:
+            return  # the layer's submodules: their parameters are placed with the layer's ("")
         src = getattr(self, "src_data_rank", None)
-        _distribute(module, "weight", mesh, Shard(0), src)
-        _distribute(module, "bias", mesh, Shard(0), src)
-        _distribute(module.lora_B, "weight", mesh, Shard(0), src)
-        _distribute(module.lora_A, "weight", mesh, Replicate(), src)
-        module.__dict__[_TP] = "colwise"
+        _partition(module, mesh, src, Shard(0), Shard(0), Replicate(), Shard(0), "colwise")
 
     def _apply(self, module, device_mesh):
         _check_layer(module)
@@ -103,14 +135,10 @@ class RowwiseParallel(_TorchRowwise):
     input columns, ``lora_B`` and bias replicated (see the module docstring)."""
 
     def _partition_lora(self, name, module, mesh):
-        if not isinstance(module, LoRAMixin):
+        if name:
             return
         src = getattr(self, "src_data_rank", None)
-        _distribute(module, "weight", mesh, Shard(1), src)
-        _distribute(module, "bias", mesh, Replicate(), src)
-        _distribute(module.lora_A, "weight", mesh, Shard(1), src)
-        _distribute(module.lora_B, "weight", mesh, Replicate(), src)
-        module.__dict__[_TP] = "rowwise"
+        _partition(module, mesh, src, Shard(1), Replicate(), Shard(1), Replicate(), "rowwise")
 
     def _apply(self, module, device_mesh):
         _check_layer(module)
@@ -159,8 +187,38 @@ class _ZeroWithGradient(torch.autograd.Function):
         return grad
 
 
-def is_parallel(layer) -> bool:
-    return layer.__dict__.get(_TP) is not None
+def local_args(layer, x, weight, bias, factors, dropout_p):
+    """What one rank's fused call computes with: ((x, W₀, bias), [(lora_A, lora_B) per adapter in
+    ``factors``], seed) as local shards, tied into autograd so that the gradients of replicated
+    tensors are reduced as the module docstring says; the seed of the dropout mask (None without)."""
+    mesh = weight.device_mesh
+    group = mesh.get_group()
+    colwise = layer.__dict__[_TP] == "colwise"
+    seed = None
+    if dropout_p > 0.0 and colwise:  # the replicated x: the same mask on every rank
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.to_local().device, dtype=torch.int64)
+        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+    if colwise:
+        # dX is a partial sum per rank: torch's input redistribution adds them up (all-reduce, or
+        # reduce-scatter for a sharded input), as for a plain Linear
+        x_local = x.to_local(grad_placements=[Partial()])
+        bias_local = None if bias is None else bias.to_local()
+        # dA: the replicated factor's gradient summed over the ranks
+        adapters = [(_SumGradient.apply(a.to_local(), group), b.to_local()) for a, b in factors]
+    else:
+        x_local = x.to_local()
+        bias_local = None
+        if bias is not None:
+            bias_local = bias.to_local() if mesh.get_local_rank() == 0 else _ZeroWithGradient.apply(bias.to_local())
+        adapters = [(a.to_local(), _SumGradient.apply(b.to_local(), group)) for a, b in factors]  # dB summed
+    return (x_local, weight.to_local(), bias_local), adapters, seed
+
+
+def output(layer, y_local, mesh):
+    """One rank's result as the DTensor the style's output function redistributes: y's columns
+    (colwise) or a partial sum (rowwise)."""
+    placement = Shard(-1) if layer.__dict__[_TP] == "colwise" else Partial()
+    return DTensor.from_local(y_local, mesh, [placement], run_check=False)
 
 
 def tp_forward(layer, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
@@ -168,30 +226,6 @@ def tp_forward(layer, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backe
     output function then redistributes it); one fused call on the local shards."""
     from .function import _lora_linear
 
-    mesh = weight.device_mesh
-    group = mesh.get_group()
-    style = layer.__dict__[_TP]
-    x_local = x.to_local()
-    w_local = weight.to_local()
-    seed = None
-    if dropout_p > 0.0 and style == "colwise":  # the replicated x: the same mask on every rank
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x_local.device, dtype=torch.int64)
-        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
-    if style == "colwise":
-        # dX is a partial sum per rank: torch's input redistribution adds them up (all-reduce, or
-        # reduce-scatter for a sharded input), as for a plain Linear
-        x_local = x.to_local(grad_placements=[Partial()])
-        a_local = _SumGradient.apply(lora_A.to_local(), group)  # dA: the replicated factor's sum
-        b_local = lora_B.to_local()
-        bias_local = None if bias is None else bias.to_local()
-    else:
-        a_local = lora_A.to_local()
-        b_local = _SumGradient.apply(lora_B.to_local(), group)  # dB: the replicated factor's sum
-        bias_local = None
-        if bias is not None:
-            bias_local = bias.to_local() if mesh.get_local_rank() == 0 else _ZeroWithGradient.apply(bias.to_local())
-    y_local, dispatch = _lora_linear(
-        x_local, w_local, bias_local, a_local, b_local, scaling, dropout_p, backend, seed=seed
-    )
-    placement = Shard(-1) if style == "colwise" else Partial()
-    return DTensor.from_local(y_local, mesh, [placement], run_check=False), dispatch
+    base, [adapter], seed = local_args(layer, x, weight, bias, [(lora_A, lora_B)], dropout_p)
+    y_local, dispatch = _lora_linear(*base, *adapter, scaling, dropout_p, backend, seed=seed)
+    return output(layer, y_local, weight.device_mesh), dispatch

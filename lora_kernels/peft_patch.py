@@ -17,7 +17,7 @@ import torch.nn as nn
 from ._checks import check_backend
 from .explain import record, set_layer_name
 from .function import Dispatch, prepare_args, run_prepared
-from .layers import _is_conv1d, _tensor_attr
+from .layers import TP_STYLE, _is_conv1d, _tensor_attr
 from .multi import lora_linear_mixed_batch
 from .precision import adapters_fit, autocast_args, autocast_dtype, dtype_mix_error
 
@@ -85,20 +85,26 @@ def _mixed_batch(self, x, adapter_names):
     dropouts = _child(self, "lora_dropout")._modules
     if self.training and any(isinstance(dropouts[n], nn.Dropout) and dropouts[n].p > 0 for n in names):
         return None, _peft("mixed batches with dropout in training are not fused", "peft-dropout")
-    base = _base_layer(self)
-    reason = _module_reason(base, *(lora_A[n] for n in names), *(lora_B[n] for n in names))
+    base, sharded = _base_layer(self), TP_STYLE in self.__dict__
+    reason = _module_reason(base, *(lora_A[n] for n in names), *(lora_B[n] for n in names), sharded=sharded)
     if reason is not None:
         return None, reason
     weight, bias = _tensor_attr(base, "weight"), _tensor_attr(base, "bias")
     weight = weight.t() if self.fan_in_fan_out else weight
-    adapters = {
-        n: (_tensor_attr(lora_A[n], "weight"), _tensor_attr(lora_B[n], "weight"), self.scaling[n]) for n in names
-    }
+    factors = [(_tensor_attr(lora_A[n], "weight"), _tensor_attr(lora_B[n], "weight")) for n in names]
+    mesh = None
+    if sharded:  # this rank's shards (lora_kernels.parallel), one fused call on them
+        from .parallel import local_args, output
+
+        mesh = weight.device_mesh
+        (x, weight, bias), factors, _ = local_args(self, x, weight, bias, factors, 0.0)
+    adapters = {n: (A, B, self.scaling[n]) for n, (A, B) in zip(names, factors)}
     for A, B, _ in adapters.values():  # a dtype mix the op does not take (judged per adapter, as PEFT computes them)
         mix = _dtype_mix_error(x, weight, bias, A, B)
         if mix:
             return None, _peft(mix, "peft-dtype")
-    return lora_linear_mixed_batch(x, weight, bias, adapters, adapter_names, self.lora_kernels_backend)
+    y, dispatch = lora_linear_mixed_batch(x, weight, bias, adapters, adapter_names, self.lora_kernels_backend)
+    return (y if mesh is None else output(self, y, mesh)), dispatch
 
 
 def _peft(why, key):
@@ -116,16 +122,25 @@ _PEFT_HOOKS = _peft(
 _FUSED_DROPOUT_TYPES = (nn.Dropout, nn.Identity)
 
 
-def _module_reason(*modules) -> Dispatch:
+def _module_reason(*modules, sharded=False) -> Dispatch:
     """Why these modules (the base layer, lora_A, lora_B) must be called as modules; None if their
     weights can be read directly. PEFT calls each of them, so their hooks run there (accelerate's
-    offloading loads the weights in such a hook)."""
+    offloading loads the weights in such a hook). ``sharded``: the layer was parallelized by
+    lora_kernels.parallel, so its weights are DTensors (the fused call runs on their shards)."""
     if _any_global_hooks():
         return _PEFT_HOOKS
     for module in modules:
         if _hooked(module):
             return _PEFT_HOOKS
         weight = _tensor_attr(module, "weight")
+        if sharded:
+            if not _is_dtensor(weight):
+                raise RuntimeError(
+                    "a LoRA layer sharded by lora_kernels.parallel holds a weight that is not a DTensor "
+                    f"(shape {tuple(weight.shape)}): an adapter added or loaded after parallelize_module? "
+                    "Add adapters before parallelizing the model"
+                )
+            continue
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
             return _peft(
                 f"the weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor",
@@ -134,6 +149,10 @@ def _module_reason(*modules) -> Dispatch:
         if weight.device.type == "meta":
             return _peft("a weight is on the meta device (offloaded)", "peft-meta")
     return None
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 class _FusedCall(NamedTuple):
@@ -172,7 +191,7 @@ def _call_reason(self, args, kwargs) -> Tuple[Optional[Dispatch], Optional[_Fuse
     if type(dropout) not in _FUSED_DROPOUT_TYPES:
         return _peft(f"lora_dropout {type(dropout).__name__} is not fused", "peft-dropout"), None
     base, lora_B = _base_layer(self), _child(self, "lora_B")._modules[adapter]
-    reason = _module_reason(base, lora_A, lora_B)
+    reason = _module_reason(base, lora_A, lora_B, sharded=TP_STYLE in self.__dict__)
     if reason is not None:
         return reason, None
     weight = _tensor_attr(base, "weight")
@@ -195,15 +214,24 @@ def _fused_peft_forward(self, x, *args, **kwargs):
     if dispatch is not None:
         record(self, dispatch)
         return super(type(self), self).forward(x, *args, **kwargs)
-    backend = self.lora_kernels_backend
+    backend, seed, mesh = self.lora_kernels_backend, None, None
+    op_args = (x, *call)
+    if TP_STYLE in self.__dict__:  # DTensors: one fused call on this rank's shards (lora_kernels.parallel)
+        from .parallel import local_args, output
+
+        mesh = call.weight.device_mesh
+        base, [adapter], seed = local_args(
+            self, x, call.weight, call.bias, [(call.lora_A, call.lora_B)], call.dropout_p
+        )
+        op_args = (*base, *adapter, call.scaling, call.dropout_p)
     try:  # a valid PEFT layer our op would refuse (a dtype mix, dropout p = 1, ...) runs PEFT's own code
-        prepared = prepare_args(x, *call, backend)
+        prepared = prepare_args(*op_args, backend)
     except (TypeError, ValueError) as exc:
         record(self, _peft(str(exc), "peft-dtype" if "dtype" in str(exc) else "peft-args-refused"))
         return super(type(self), self).forward(x, *args, **kwargs)
-    y, dispatch = run_prepared(*prepared, backend)
+    y, dispatch = run_prepared(*prepared, backend, seed)
     record(self, dispatch)
-    return y
+    return y if mesh is None else output(self, y, mesh)
 
 
 _FUSED_CLASSES: Dict[type, type] = {}  # PEFT's class -> its fused subclass
@@ -263,7 +291,8 @@ def _unsupported(layer) -> str:
     if not (type(base) is nn.Linear or _is_conv1d(base)):
         return f"base layer {type(base).__name__} is not fused"
     weight = base.weight
-    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+    sharded_by_us = TP_STYLE in layer.__dict__ and _is_dtensor(weight)  # lora_kernels.parallel's shards
+    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor and not sharded_by_us:
         return f"the base weight is a {type(weight).__name__} (quantized or sharded), not a plain tensor"
     return ""
 

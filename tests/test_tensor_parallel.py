@@ -17,22 +17,41 @@ BATCH, STEPS, LR = 8, 3, 0.5
 BACKENDS = ["reference"] + [b for b in KERNEL_BACKENDS if b == "triton"]
 
 
-def make_model(backend, dropout=0.0):
+def make_model(backend, dropout=0.0, kind="ours"):
     """Linear(16→24) colwise, ReLU, Linear(24→16) rowwise; LoRA on both, LoRA and biases trainable,
     B non-zero; the same in every process. Dropout on the colwise layer only (its input is the
-    replicated one)."""
+    replicated one). kind: "ours" (LoRALinear), "peft" (PEFT's layers, switched by patch_peft) or
+    "peft-unpatched"."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
-    model[0] = lora_kernels.LoRALinear.from_linear(model[0], r=4, alpha=8, dropout=dropout, backend=backend)
-    model[2] = lora_kernels.LoRALinear.from_linear(model[2], r=4, alpha=8, backend=backend)
-    lora_kernels.mark_only_lora_as_trainable(model)
-    model[0].bias.requires_grad_(True)  # trainable biases: the colwise one sharded, the rowwise one replicated
-    model[2].bias.requires_grad_(True)
+    if kind == "ours":
+        model[0] = lora_kernels.LoRALinear.from_linear(model[0], r=4, alpha=8, dropout=dropout, backend=backend)
+        model[2] = lora_kernels.LoRALinear.from_linear(model[2], r=4, alpha=8, backend=backend)
+        lora_kernels.mark_only_lora_as_trainable(model)
+        biases = model[0].bias, model[2].bias
+    else:
+        import peft
+
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_dropout=dropout)
+        model = peft.get_peft_model(model, config)
+        layers = model.base_model.model
+        layers[2].lora_dropout["default"] = nn.Identity()  # dropout on the colwise layer only, as above
+        if kind == "peft":
+            assert lora_kernels.patch_peft(model, backend=backend) == 2
+        biases = layers[0].base_layer.bias, layers[2].base_layer.bias
+    for bias in biases:  # trainable biases: the colwise one sharded, the rowwise one replicated
+        bias.requires_grad_(True)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     return model
+
+
+PLANS = {  # the two layers' names: ours, and inside a PEFT model
+    "ours": ("0", "2"),
+    "peft": ("base_model.model.0", "base_model.model.2"),
+}
 
 
 def data():
@@ -63,6 +82,19 @@ def step_results(model, x, y, world_dp=1, rank_dp=0):
     return results
 
 
+def save_adapter(model, kind, path, rank):
+    """The adapter in PEFT's format: save_peft_adapter for ours, PEFT's save_pretrained given the
+    gathered (unsharded) adapter for PEFT's (its own state dict would hold DTensors)."""
+    if kind == "ours":
+        lora_kernels.save_peft_adapter(model, path)
+    else:
+        model.save_pretrained(path, state_dict=lora_kernels.lora_state_dict(model), is_main_process=rank == 0)
+
+
+def scenario_kind(scenario):
+    return "peft" if scenario.startswith("peft") else "ours"
+
+
 def worker(rank, world, init_file, scenario, backend, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -71,37 +103,50 @@ def worker(rank, world, init_file, scenario, backend, out_dir):
 
         from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
 
-        model = make_model(backend, dropout=0.25 if scenario == "tp-dropout" else 0.0)
-        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
-        if scenario == "2d":  # TP inside, FSDP2 over the data-parallel dimension outside
+        kind = scenario_kind(scenario)
+        model = make_model(backend, dropout=0.25 if scenario.endswith("dropout") else 0.0, kind=kind)
+        colwise, rowwise = PLANS[kind]
+        plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
+        if scenario.endswith("2d"):  # TP inside, FSDP2 over the data-parallel dimension outside
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
             parallelize_module(model, mesh["tp"], plan)
-            for layer in (model[0], model[2]):
+            for layer in (model.get_submodule(colwise), model.get_submodule(rowwise)):
                 fully_shard(layer, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
             world_dp, rank_dp = 2, mesh["dp"].get_local_rank()
         else:
             mesh = init_device_mesh("cpu", (world,))
             parallelize_module(model, mesh, plan)
+            if kind == "peft":  # a later patch_peft (after adapters change, say) keeps the sharded layers fused
+                assert lora_kernels.patch_peft(model, backend=backend) == 2
             world_dp, rank_dp = 1, 0
         x, y = data()
         results = step_results(model, x, y, world_dp, rank_dp)
-        if scenario != "tp-dropout":  # (PEFT's format holds one dropout per adapter; the layers' differ)
-            lora_kernels.save_peft_adapter(model, os.path.join(out_dir, "adapter"))
+        if not scenario.endswith("dropout"):  # (PEFT's format holds one dropout per adapter; the layers' differ)
+            save_adapter(model, kind, os.path.join(out_dir, "adapter"), rank)
         results["explain"] = [(r.name, r.backend, r.fused) for r in lora_kernels.explain(model)]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def single_process(backend, scenario):
-    model = make_model(backend, dropout=0.25 if scenario == "tp-dropout" else 0.0)
+def single_process(backend, scenario, tmp_path=None):
+    """The same model and steps in this process. PEFT's layers: unpatched PEFT, but with dropout
+    patched on the same backend (the fused kernels' mask comes from a seed drawn as under TP)."""
+    kind = scenario_kind(scenario)
+    dropout = scenario.endswith("dropout")
+    if kind == "peft" and not dropout:
+        kind = "peft-unpatched"
+    model = make_model(backend, dropout=0.25 if dropout else 0.0, kind=kind)
     x, y = data()
-    if scenario != "2d":
-        return step_results(model, x, y)
-    results = [step_results(make_model(backend), x, y, 2, k) for k in range(2)]  # dX and outputs per dp shard
+    if not scenario.endswith("2d"):
+        results = step_results(model, x, y)
+        if tmp_path is not None and not dropout:
+            save_adapter(model, scenario_kind(scenario), str(tmp_path / "single-adapter"), 0)
+        return results
+    results = [step_results(make_model(backend, kind=kind), x, y, 2, k) for k in range(2)]  # dX, outputs per dp shard
     full = step_results(model, x, y)  # gradients and the trained loss: the full batch, averaged over shards
     full["out"] = torch.cat([r["out"] for r in results])
     full["dx"] = torch.cat([r["dx"] for r in results])
@@ -120,11 +165,13 @@ def close(a, b, what):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scenario", ["tp", "tp-dropout"])
+@pytest.mark.parametrize("scenario", ["tp", "tp-dropout", "peft", "peft-dropout"])
 def test_tensor_parallel_equals_one_process(backend, scenario, tmp_path):
+    if scenario.startswith("peft"):
+        pytest.importorskip("peft")
     ranks = run_parallel(tmp_path, scenario, backend, 2)
-    single = single_process(backend, scenario)
-    if scenario == "tp-dropout" and backend == "reference":
+    single = single_process(backend, scenario, tmp_path)
+    if scenario.endswith("dropout") and backend == "reference":
         # the TP reference path draws the fused kernels' mask from the broadcast seed, one process
         # draws bernoulli: compare the ranks with each other (the same mask on both) only
         for name in ranks[0]["grads"]:
@@ -140,22 +187,27 @@ def test_tensor_parallel_equals_one_process(backend, scenario, tmp_path):
         assert abs(rank["loss"] - single["loss"]) <= 1e-5 * single["loss"]
         for key in single["adapter"]:
             close(rank["adapter"][key], single["adapter"][key], key)
-        assert all(b == backend for _, b, _ in rank["explain"])
-    if scenario == "tp-dropout":
+        assert [(b, fused) for _, b, fused in rank["explain"]] == [(backend, backend != "reference")] * 2
+    if scenario.endswith("dropout"):
         return
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert {k.removeprefix("base_model.model."): v.shape for k, v in saved.items()} == {
-        k: v.shape for k, v in single["adapter"].items()
-    }
+    want = load_file(tmp_path / "single-adapter" / "adapter_model.safetensors")
+    assert saved.keys() == want.keys() and len(want) == 4
+    for key in want:  # the full adapter, as one process writes it after the same steps
+        close(saved[key], want[key], key)
 
 
-def test_fsdp2_over_tensor_parallel_trains_to_the_single_process_loss(tmp_path):
-    ranks = run_parallel(tmp_path, "2d", "reference", 4)
-    single = single_process("reference", "2d")
+@pytest.mark.parametrize("scenario", ["2d", "peft-2d"])
+def test_fsdp2_over_tensor_parallel_trains_to_the_single_process_loss(scenario, tmp_path):
+    if scenario.startswith("peft"):
+        pytest.importorskip("peft")
+    ranks = run_parallel(tmp_path, scenario, "reference", 4)
+    single = single_process("reference", scenario)
     for rank in ranks:
         assert abs(rank["loss"] - single["loss"]) <= 1e-5 * single["loss"], (rank["loss"], single["loss"])
+        assert [b for _, b, _ in rank["explain"]] == ["reference"] * 2  # the op's path, not PEFT's own forward
         for key in single["adapter"]:
             close(rank["adapter"][key], single["adapter"][key], key)
 
@@ -165,3 +217,87 @@ def test_plain_layers_are_refused_with_torchs_styles_named():
 
     with pytest.raises(NotImplementedError, match="use torch's styles for plain layers"):
         ColwiseParallel()._apply(nn.Linear(4, 4), None)
+
+
+def test_peft_layers_left_on_peft_s_path_are_refused_saying_why():
+    pytest.importorskip("peft")
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+
+    model = make_model("reference", kind="peft-unpatched")
+    with pytest.raises(NotImplementedError, match="call patch_peft"):
+        ColwiseParallel()._apply(model.base_model.model[0], None)
+    model = make_model("reference", kind="peft")
+    model.base_model.model[2].fan_in_fan_out = True
+    with pytest.raises(NotImplementedError, match="Conv1D-style"):
+        RowwiseParallel()._apply(model.base_model.model[2], None)
+
+
+def test_an_adapter_added_after_sharding_is_refused_not_mixed_with_shards():
+    """A sharded PEFT layer whose active adapter holds plain tensors (added or loaded after
+    parallelize_module) raises, naming the cause, instead of mixing shards and whole tensors."""
+    pytest.importorskip("peft")
+    from lora_kernels.layers import TP_STYLE
+
+    model = make_model("reference", kind="peft")
+    model.base_model.model[0].__dict__[TP_STYLE] = "colwise"  # as the style marks it, but nothing sharded
+    with pytest.raises(RuntimeError, match="added or loaded after parallelize_module"):
+        model(torch.randn(2, 16))
+
+
+MIXED_NAMES = ["default", "__base__", "other", "default", "other", "__base__", "default", "other"]
+
+
+def peft_model_with_two_adapters(kind):
+    import peft
+
+    model = make_model("reference", kind="peft-unpatched")
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(0, 0.3)
+    if kind == "peft":
+        assert lora_kernels.patch_peft(model, backend="reference") == 2
+    return model.eval()
+
+
+def mixed_batch_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+
+        model = peft_model_with_two_adapters("peft")
+        colwise, rowwise = PLANS["peft"]
+        parallelize_module(
+            model, init_device_mesh("cpu", (world,)), {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
+        )
+        x = data()[0].requires_grad_()
+        out = model(x, adapter_names=MIXED_NAMES)
+        out.square().sum().backward()
+        results = {
+            "out": out.detach().clone(),
+            "dx": x.grad.clone(),
+            "explain": [r.backend for r in lora_kernels.explain(model)],
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
+    """PEFT's mixed batch (adapter_names=) on sharded layers: one fused multi-adapter call per rank
+    on its shards, equal to unpatched PEFT on one process (PEFT's own loop cannot index DTensors)."""
+    pytest.importorskip("peft")
+    mp.spawn(mixed_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = peft_model_with_two_adapters("peft-unpatched")
+    x = data()[0].requires_grad_()
+    out = model(x, adapter_names=MIXED_NAMES)
+    out.square().sum().backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        close(got["out"], out.detach(), "out")
+        close(got["dx"], x.grad, "dX")
+        assert got["explain"] == ["reference", "reference"]
