@@ -1,6 +1,7 @@
 """LoRA layers under tensor parallelism (lora_kernels.parallel), alone and with FSDP2 on a 2-D mesh:
 outputs, dX, the adapters' gradients, a few optimizer steps and the saved adapter equal those of
-the same model on one process (gloo, CPU processes)."""
+the same model on one process. The processes use NCCL with a GPU each where the machine has enough
+GPUs, else gloo on CPU (the Triton kernels then run only under the interpreter, i.e. without GPU)."""
 
 import os
 
@@ -14,10 +15,35 @@ from conftest import KERNEL_BACKENDS
 import lora_kernels
 
 BATCH, STEPS, LR = 8, 3, 0.5
-BACKENDS = ["reference"] + [b for b in KERNEL_BACKENDS if b == "triton"]
 
 
-def make_model(backend, dropout=0.0, kind="ours"):
+def on_gpus(world) -> bool:
+    """Whether ``world`` processes run with NCCL and a GPU each (else gloo, on CPU)."""
+    return torch.cuda.device_count() >= world and dist.is_available() and dist.is_nccl_available()
+
+
+def rank_device(world, rank) -> torch.device:
+    return torch.device("cuda", rank) if on_gpus(world) else torch.device("cpu")
+
+
+def init_process_group(world, rank, init_file) -> torch.device:
+    """This process's group and device."""
+    device = rank_device(world, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    return device
+
+
+def backends(world):
+    """reference, and the Triton kernels where they run on the processes' tensors: on their own
+    GPUs, or on CPU tensors under the interpreter (a machine without a GPU: conftest turns it on)."""
+    triton_runs = on_gpus(world) or not torch.cuda.is_available()
+    return ["reference"] + [b for b in KERNEL_BACKENDS if b == "triton" and triton_runs]
+
+
+def make_model(backend, dropout=0.0, kind="ours", device="cpu"):
     """Linear(16→24) colwise, ReLU, Linear(24→16) rowwise; LoRA on both, LoRA and biases trainable,
     B non-zero; the same in every process. Dropout on the colwise layer only (its input is the
     replicated one). kind: "ours" (LoRALinear), "peft" (PEFT's layers, switched by patch_peft) or
@@ -45,7 +71,7 @@ def make_model(backend, dropout=0.0, kind="ours"):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    return model
+    return model.to(device)  # built on CPU: the same values on every device
 
 
 PLANS = {  # the two layers' names: ours, and inside a PEFT model
@@ -54,9 +80,14 @@ PLANS = {  # the two layers' names: ours, and inside a PEFT model
 }
 
 
-def data():
+def data(device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 16, generator=g)
+    return torch.randn(BATCH, 16, generator=g).to(device), torch.randn(BATCH, 16, generator=g).to(device)
+
+
+def host(t):
+    """A plain CPU copy (the collectives' outputs are tensor subclasses that torch.load refuses)."""
+    return t.detach().clone().cpu()
 
 
 def step_results(model, x, y, world_dp=1, rank_dp=0):
@@ -69,8 +100,8 @@ def step_results(model, x, y, world_dp=1, rank_dp=0):
     torch.manual_seed(2)  # the dropout seed's draw
     out = model(xs)
     nn.functional.mse_loss(out, y[shard]).backward()
-    grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
-    results = {"out": out.detach().clone(), "dx": xs.grad.clone(), "grads": grads}
+    grads = {n: host(full_tensor(p.grad)) for n, p in model.named_parameters() if p.grad is not None}
+    results = {"out": host(out), "dx": host(xs.grad), "grads": grads}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for _ in range(STEPS):
         opt.zero_grad()
@@ -78,7 +109,7 @@ def step_results(model, x, y, world_dp=1, rank_dp=0):
         opt.step()
     with torch.no_grad():
         results["loss"] = nn.functional.mse_loss(model(x), y).item()
-    results["adapter"] = lora_kernels.lora_state_dict(model)
+    results["adapter"] = {k: host(v) for k, v in lora_kernels.lora_state_dict(model).items()}
     return results
 
 
@@ -96,7 +127,7 @@ def scenario_kind(scenario):
 
 
 def worker(rank, world, init_file, scenario, backend, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = init_process_group(world, rank, init_file)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
@@ -104,25 +135,25 @@ def worker(rank, world, init_file, scenario, backend, out_dir):
         from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
 
         kind = scenario_kind(scenario)
-        model = make_model(backend, dropout=0.25 if scenario.endswith("dropout") else 0.0, kind=kind)
+        model = make_model(backend, dropout=0.25 if scenario.endswith("dropout") else 0.0, kind=kind, device=device)
         colwise, rowwise = PLANS[kind]
         plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
         if scenario.endswith("2d"):  # TP inside, FSDP2 over the data-parallel dimension outside
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+            mesh = init_device_mesh(device.type, (2, world // 2), mesh_dim_names=("dp", "tp"))
             parallelize_module(model, mesh["tp"], plan)
             for layer in (model.get_submodule(colwise), model.get_submodule(rowwise)):
                 fully_shard(layer, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
             world_dp, rank_dp = 2, mesh["dp"].get_local_rank()
         else:
-            mesh = init_device_mesh("cpu", (world,))
+            mesh = init_device_mesh(device.type, (world,))
             parallelize_module(model, mesh, plan)
             if kind == "peft":  # a later patch_peft (after adapters change, say) keeps the sharded layers fused
                 assert lora_kernels.patch_peft(model, backend=backend) == 2
             world_dp, rank_dp = 1, 0
-        x, y = data()
+        x, y = data(device)
         results = step_results(model, x, y, world_dp, rank_dp)
         if not scenario.endswith("dropout"):  # (PEFT's format holds one dropout per adapter; the layers' differ)
             save_adapter(model, kind, os.path.join(out_dir, "adapter"), rank)
@@ -132,21 +163,25 @@ def worker(rank, world, init_file, scenario, backend, out_dir):
         dist.destroy_process_group()
 
 
-def single_process(backend, scenario, tmp_path=None):
-    """The same model and steps in this process. PEFT's layers: unpatched PEFT, but with dropout
-    patched on the same backend (the fused kernels' mask comes from a seed drawn as under TP)."""
+def single_process(backend, scenario, world, tmp_path=None):
+    """The same model and steps in this process, on the first rank's device. PEFT's layers:
+    unpatched PEFT, but with dropout patched on the same backend (the fused kernels' mask comes
+    from a seed drawn as under TP)."""
     kind = scenario_kind(scenario)
     dropout = scenario.endswith("dropout")
     if kind == "peft" and not dropout:
         kind = "peft-unpatched"
-    model = make_model(backend, dropout=0.25 if dropout else 0.0, kind=kind)
-    x, y = data()
+    device = rank_device(world, 0)
+    model = make_model(backend, dropout=0.25 if dropout else 0.0, kind=kind, device=device)
+    x, y = data(device)
     if not scenario.endswith("2d"):
         results = step_results(model, x, y)
         if tmp_path is not None and not dropout:
             save_adapter(model, scenario_kind(scenario), str(tmp_path / "single-adapter"), 0)
         return results
-    results = [step_results(make_model(backend, kind=kind), x, y, 2, k) for k in range(2)]  # dX, outputs per dp shard
+    results = [
+        step_results(make_model(backend, kind=kind, device=device), x, y, 2, k) for k in range(2)
+    ]  # dX, outputs per dp shard
     full = step_results(model, x, y)  # gradients and the trained loss: the full batch, averaged over shards
     full["out"] = torch.cat([r["out"] for r in results])
     full["dx"] = torch.cat([r["dx"] for r in results])
@@ -154,7 +189,7 @@ def single_process(backend, scenario, tmp_path=None):
 
 
 def run_parallel(tmp_path, scenario, backend, world):
-    if not dist.is_available() or not dist.is_gloo_available():
+    if not on_gpus(world) and not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     mp.spawn(worker, args=(world, str(tmp_path / "init"), scenario, backend, str(tmp_path)), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -164,13 +199,13 @@ def close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(2))
 @pytest.mark.parametrize("scenario", ["tp", "tp-dropout", "peft", "peft-dropout"])
 def test_tensor_parallel_equals_one_process(backend, scenario, tmp_path):
     if scenario.startswith("peft"):
         pytest.importorskip("peft")
     ranks = run_parallel(tmp_path, scenario, backend, 2)
-    single = single_process(backend, scenario, tmp_path)
+    single = single_process(backend, scenario, 2, tmp_path)
     if scenario.endswith("dropout") and backend == "reference":
         # the TP reference path draws the fused kernels' mask from the broadcast seed, one process
         # draws bernoulli: compare the ranks with each other (the same mask on both) only
@@ -204,7 +239,7 @@ def test_fsdp2_over_tensor_parallel_trains_to_the_single_process_loss(scenario, 
     if scenario.startswith("peft"):
         pytest.importorskip("peft")
     ranks = run_parallel(tmp_path, scenario, "reference", 4)
-    single = single_process("reference", scenario)
+    single = single_process("reference", scenario, 4)
     for rank in ranks:
         assert abs(rank["loss"] - single["loss"]) <= 1e-5 * single["loss"], (rank["loss"], single["loss"])
         assert [b for _, b, _ in rank["explain"]] == ["reference"] * 2  # the op's path, not PEFT's own forward
@@ -247,7 +282,7 @@ def test_an_adapter_added_after_sharding_is_refused_not_mixed_with_shards():
 MIXED_NAMES = ["default", "__base__", "other", "default", "other", "__base__", "default", "other"]
 
 
-def peft_model_with_two_adapters(kind):
+def peft_model_with_two_adapters(kind, device):
     import peft
 
     model = make_model("reference", kind="peft-unpatched")
@@ -258,28 +293,27 @@ def peft_model_with_two_adapters(kind):
                 p.normal_(0, 0.3)
     if kind == "peft":
         assert lora_kernels.patch_peft(model, backend="reference") == 2
-    return model.eval()
+    return model.to(device).eval()
 
 
 def mixed_batch_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = init_process_group(world, rank, init_file)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
 
         from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
 
-        model = peft_model_with_two_adapters("peft")
+        model = peft_model_with_two_adapters("peft", device)
         colwise, rowwise = PLANS["peft"]
-        parallelize_module(
-            model, init_device_mesh("cpu", (world,)), {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
-        )
-        x = data()[0].requires_grad_()
+        plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
+        parallelize_module(model, init_device_mesh(device.type, (world,)), plan)
+        x = data(device)[0].requires_grad_()
         out = model(x, adapter_names=MIXED_NAMES)
         out.square().sum().backward()
         results = {
-            "out": out.detach().clone(),
-            "dx": x.grad.clone(),
+            "out": host(out),
+            "dx": host(x.grad),
             "explain": [r.backend for r in lora_kernels.explain(model)],
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -292,12 +326,13 @@ def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
     on its shards, equal to unpatched PEFT on one process (PEFT's own loop cannot index DTensors)."""
     pytest.importorskip("peft")
     mp.spawn(mixed_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    model = peft_model_with_two_adapters("peft-unpatched")
-    x = data()[0].requires_grad_()
+    device = rank_device(2, 0)
+    model = peft_model_with_two_adapters("peft-unpatched", device)
+    x = data(device)[0].requires_grad_()
     out = model(x, adapter_names=MIXED_NAMES)
     out.square().sum().backward()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        close(got["out"], out.detach(), "out")
-        close(got["dx"], x.grad, "dX")
+        close(got["out"], out.detach().cpu(), "out")
+        close(got["dx"], x.grad.cpu(), "dX")
         assert got["explain"] == ["reference", "reference"]
