@@ -251,10 +251,10 @@ def host_markdown(rows) -> List[str]:
 
 def host_summary(rows, width: int = 100) -> List[str]:
     table, ms = _host_table(rows)
-    lines = ["host µs per call (launches stubbed)".ljust(30) + "".join(f"M={m:<7}" for m in ms)]
+    lines = ["host µs per call, median (launches stubbed)", f"{'':<30}" + "".join(f"{f'M={m}':>9}" for m in ms)]
     for stage, by_m in table.items():
         lines.append(
-            (f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:<9.1f}" if m in by_m else " " * 9 for m in ms))[:width]
+            (f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:>9.1f}" if m in by_m else " " * 9 for m in ms))[:width]
         )
     return lines
 
@@ -327,8 +327,9 @@ def table1_summary(rows, width: int = 100) -> List[str]:
         sub = [r for r in rows if r["dtype"] == dtype]
         timing = "graph" if any(r.get("graph") for r in sub) else "eager"
         cols = list(dict.fromkeys((r["batch"], r["seq"]) for r in sub))
-        out.append(f"Table 1, {dtype}, {timing}: overhead over the merged model (median; paper's in brackets)")
-        out.append(f"{'':<36}" + "".join(f"{f'b{b}/s{s}':>20}" for b, s in cols))
+        paper_note = "" if any(r.get("reduced") for r in sub) else "; paper's in brackets"
+        out.append(f"Table 1, {dtype}, {timing}: overhead over the merged model (median{paper_note})")
+        out.append(f"{'':<40}" + "".join(f"{f'b{b}/s{s}':>20}" for b, s in cols))
         for v in dict.fromkeys(r["variant"] for r in sub):
             if v == MERGED:
                 cells = [
@@ -344,7 +345,7 @@ def table1_summary(rows, width: int = 100) -> List[str]:
                     overhead = r and table1_overhead(sub, r, timing)
                     paper = _paper_overhead(v, b, s) if r and not r.get("reduced") else None
                     cells.append((overhead.percent() if overhead else "—") + (f" [{paper}]" if paper else ""))
-            out.append(f"{v[:35]:<36}" + "".join(f"{c:>20}" for c in cells))
+            out.append(f"{v[:39]:<40}" + "".join(f"{c:>20}" for c in cells))
     return [line[:width] for line in out]
 
 

@@ -114,7 +114,7 @@ def test_summary_fits_100_columns(results):
     assert max(len(line) for line in lines) <= 100
     text = "\n".join(lines)
     assert "1.80/1.80" in text and "1.10/1.10" in text and "Table 1, float16" in text
-    assert "prepare_args                  4.0      128.0" in text  # host µs per call at M = 1 and 32
+    assert "prepare_args                        4.0    128.0" in text  # host µs per call at M = 1 and 32, aligned
 
 
 def test_images_are_written_with_their_stamp(results):
