@@ -316,6 +316,11 @@ def mixed_batch_worker(rank, world, init_file, out_dir):
             "dx": host(x.grad),
             "explain": [r.backend for r in lora_kernels.explain(model)],
         }
+        with torch.no_grad():  # PEFT's merge and unmerge (its own code on the DTensors)
+            model.merge_adapter(["default"])
+            results["merged"] = host(model(x))
+            model.unmerge_adapter()
+            results["unmerged"] = host(model(x))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -323,7 +328,8 @@ def mixed_batch_worker(rank, world, init_file, out_dir):
 
 def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
     """PEFT's mixed batch (adapter_names=) on sharded layers: one fused multi-adapter call per rank
-    on its shards, equal to unpatched PEFT on one process (PEFT's own loop cannot index DTensors)."""
+    on its shards, equal to unpatched PEFT on one process (PEFT's own loop cannot index DTensors);
+    then PEFT's merge_adapter / unmerge_adapter on the shards."""
     pytest.importorskip("peft")
     mp.spawn(mixed_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     device = rank_device(2, 0)
@@ -331,8 +337,12 @@ def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
     x = data(device)[0].requires_grad_()
     out = model(x, adapter_names=MIXED_NAMES)
     out.square().sum().backward()
+    with torch.no_grad():
+        default = host(model(x))  # the active adapter alone
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         close(got["out"], out.detach().cpu(), "out")
         close(got["dx"], x.grad.cpu(), "dX")
         assert got["explain"] == ["reference", "reference"]
+        close(got["merged"], default, "merged")
+        close(got["unmerged"], default, "unmerged")
