@@ -22,7 +22,9 @@ The styles take our ``LoRALinear`` and PEFT's LoRA layers once ``patch_peft`` ha
 rank on its shards).
 
 With dropout, the colwise input is replicated and every rank must drop the same elements: the
-kernels' seed is broadcast from the first rank of the mesh (8 bytes; only when dropout is on).
+kernels' seed is broadcast from the first rank of the mesh (8 bytes; only when dropout is on). The
+rowwise input is sharded: rank k draws its columns' mask from its own seed plus k, so that ranks
+whose generators were seeded alike (the usual set-up) do not drop the same pattern in every shard.
 Parameters are DTensors (as torch's styles make them), so optimizers, ``fully_shard`` on a 2-D mesh
 (TP inside, FSDP2 outside) and ``torch.distributed.checkpoint`` see the usual objects;
 ``lora_state_dict`` and ``save_peft_adapter`` write the full, unsharded adapter.
@@ -195,9 +197,12 @@ def local_args(layer, x, weight, bias, factors, dropout_p):
     group = mesh.get_group()
     colwise = layer.__dict__[_TP] == "colwise"
     seed = None
-    if dropout_p > 0.0 and colwise:  # the replicated x: the same mask on every rank
+    if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.to_local().device, dtype=torch.int64)
-        dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        if colwise:  # the replicated x: the same mask on every rank
+            dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        else:  # each rank drops its own columns of x: a mask of its own, even where the ranks' generators agree
+            seed.add_(mesh.get_local_rank())
     if colwise:
         # dX is a partial sum per rank: torch's input redistribution adds them up (all-reduce, or
         # reduce-scatter for a sharded input), as for a plain Linear

@@ -137,6 +137,34 @@ def lora_mlp(sizes=(32, 48, 32), backend="auto", dropout=0.0, device=DEVICE):
     return model
 
 
+def spawn(worker, args, nprocs):
+    """torch.multiprocessing.spawn(worker, args, nprocs), each process leaving through
+    ``_run_and_leave``: its process group destroyed and the process ended without interpreter
+    finalization. A gloo worker thread that drops the last reference to a finished collective's
+    tensors after the main thread has begun finalizing takes the GIL, is unwound, and aborts the
+    process (SIGABRT, "terminate called without an active exception"; torch's gloo backend,
+    pytorch/pytorch#190489; about one run in ten here). destroy_process_group alone does not join
+    those threads while a DeviceMesh still refers to the group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_and_leave, args=(worker, *args), nprocs=nprocs, join=True)
+
+
+def _run_and_leave(rank, worker, *args):
+    import sys
+
+    import torch.distributed as dist
+
+    try:
+        worker(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # an exception above propagates instead: spawn reports its traceback
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Make every fresh output buffer NaN, so an element a kernel forgets to write fails the test.

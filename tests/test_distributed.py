@@ -4,9 +4,8 @@ loss as one process on the same global batch."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from conftest import lora_mlp
+from conftest import lora_mlp, spawn
 
 import lora_kernels
 
@@ -41,30 +40,27 @@ def full_batch_loss(x, y):
 
 def worker(rank, world, init_file, mode, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = make_model()
-        if mode == "ddp":
-            model = nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model = make_model()
+    if mode == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            mesh = init_device_mesh("cpu", (world,))
-            policy = {}
-            if mode == "fsdp2-bf16":  # bf16 compute (W₀, A, B, x cast by FSDP2), fp32 gradient reduction
-                policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
-            for layer in model:
-                if isinstance(layer, lora_kernels.LoRALinear):
-                    fully_shard(layer, mesh=mesh, **policy)
-            fully_shard(model, mesh=mesh, **policy)
-        x, y = data()
-        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        loss = train(model, x[shard], y[shard], full_batch_loss(x, y))
-        if rank == 0:
-            with open(out_file, "w") as f:
-                f.write(repr(loss))
-    finally:
-        dist.destroy_process_group()
+        mesh = init_device_mesh("cpu", (world,))
+        policy = {}
+        if mode == "fsdp2-bf16":  # bf16 compute (W₀, A, B, x cast by FSDP2), fp32 gradient reduction
+            policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        for layer in model:
+            if isinstance(layer, lora_kernels.LoRALinear):
+                fully_shard(layer, mesh=mesh, **policy)
+        fully_shard(model, mesh=mesh, **policy)
+    x, y = data()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    loss = train(model, x[shard], y[shard], full_batch_loss(x, y))
+    if rank == 0:
+        with open(out_file, "w") as f:
+            f.write(repr(loss))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-bf16"])
@@ -77,7 +73,7 @@ def test_distributed_training_matches_single_process(mode, tmp_path):
     model = make_model()
     single = train(model, x, y, full_batch_loss(x, y), autocast=mode == "fsdp2-bf16")
     out = tmp_path / "loss"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), mode, str(out)), nprocs=2, join=True)
+    spawn(worker, (2, str(tmp_path / "init"), mode, str(out)), nprocs=2)
     distributed = float(out.read_text())
     start = full_batch_loss(x, y)(make_model()).item()
     assert distributed < start  # it trained

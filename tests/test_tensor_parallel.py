@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from conftest import KERNEL_BACKENDS
+from conftest import KERNEL_BACKENDS, assert_close, spawn
 
 import lora_kernels
 
@@ -128,39 +127,36 @@ def scenario_kind(scenario):
 
 def worker(rank, world, init_file, scenario, backend, out_dir):
     device = init_process_group(world, rank, init_file)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
 
-        from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
 
-        kind = scenario_kind(scenario)
-        model = make_model(backend, dropout=0.25 if scenario.endswith("dropout") else 0.0, kind=kind, device=device)
-        colwise, rowwise = PLANS[kind]
-        plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
-        if scenario.endswith("2d"):  # TP inside, FSDP2 over the data-parallel dimension outside
-            from torch.distributed.fsdp import fully_shard
+    kind = scenario_kind(scenario)
+    model = make_model(backend, dropout=0.25 if scenario.endswith("dropout") else 0.0, kind=kind, device=device)
+    colwise, rowwise = PLANS[kind]
+    plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
+    if scenario.endswith("2d"):  # TP inside, FSDP2 over the data-parallel dimension outside
+        from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh(device.type, (2, world // 2), mesh_dim_names=("dp", "tp"))
-            parallelize_module(model, mesh["tp"], plan)
-            for layer in (model.get_submodule(colwise), model.get_submodule(rowwise)):
-                fully_shard(layer, mesh=mesh["dp"])
-            fully_shard(model, mesh=mesh["dp"])
-            world_dp, rank_dp = 2, mesh["dp"].get_local_rank()
-        else:
-            mesh = init_device_mesh(device.type, (world,))
-            parallelize_module(model, mesh, plan)
-            if kind == "peft":  # a later patch_peft (after adapters change, say) keeps the sharded layers fused
-                assert lora_kernels.patch_peft(model, backend=backend) == 2
-            world_dp, rank_dp = 1, 0
-        x, y = data(device)
-        results = step_results(model, x, y, world_dp, rank_dp)
-        if not scenario.endswith("dropout"):  # (PEFT's format holds one dropout per adapter; the layers' differ)
-            save_adapter(model, kind, os.path.join(out_dir, "adapter"), rank)
-        results["explain"] = [(r.name, r.backend, r.fused) for r in lora_kernels.explain(model)]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        mesh = init_device_mesh(device.type, (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], plan)
+        for layer in (model.get_submodule(colwise), model.get_submodule(rowwise)):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        world_dp, rank_dp = 2, mesh["dp"].get_local_rank()
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+        parallelize_module(model, mesh, plan)
+        if kind == "peft":  # a later patch_peft (after adapters change, say) keeps the sharded layers fused
+            assert lora_kernels.patch_peft(model, backend=backend) == 2
+        world_dp, rank_dp = 1, 0
+    x, y = data(device)
+    results = step_results(model, x, y, world_dp, rank_dp)
+    if not scenario.endswith("dropout"):  # (PEFT's format holds one dropout per adapter; the layers' differ)
+        save_adapter(model, kind, os.path.join(out_dir, "adapter"), rank)
+    results["explain"] = [(r.name, r.backend, r.fused) for r in lora_kernels.explain(model)]
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def single_process(backend, scenario, world, tmp_path=None):
@@ -191,7 +187,7 @@ def single_process(backend, scenario, world, tmp_path=None):
 def run_parallel(tmp_path, scenario, backend, world):
     if not on_gpus(world) and not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), scenario, backend, str(tmp_path)), nprocs=world, join=True)
+    spawn(worker, (world, str(tmp_path / "init"), scenario, backend, str(tmp_path)), nprocs=world)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -298,32 +294,29 @@ def peft_model_with_two_adapters(kind, device):
 
 def mixed_batch_worker(rank, world, init_file, out_dir):
     device = init_process_group(world, rank, init_file)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
 
-        from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
+    from lora_kernels.parallel import ColwiseParallel, RowwiseParallel
 
-        model = peft_model_with_two_adapters("peft", device)
-        colwise, rowwise = PLANS["peft"]
-        plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
-        parallelize_module(model, init_device_mesh(device.type, (world,)), plan)
-        x = data(device)[0].requires_grad_()
-        out = model(x, adapter_names=MIXED_NAMES)
-        out.square().sum().backward()
-        results = {
-            "out": host(out),
-            "dx": host(x.grad),
-            "explain": [r.backend for r in lora_kernels.explain(model)],
-        }
-        with torch.no_grad():  # PEFT's merge and unmerge (its own code on the DTensors)
-            model.merge_adapter(["default"])
-            results["merged"] = host(model(x))
-            model.unmerge_adapter()
-            results["unmerged"] = host(model(x))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = peft_model_with_two_adapters("peft", device)
+    colwise, rowwise = PLANS["peft"]
+    plan = {colwise: ColwiseParallel(), rowwise: RowwiseParallel()}
+    parallelize_module(model, init_device_mesh(device.type, (world,)), plan)
+    x = data(device)[0].requires_grad_()
+    out = model(x, adapter_names=MIXED_NAMES)
+    out.square().sum().backward()
+    results = {
+        "out": host(out),
+        "dx": host(x.grad),
+        "explain": [r.backend for r in lora_kernels.explain(model)],
+    }
+    with torch.no_grad():  # PEFT's merge and unmerge (its own code on the DTensors)
+        model.merge_adapter(["default"])
+        results["merged"] = host(model(x))
+        model.unmerge_adapter()
+        results["unmerged"] = host(model(x))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
@@ -331,7 +324,7 @@ def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
     on its shards, equal to unpatched PEFT on one process (PEFT's own loop cannot index DTensors);
     then PEFT's merge_adapter / unmerge_adapter on the shards."""
     pytest.importorskip("peft")
-    mp.spawn(mixed_batch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(mixed_batch_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     device = rank_device(2, 0)
     model = peft_model_with_two_adapters("peft-unpatched", device)
     x = data(device)[0].requires_grad_()
@@ -346,3 +339,56 @@ def test_peft_mixed_batch_on_sharded_layers_equals_one_process(tmp_path):
         assert got["explain"] == ["reference", "reference"]
         close(got["merged"], default, "merged")
         close(got["unmerged"], default, "unmerged")
+
+
+def rowwise_dropout_worker(rank, world, init_file, backend, out_dir):
+    device = init_process_group(world, rank, init_file)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_kernels.parallel import RowwiseParallel
+
+    layer, x = rowwise_dropout_problem(backend)
+    layer, x = layer.to(device), x.to(device)
+    parallelize_module(layer, init_device_mesh(device.type, (world,)), RowwiseParallel())
+    shard = x.chunk(world, dim=-1)[rank].clone().requires_grad_()  # torch's rowwise input: this rank's columns
+    torch.manual_seed(2)  # every rank's generator alike, the usual set-up
+    out = layer(shard)
+    out.square().sum().backward()
+    grads = {"lora_A": layer.lora_A.weight.grad.to_local(), "lora_B": layer.lora_B.weight.grad.to_local()}
+    results = {"out": host(out), "dx": host(shard.grad), **{k: host(v) for k, v in grads.items()}}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def rowwise_dropout_problem(backend):
+    torch.manual_seed(0)
+    layer = lora_kernels.LoRALinear(16, 8, bias=True, r=4, alpha=8, dropout=0.5, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.3)
+    return layer, torch.randn(6, 16)
+
+
+@pytest.mark.parametrize("backend", backends(2))
+def test_rowwise_dropout_draws_each_shard_its_own_mask(backend, tmp_path):
+    """A rowwise layer with dropout: rank k drops its columns of x by the mask of the seed its
+    generator draws plus k (the fused kernels' draw, reference.dropout_keep), so ranks seeded alike
+    do not drop every shard alike; forward and backward use that mask (against float64)."""
+    spawn(rowwise_dropout_worker, (2, str(tmp_path / "init"), backend, str(tmp_path)), nprocs=2)
+    layer, x = rowwise_dropout_problem(backend)
+    torch.manual_seed(2)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=rank_device(2, 0)).item())
+    keep = torch.cat([lora_kernels.reference.dropout_keep(seed + k, 6, 8, 0.5) for k in range(2)], dim=1)
+    assert not torch.equal(keep[:, :8], keep[:, 8:])
+    w, b, a, bb = (
+        t.detach().double().requires_grad_()
+        for t in (layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight)
+    )
+    xd = x.double().requires_grad_()
+    want = lora_kernels.lora_linear_reference(xd, w, b, a, bb, layer.scaling, keep.double() / 0.5)
+    want.square().sum().backward()
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(2)]
+    for k, got in enumerate(ranks):  # fp32 against float64, as every backend is checked
+        assert_close(got["out"], want.detach(), torch.float32, "out")
+        assert_close(got["dx"], xd.grad.chunk(2, dim=-1)[k], torch.float32, "dX")
+        assert_close(got["lora_A"], a.grad.chunk(2, dim=-1)[k], torch.float32, "dA")  # this rank's columns of A
+        assert_close(got["lora_B"], bb.grad, torch.float32, "dB")  # replicated: summed over the ranks
