@@ -40,6 +40,12 @@ class ForwardState(NamedTuple):
     fused_dropout_p: float  # p where the kernels drop in-kernel from ``seed``, else 0
 
 
+def draw_dropout_seed(device) -> torch.Tensor:
+    """A fresh seed for the fused kernels' dropout mask from torch's generator on ``device`` (int64,
+    one element, left on the device: no sync, graph-safe)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=None):
     """The forward pass shared by the autograd Function and the inference path, on a resolved
     ``backend``. ``seed``: the dropout mask's seed where the caller fixes it (tensor parallelism:
@@ -51,7 +57,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, backend, seed=No
     fused_dropout = dropout_p > 0.0 and getattr(ops, "FUSED_DROPOUT", False)
     if fused_dropout:  # the kernels draw the mask from this seed (on the device: no sync, graph-safe)
         if seed is None:
-            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+            seed = draw_dropout_seed(x.device)
         y2d, xa = ops.forward(x2d, weight, bias, lora_A, lora_B, scale, None, dropout_p, seed)
         x_lora = x2d
     else:

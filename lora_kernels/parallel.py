@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 
+from .function import draw_dropout_seed
 from .layers import TP_STYLE as _TP  # the layer's style, "colwise" or "rowwise"; set when it is parallelized
 from .layers import LoRAMixin
 
@@ -198,7 +199,7 @@ def local_args(layer, x, weight, bias, factors, dropout_p):
     colwise = layer.__dict__[_TP] == "colwise"
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.to_local().device, dtype=torch.int64)
+        seed = draw_dropout_seed(x.to_local().device)
         if colwise:  # the replicated x: the same mask on every rank
             dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
         else:  # each rank drops its own columns of x: a mask of its own, even where the ranks' generators agree

@@ -5,8 +5,11 @@ first imported, so it happens here.
 """
 
 import os
+import sys
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -143,18 +146,12 @@ def spawn(worker, args, nprocs):
     finalization. A gloo worker thread that drops the last reference to a finished collective's
     tensors after the main thread has begun finalizing takes the GIL, is unwound, and aborts the
     process (SIGABRT, "terminate called without an active exception"; torch's gloo backend,
-    pytorch/pytorch#190489; about one run in ten here). destroy_process_group alone does not join
+    pytorch/pytorch#190489; 5 of 70 runs of a TP test here). destroy_process_group alone does not join
     those threads while a DeviceMesh still refers to the group."""
-    import torch.multiprocessing as mp
-
     mp.spawn(_run_and_leave, args=(worker, *args), nprocs=nprocs, join=True)
 
 
 def _run_and_leave(rank, worker, *args):
-    import sys
-
-    import torch.distributed as dist
-
     try:
         worker(rank, *args)
     finally:

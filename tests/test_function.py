@@ -7,6 +7,7 @@ import torch
 from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, assert_close, make_problem, reference_grads
 
 import lora_kernels
+from lora_kernels.function import draw_dropout_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, K, N, r): M = 1 and 37, sizes that are not multiples of any block, r from 1 to 64.
@@ -19,7 +20,7 @@ def expected_dropout_mask(backend, seed, x, p):
     torch.manual_seed(seed)
     shape2d = (math.prod(x.shape[:-1]), x.shape[-1])
     if backend in ("triton", "cuda") or (backend == "auto" and x.device.type == "cuda"):  # fused: drawn from a seed
-        kernel_seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64).item()
+        kernel_seed = draw_dropout_seed(x.device).item()
         keep = lora_kernels.reference.dropout_keep(kernel_seed, *shape2d, p, device=x.device)
         return (keep.double() / (1 - p)).reshape(x.shape)  # exact: compared in float64
     mask = torch.empty(shape2d, dtype=x.dtype, device=x.device)
