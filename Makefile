@@ -54,7 +54,8 @@ test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 # The GPU machines run triton 3.6: check the kernels against it too, beside the installed 3.8 (its
-# interpreter needs numpy < 2.3). Interpreter tests of the Triton paths + sm_90 compile of all launches.
+# interpreter needs numpy < 2.3). Interpreter tests of the Triton paths + sm_90 compile of all launches
+# + the direct launch path against triton 3.6's own launch path (driver faked).
 T36 := .triton36
 test-triton36: install
 	$(PYTHON) -m pip install -q --no-deps --target $(T36) "triton==3.6.0" "numpy==2.2.*"
@@ -63,6 +64,7 @@ test-triton36: install
 		tests/test_multi.py tests/test_memory_determinism.py
 	PYTHONPATH=$(CURDIR)/$(T36) TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
 		--arch 90 > $(T36)/compile.log || (tail -40 $(T36)/compile.log; exit 1)
+	PYTHONPATH=$(CURDIR)/$(T36) TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) tests/triton/direct_launch_check.py
 	@echo "triton 3.6.0: $$(grep -c '^ok' $(T36)/compile.log) launch variants compiled for sm_90 (log: $(T36)/compile.log)"
 
 # PEFT's own LoRA tests, unpatched (from tests/peft_suite/baseline-*.json where it matches the

@@ -1,10 +1,12 @@
 """The direct launch path (lora_kernels/triton/_launch.py, LORA_KERNELS_DIRECT_LAUNCH=1), without a GPU.
 
 Its logic against a stand-in for Triton's JITFunction and CompiledKernel (what launches where,
-which argument changes make a new class); and, on the real kernels, that the wrappers pass every
+which argument changes make a new class); on the real kernels, that the wrappers pass every
 parameter the compiled launcher takes (positional first, then only constexprs by name), since
-the launcher is called with all of them in order. On a GPU, scripts/gpu_session.sh launch runs
-the kernel tests with the switch on and times the host path.
+the launcher is called with all of them in order; and through Triton's own launch path with only
+the driver faked (direct_launch_check.py), that a direct launch hands the launcher what the JIT
+hands it. On a GPU, scripts/gpu_session.sh launch runs the kernel tests with the switch on and
+times the host path.
 """
 
 import inspect
@@ -60,7 +62,7 @@ def test_a_seen_class_launches_the_compiled_kernel_with_every_parameter_in_order
     _launch.launch(kernel, (4,), x, 64, 2.0, BLOCK_M=16, FLAG=True, num_warps=4)
     _launch.launch(kernel, (8,), x, 64, 2.0, BLOCK_M=16, FLAG=True, num_warps=4)
     assert kinds(kernel) == ["jit", "direct"]
-    assert kernel.log[1] == ("direct", (8,), (x, 64, 2.0, 16, True))  # constexprs appended, options not
+    assert kernel.log[1] == ("direct", (8, 1, 1), (x, 64, 2.0, 16, True))  # constexprs appended, options not
     assert _launch.direct_launches() == 1
 
 
@@ -156,3 +158,16 @@ def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(mon
         constexprs = constexpr_parameters(fn)
         assert set(by_name) <= constexprs, (fn.__name__, set(by_name) - constexprs)
         assert not constexprs & set(fn.arg_names[: len(args)]), fn.__name__
+
+
+def test_direct_launches_give_the_launcher_what_the_jit_gives_it():
+    """Real Triton (JITFunction.run, CompiledKernel and its runner, kernels compiled for sm_90) with
+    a stand-in driver, in a subprocess without the interpreter; the cases are listed in the script.
+    It caught the runner reading grid[1] and grid[2] of the wrappers' 1-D grids (an IndexError on
+    every direct launch), which the stand-ins above did not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "direct_launch_check.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    assert run.stdout.count("\nok ") >= 8, run.stdout
