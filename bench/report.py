@@ -251,7 +251,10 @@ def host_markdown(rows) -> List[str]:
 
 def host_summary(rows, width: int = 100) -> List[str]:
     table, ms = _host_table(rows)
-    lines = ["host µs per call, median (launches stubbed)", f"{'':<30}" + "".join(f"{f'M={m}':>9}" for m in ms)]
+    lines = [
+        "host µs per call, median (launches stubbed; '+… launch': Triton's launch path, driver faked)",
+        f"{'':<30}" + "".join(f"{f'M={m}':>9}" for m in ms),
+    ]
     for stage, by_m in table.items():
         lines.append(
             (f"{stage[:29]:<30}" + "".join(f"{by_m[m]['median']:>9.1f}" if m in by_m else " " * 9 for m in ms))[:width]
@@ -398,9 +401,12 @@ def report_lines(info: RunInfo) -> List[str]:
             "## Host time per eager call, by stage",
             "",
             "Every Triton kernel launch stubbed, CPU tensors standing in for the GPU's "
-            "(bench/test_host.py): the Python and framework time of a call before any launch; the "
-            "launches' own host time is not in it. Medians over samples of 200 calls. A real "
-            "measurement of this host's CPU, in a reduced run too.",
+            "(bench/test_host.py): the Python and framework time of a call before any launch. The "
+            "'+Triton launch' and '+direct launch' rows add the launches' host path: Triton's own "
+            "(JITFunction.run, or LORA_KERNELS_DIRECT_LAUNCH=1's direct path), with only the driver "
+            "faked (tests/triton/fake_driver.py), so the driver's launch call itself is not in them. "
+            "Medians over samples of 200 calls. A real measurement of this host's CPU, in a reduced "
+            "run too.",
             "",
         ]
         lines += host_markdown(RESULTS["host"])

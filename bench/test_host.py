@@ -24,12 +24,22 @@ Stages (inference forward unless the name says training; 4096x4096, r = 16, bf16
                             for comparison, unpatched and computing on the CPU: tiny shapes, so that
                             their time is mostly host time (an upper bound of it)
     training: lora_linear   forward + backward through the autograd Function (backward kernels stubbed)
+
+and, not stubbed but through Triton's own launch path with only the driver faked
+(tests/triton/fake_driver.py: binding, specialisation, cache look-up, CompiledKernel's runner; the
+kernels compiled for sm_90 on first use, never run; the C launcher a no-op):
+    lora_linear +Triton launch  lora_linear as above, each kernel launched by JITFunction.run
+    lora_linear +direct launch  the same with LORA_KERNELS_DIRECT_LAUNCH=1 (lora_kernels/triton/_launch.py)
+    training +Triton launch, training +direct launch
+                            the training step likewise (three launches)
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +56,10 @@ CALLS_PER_SAMPLE = 200
 SAMPLES = 25
 
 triton_backend = pytest.importorskip("lora_kernels.triton")
-from lora_kernels.triton import lora_backward, lora_forward  # noqa: E402
+from lora_kernels.triton import _launch, lora_backward, lora_forward  # noqa: E402
+from lora_kernels.triton._common import INTERPRETING  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "triton"))
 
 
 class _NoLaunch:
@@ -155,6 +168,38 @@ def test_host(M, info):
         for name, fn in stages(M).items():
             with contextlib.nullcontext() if name.startswith("training") else torch.no_grad():
                 _record(info, name, M, per_call_us(fn))
+    if INTERPRETING:  # the interpreter replaced the kernels: there is no launch path to time
+        return
+    from fake_driver import fake_driver
+
+    stage = stages(M)
+    with _accepting_cpu_tensors(), fake_driver(check=False):
+        for direct in (False, True):
+            with _direct_launch(direct):
+                launch = "direct launch" if direct else "Triton launch"
+                with torch.no_grad():
+                    _record(info, f"lora_linear +{launch}", M, per_call_us(stage["lora_linear"]))
+                _record(info, f"training +{launch}", M, per_call_us(stage["training: lora_linear"]))
+
+
+@contextlib.contextmanager
+def _accepting_cpu_tensors():
+    saved = triton_backend.unavailable_reason
+    triton_backend.unavailable_reason = lambda x: None
+    try:
+        yield
+    finally:
+        triton_backend.unavailable_reason = saved
+
+
+@contextlib.contextmanager
+def _direct_launch(on: bool):
+    saved = _launch.DIRECT_LAUNCH
+    _launch.DIRECT_LAUNCH = on
+    try:
+        yield
+    finally:
+        _launch.DIRECT_LAUNCH = saved
 
 
 def _record(info, stage, M, timing):

@@ -51,6 +51,7 @@ class FakeKernel:
 def direct(monkeypatch):
     monkeypatch.setattr(_launch, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(_launch, "_COMPILED", {})
+    monkeypatch.setattr(_launch, "_LAYOUTS", {})
 
 
 def kinds(kernel):
@@ -86,6 +87,19 @@ def test_any_change_the_jit_could_specialise_on_takes_the_jit(direct, change):
         consts["num_warps"] = 8
     _launch.launch(kernel, (1,), *args, **consts)
     assert kinds(kernel) == ["jit", "jit"]
+
+
+def test_a_call_with_tensors_elsewhere_than_the_first_launch_always_takes_the_jit(direct):
+    """The class reads tensors at the positions of the kernel's first launch; a call that has a
+    tensor at another position (or none at one of them) is never kept, so never launched directly."""
+    kernel, x = FakeKernel(), torch.zeros(64)
+    _launch.launch(kernel, (1,), x, 64, 2.0, BLOCK_M=16, FLAG=True)
+    for _ in range(2):
+        _launch.launch(kernel, (1,), x, torch.zeros(1), 2.0, BLOCK_M=16, FLAG=True)
+        _launch.launch(kernel, (1,), 0, 64, 2.0, BLOCK_M=16, FLAG=True)
+    _launch.launch(kernel, (1,), x, 64, 2.0, BLOCK_M=16, FLAG=True)
+    assert kinds(kernel) == ["jit"] * 5 + ["direct"]
+    assert _launch.direct_launches() == 1
 
 
 def test_off_by_default_every_call_takes_the_jit(monkeypatch):
