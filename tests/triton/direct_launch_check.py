@@ -1,12 +1,15 @@
-"""The direct launch path (LORA_KERNELS_DIRECT_LAUNCH=1) gives the launcher what the JIT gives it.
+"""The direct launch path (LORA_KERNELS_DIRECT_LAUNCH=1) gives the launcher what the JIT gives it,
+and gpu_compile.py compiles what the JIT compiles.
 
 Runs the real host wrappers on CPU tensors through Triton's real launch path with only the driver
 faked (tests/triton/fake_driver.py: kernels compiled for sm_90, never run). Each case is called
 twice with the direct path on: the first call of an argument class goes through
 ``JITFunction.run``, the second must launch the kept ``CompiledKernel`` without it, and both must
 hand the launcher the same grid and the same arguments (tensors by dtype and shape, everything else
-by value), checked against the compiled signature. Prints one line per case and exits non-zero on
-any difference.
+by value), checked against the compiled signature. For every launch the JIT compiled, the
+specialisation gpu_compile.py works out itself (signature, constants, divisibility hints: what its
+sm_90 register, spill and serialized-wgmma checks compile) must be the JIT's. Prints one line per
+case and exits non-zero on any difference.
 
     python tests/triton/direct_launch_check.py          (must run WITHOUT TRITON_INTERPRET)
 """
@@ -22,6 +25,7 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gpu_compile  # noqa: E402
 import triton  # noqa: E402
 from fake_driver import fake_driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -82,14 +86,33 @@ def comparable(launch):
     return name, grid, tuple((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def specialisation(src) -> tuple:
+    """What an ASTSource compiles: signature, constants and the divisibility hints that are set."""
+    return dict(src.signature), dict(src.constants), {path: hint for path, hint in src.attrs.items() if hint}
+
+
+def gpu_compile_differs(fn, args, kwargs, compiled) -> str:
+    """'' if gpu_compile.py's specialisation of this launch is the JIT's, else how they differ."""
+    sig, consts, attrs, _ = gpu_compile.signature_of(fn, args, dict(kwargs))
+    ours = specialisation(gpu_compile.ASTSource(fn, sig, consts, attrs))
+    jit = specialisation(compiled.src)
+    if ours == jit:
+        return ""
+    parts = ("signature", "constants", "divisibility")
+    return "; ".join(f"{p}: JIT {j} vs gpu_compile {o}" for p, j, o in zip(parts, jit, ours) if j != o)[:2000]
+
+
 def check(name, call, kernels) -> bool:
     _launch._COMPILED.clear()
-    runs, log = [], []
+    runs, log, compiled_by_jit = [], [], []
     jit_run = JITFunction.run
 
     def counted(self, *args, **kwargs):
         runs.append(self.fn.__name__)
-        return jit_run(self, *args, **kwargs)
+        compiled = jit_run(self, *args, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        compiled_by_jit.append((self, args, options, compiled))
+        return compiled
 
     try:
         with fake_driver(log), mock.patch.object(JITFunction, "run", counted):
@@ -109,6 +132,10 @@ def check(name, call, kernels) -> bool:
         problems.append(f"second call went through the JIT: {runs[len(first_runs) :]}")
     if [comparable(launch) for launch in log] != [comparable(launch) for launch in first]:
         problems.append(f"the launcher got different arguments:\n  JIT:    {first}\n  direct: {log}")
+    for fn, args, options, compiled in compiled_by_jit:
+        differs = gpu_compile_differs(fn, args, options, compiled)
+        if differs:
+            problems.append(f"gpu_compile.py specialises {fn.__name__} unlike the JIT: {differs}")
     print(f"{'ok' if not problems else 'FAILED'} {name}: {', '.join(kernels)}")
     for problem in problems:
         print("  " + problem)

@@ -176,7 +176,8 @@ def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(mon
 
 def test_direct_launches_give_the_launcher_what_the_jit_gives_it():
     """Real Triton (JITFunction.run, CompiledKernel and its runner, kernels compiled for sm_90) with
-    a stand-in driver, in a subprocess without the interpreter; the cases are listed in the script.
+    a stand-in driver, in a subprocess without the interpreter; the cases are listed in the script,
+    which also checks gpu_compile.py's specialisation of each launch against the JIT's.
     It caught the runner reading grid[1] and grid[2] of the wrappers' 1-D grids (an IndexError on
     every direct launch), which the stand-ins above did not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
