@@ -36,6 +36,25 @@ def sm_count(device: torch.device) -> int:
     return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def on_tensor_device(wrapper):
+    """``wrapper`` (a host wrapper whose first argument is a tensor) run with that tensor's GPU as the
+    current device. A Triton launch goes to the current device and its current stream, not to the
+    tensors' (JITFunction.run asks the driver): in a model spread over GPUs (device_map="auto"), a
+    layer on cuda:1 called while cuda:0 is current would run on cuda:0's stream, racing cuda:1's work
+    or faulting. The CUDA backend's ops hold a CUDAGuard for the same reason. Where the tensor's
+    device is current (or it is on the CPU: the interpreter) this costs one comparison."""
+
+    @functools.wraps(wrapper)
+    def on_device(x, *args, **kwargs):
+        index = x.get_device()
+        if index < 0 or index == torch.cuda.current_device():
+            return wrapper(x, *args, **kwargs)
+        with torch.cuda.device(index):
+            return wrapper(x, *args, **kwargs)
+
+    return on_device
+
+
 # LORA_KERNELS_AUTOTUNE=1: time the table's tile config against a few neighbours on first use of
 # each shape key and keep the fastest (see tuned()). Off by default: a launch then costs no search.
 AUTOTUNE = _env.enabled("LORA_KERNELS_AUTOTUNE")
@@ -271,6 +290,7 @@ def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOC
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.where(keep, 1.0 / (1.0 - p), 0.0), mask=mask)
 
 
+@on_tensor_device
 def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype=torch.float32) -> torch.Tensor:
     """The scaled keep-mask (0 or 1/(1-p)) the fused kernels apply for ``seed``: for tests and
     debugging; the kernels themselves never materialise it."""

@@ -33,6 +33,7 @@ from ._common import (
     grouped_tile,
     kernel_flags,
     next_power_of_2,
+    on_tensor_device,
     rank_block,
     sm_count,
     tile_config,
@@ -302,6 +303,7 @@ def _num_splits(M: int, tiles: int, block_m: int, sms: int) -> int:
     return max(1, min(cdiv(2 * sms, tiles), cdiv(M, 4 * block_m)))
 
 
+@on_tensor_device
 def fused_backward(
     dy: torch.Tensor,
     x_lora: torch.Tensor,

@@ -38,6 +38,7 @@ from ._common import (
     grouped_tile,
     kernel_flags,
     next_power_of_2,
+    on_tensor_device,
     rank_block,
     sm_count,
     tile_config,
@@ -203,6 +204,7 @@ def _dropout_xa_kernel(
     )
 
 
+@on_tensor_device
 def fused_forward(
     x: torch.Tensor,
     weight: torch.Tensor,

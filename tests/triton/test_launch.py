@@ -9,6 +9,7 @@ hands it. On a GPU, scripts/gpu_session.sh launch runs the kernel tests with the
 times the host path.
 """
 
+import contextlib
 import inspect
 import os
 import subprocess
@@ -16,9 +17,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REL_TOL, rel_err
 
 pytest.importorskip("triton")
-from lora_kernels.triton import _launch, lora_backward, lora_forward  # noqa: E402
+import lora_kernels  # noqa: E402
+from lora_kernels import reference  # noqa: E402
+from lora_kernels.triton import _common, _launch, lora_backward, lora_forward  # noqa: E402
 
 
 class FakeCompiled:
@@ -186,3 +190,65 @@ def test_direct_launches_give_the_launcher_what_the_jit_gives_it():
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     assert run.stdout.count("\nok ") >= 8, run.stdout
+
+
+class OnGpu:
+    """Stands in for a tensor on GPU ``index`` (-1: on the CPU), as on_tensor_device reads it."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def get_device(self):
+        return self.index
+
+
+def test_the_wrappers_launch_on_the_tensors_gpu_not_the_current_one(monkeypatch):
+    """Triton launches on the current device: a layer on cuda:1 called while cuda:0 is current (a
+    model spread over GPUs) must make cuda:1 current for its launches, and only then."""
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        saved, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    ran_on = []
+    guarded = _common.on_tensor_device(lambda x, *args, **kwargs: ran_on.append((current[0], args, kwargs)) or "y")
+    for index in (1, 0, -1):
+        assert guarded(OnGpu(index), 2.0, dropout_p=0.1) == "y"
+    assert entered == [1]
+    call = ((2.0,), {"dropout_p": 0.1})
+    assert ran_on == [(1, *call), (0, *call), (0, *call)]  # cuda:1 made current; cuda:0 and CPU as they were
+    assert current == [0]
+    for wrapper in (lora_forward.fused_forward, lora_backward.fused_backward, _common.dropout_mask):
+        assert wrapper.__code__.co_name == "on_device", f"{wrapper.__name__} is not wrapped by on_tensor_device"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_the_second_gpu_while_the_first_is_current(poison):
+    """Forward and backward of the fused Triton path on cuda:1 with cuda:0 current, against float64
+    (without the device guard the kernels ran on cuda:0's stream with cuda:1's pointers)."""
+    gen = torch.Generator().manual_seed(5)
+    M, K, N, r = 37, 96, 80, 8
+    x, w, a, b, dy = (
+        torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((M, K), (N, K), (r, K), (N, r), (M, N))
+    )
+    leaves = [t.to("cuda:1", torch.bfloat16).requires_grad_() for t in (x, a, b)]
+    with torch.cuda.device(0):
+        y = lora_kernels.lora_linear(
+            leaves[0], w.to("cuda:1", torch.bfloat16), None, *leaves[1:], 2.0, backend="triton"
+        )
+        y.backward(dy.to("cuda:1", torch.bfloat16))
+    torch.cuda.synchronize("cuda:1")
+    want = [t.requires_grad_() for t in (x, a, b)]
+    y64 = reference.lora_linear_reference(want[0], w, None, *want[1:], 2.0)
+    y64.backward(dy)
+    for got, expected in [(y, y64)] + [(g.grad, e.grad) for g, e in zip(leaves, want)]:
+        assert got.device == torch.device("cuda:1")
+        assert rel_err(got, expected) < REL_TOL[torch.bfloat16]
