@@ -17,6 +17,36 @@ def leaf(t):
     return t.detach().clone().requires_grad_()
 
 
+# ---- torch.inference_mode ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_gives_what_no_grad_gives_and_its_tensors_are_refused_as_nn_linear_refuses(backend):
+    """Serving loops run under torch.inference_mode: the layer (eval, and in training mode with
+    dropout) computes there as under no_grad; an inference tensor fed to a layer whose adapters
+    train raises torch's own error, as nn.Linear does."""
+    torch.manual_seed(0)
+    layer = lora_kernels.LoRALinear(40, 24, r=4, alpha=8, dropout=0.2, backend=backend, device=DEVICE)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    layer.eval()
+    with torch.no_grad():
+        want = layer(x)
+    with torch.inference_mode():
+        got = layer(x)
+        layer.train()
+        dropped = layer(x)
+    assert torch.equal(got, want) and dropped.shape == want.shape and not dropped.requires_grad
+    with torch.inference_mode():
+        x_inference = torch.randn(2, 40, device=DEVICE)
+    layer.eval()
+    linear = torch.nn.Linear(40, 24, device=DEVICE)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        linear(x_inference)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        layer(x_inference)
+
+
 # ---- second derivatives -------------------------------------------------------------------------
 
 
