@@ -80,6 +80,13 @@ _AUTO_TRITON = Dispatch(
 _AUTO_TRITON_ANY_SIZE = Dispatch(
     "triton", True, "auto: fused Triton kernels (dropout or multi-adapter batch: any size)", "auto-triton"
 )
+_AUTO_TRITON_EXPORT = Dispatch(
+    "triton",
+    True,
+    "auto under torch.export with a dynamic row count: fused Triton kernels for every size (an exported "
+    "program cannot choose by size without fixing its range; pass backend= to choose yourself)",
+    "auto-export",
+)
 _AUTO_CUDA = Dispatch(
     "cuda", True, f"auto: CUDA decode kernel (16-bit inference at <= {AUTO_CUDA_MAX_ROWS} rows)", "auto-cuda"
 )
@@ -109,7 +116,11 @@ def _triton_row_limit(dtype: torch.dtype, rank: int) -> int:
 
 
 def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, rank: int) -> Dispatch:
-    """backend="auto" for a CUDA tensor (see AUTO_LIMITS)."""
+    """backend="auto" for a CUDA tensor (see AUTO_LIMITS). Under torch.export with a dynamic row
+    count, comparing it with a limit would add a guard that fails the export (or fixes its range),
+    so the size is not asked: the fused Triton kernels run at any size."""
+    exported = by_size and torch.compiler.is_exporting() and not isinstance(x.numel(), int)
+    by_size = by_size and not exported
     if by_size and _cuda_decode_fits(x, inference, out_features):
         return _AUTO_CUDA
     if "triton" not in _MODULES:
@@ -118,7 +129,7 @@ def _auto(x: torch.Tensor, by_size: bool, inference: bool, out_features: int, ra
     if reason is not None:
         return Dispatch("reference", False, f"auto: {reason}", "triton-unavailable")
     if not by_size:
-        return _AUTO_TRITON_ANY_SIZE
+        return _AUTO_TRITON_EXPORT if exported else _AUTO_TRITON_ANY_SIZE
     limit = _triton_row_limit(x.dtype, rank)
     if x.numel() <= limit * x.shape[-1]:
         return _AUTO_TRITON

@@ -1,4 +1,4 @@
-"""torch.compile without graph breaks, torch.library.opcheck on every custom op, CUDA-graph capture."""
+"""torch.compile without graph breaks, torch.export, torch.library.opcheck on every custom op, CUDA-graph capture."""
 
 import copy
 
@@ -54,6 +54,44 @@ def test_compiled_graph_holds_the_kernel_as_one_op(backend):
     )
     assert_close(fn(x), lora_kernels.lora_linear_reference(x, w, b, a, bb, s).double(), torch.float32, "y")
     assert f"lora_kernels.{backend}_forward.default" in targets, targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_with_a_dynamic_batch_runs_as_eager(backend):
+    """torch.export (AOTInductor, ExecuTorch): the layers export with a dynamic row count, the kernel
+    backends as their one op each, and the exported program computes what the eager model does."""
+    model = lora_model(backend).eval()
+    x = torch.randn(5, 32, device=DEVICE)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=2)},))
+    if backend != "reference" and backend != "auto":
+        targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+        assert targets.count(f"lora_kernels.{backend}_forward.default") == 2, targets
+    for rows in (5, 11):
+        x = torch.randn(rows, 32, device=DEVICE)
+        with torch.no_grad():
+            assert torch.equal(program.module()(x), model(x))
+
+
+def test_auto_under_export_does_not_guard_a_dynamic_row_count(monkeypatch):
+    """auto chooses by row count; under torch.export that comparison on a dynamic size would add a
+    guard (failing the export on a GPU), so there it takes the fused Triton kernels at any size. A
+    CUDA tensor with a symbolic row count, faked (no GPU needed)."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from lora_kernels import dispatch
+
+    if not dispatch.is_resolved("triton"):
+        pytest.skip("triton is not importable")
+    for exporting, key, guards in ((False, "auto-triton", True), (True, "auto-export", False)):
+        shape_env = ShapeEnv()
+        symbol = shape_env.create_symbol(5, source=ConstantSource("rows"), dynamic_dim=DimDynamic.DYNAMIC)
+        with FakeTensorMode(shape_env=shape_env):
+            x = torch.empty(shape_env.create_symintnode(symbol, hint=5), 32, device="cuda", dtype=torch.bfloat16)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
+        decision = dispatch._auto(x, by_size=True, inference=True, out_features=256, rank=4)
+        assert (decision.key, decision.backend, bool(shape_env.guards)) == (key, "triton", guards)
 
 
 def test_compile_fullgraph_with_dropout():
