@@ -124,6 +124,31 @@ def reference_grads(x, w, b, a, bb, scale, dy, mask=None, magnitude=False):
     return y, x64.grad, a64.grad, b64.grad, None if b is None else bias64.grad
 
 
+def tiny_hf_model(kind="llama", dtype=torch.float32, **llama_config):
+    """A 2-layer, 64-wide Hugging Face model of random weights (seed 0) on DEVICE, in eval mode (GPT-2
+    has dropout of its own): "gpt2" (projections are Conv1D, weight stored (in, out)) or "llama"
+    (``llama_config`` added to its config)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=32,
+            **llama_config,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
 def lora_mlp(sizes=(32, 48, 32), backend="auto", dropout=0.0, device=DEVICE):
     """Linear-GELU-Linear with LoRA on both linears, only LoRA trainable, B non-zero (as if trained),
     the same on every call (and in every process)."""

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, assert_close, make_problem
+from conftest import BACKENDS, DEVICE, assert_close, make_problem, tiny_hf_model
 
 import lora_kernels
 
@@ -222,7 +222,7 @@ def test_inf_in_x_gives_what_float64_gives(backend):
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from test_peft_compat import TARGETS, peft_model, randomize_lora, tiny  # noqa: E402
+from test_peft_compat import TARGETS, peft_model, randomize_lora  # noqa: E402
 
 
 def lora_layers(model):
@@ -236,18 +236,7 @@ def ids_for_test():
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_load_peft_adapter_with_biases(bias, tmp_path):
     def model():
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=32,
-            attention_bias=True,
-        )
-        return transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
+        return tiny_hf_model("llama", attention_bias=True)
 
     trained = peft.get_peft_model(model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias=bias))
     randomize_lora(trained)
@@ -270,7 +259,7 @@ def test_load_peft_adapter_with_modules_to_save(tmp_path):
         trained.base_model.model.lm_head.modules_to_save["default"].weight.normal_()
     trained.save_pretrained(tmp_path)
     ids = ids_for_test()
-    ours = tiny("llama")
+    ours = tiny_hf_model("llama")
     lora_kernels.load_peft_adapter(ours, tmp_path)
     torch.testing.assert_close(ours(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -282,7 +271,7 @@ def test_load_peft_adapter_refuses_tensors_it_cannot_place(tmp_path):
     state = load_file(tmp_path / "adapter_model.safetensors")
     state["base_model.model.model.norm.unknown_thing"] = torch.zeros(3)
     save_file(state, tmp_path / "adapter_model.safetensors")
-    model = tiny("llama")
+    model = tiny_hf_model("llama")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="match no parameter of the model: model.norm.unknown_thing"):
         lora_kernels.load_peft_adapter(model, tmp_path)
@@ -290,7 +279,7 @@ def test_load_peft_adapter_refuses_tensors_it_cannot_place(tmp_path):
 
 
 def test_save_peft_adapter_takes_its_options_by_keyword(tmp_path):
-    model = tiny("llama")
+    model = tiny_hf_model("llama")
     lora_kernels.inject_lora(model, TARGETS["llama"], r=4)
     with pytest.raises(TypeError):
         lora_kernels.save_peft_adapter(model, tmp_path, "other")
@@ -384,7 +373,7 @@ def test_users_subclass_that_overrides_forward_keeps_its_forward(caplog):
         def forward(self, x, *args, **kwargs):
             return 2 * super().forward(x, *args, **kwargs)
 
-    model = tiny("llama")
+    model = tiny_hf_model("llama")
     config = peft.LoraConfig(r=4, target_modules=["q_proj"])
     config._register_custom_module({torch.nn.Linear: Doubled})
     model = peft.get_peft_model(model, config)

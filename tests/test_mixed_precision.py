@@ -14,6 +14,7 @@ from conftest import (
     backend_contract_vs_float64,
     make_problem,
     reference_grads,
+    tiny_hf_model,
 )
 
 import lora_kernels
@@ -245,32 +246,13 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-def tiny(kind, dtype=torch.float32):
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=32,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    return model.to(device=DEVICE, dtype=dtype).eval()  # GPT-2 has dropout of its own
-
-
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_proj"]}
 
 
 def peft_model(kind, dtype=torch.float32, dropout=0.0, **config):
     """PEFT's defaults (autocast_adapter_dtype=True: fp32 adapters on a 16-bit base), B non-zero."""
     model = peft.get_peft_model(
-        tiny(kind, dtype),
+        tiny_hf_model(kind, dtype),
         peft.LoraConfig(
             r=4,
             lora_alpha=8,
@@ -386,7 +368,7 @@ def test_patched_peft_under_autocast_matches_unpatched(kind, backend):
 
 
 def test_lora_conv1d_under_autocast():
-    model = tiny("gpt2")
+    model = tiny_hf_model("gpt2")
     lora_kernels.inject_lora(model, ["c_attn"], r=4, alpha=8)
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)

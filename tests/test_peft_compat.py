@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import BACKENDS, DEVICE, assert_close
+from conftest import BACKENDS, DEVICE, assert_close, tiny_hf_model
 
 import lora_kernels
 
@@ -13,23 +13,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_proj"]}
-
-
-def tiny(kind):
-    torch.manual_seed(0)
-    if kind == "gpt2":  # projections are Conv1D (weight stored (in, out))
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32)
-        return transformers.GPT2LMHeadModel(cfg).eval().to(DEVICE)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
 def randomize_lora(model):
@@ -42,7 +25,7 @@ def randomize_lora(model):
 
 def peft_model(kind, **config):
     config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[kind], "lora_dropout": 0.0, **config}
-    model = peft.get_peft_model(tiny(kind), peft.LoraConfig(fan_in_fan_out=kind == "gpt2", **config))
+    model = peft.get_peft_model(tiny_hf_model(kind), peft.LoraConfig(fan_in_fan_out=kind == "gpt2", **config))
     randomize_lora(model)
     return model
 
@@ -91,7 +74,7 @@ def test_patched_model_keeps_peft_behaviour(tmp_path):
     assert not torch.allclose(base, before)
     # save_pretrained writes the same adapter
     model.save_pretrained(tmp_path)
-    reloaded = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(tiny_hf_model("llama"), tmp_path)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
     state_after = peft.get_peft_model_state_dict(model)
     assert state_after.keys() == state_before.keys()
@@ -139,13 +122,13 @@ def test_mixed_batch_adapter_names_run_fused(kind, backend, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_adapter_trained_here_loads_in_peft(kind, tmp_path):
-    model = tiny(kind)
+    model = tiny_hf_model(kind)
     names = lora_kernels.inject_lora(model, TARGETS[kind], r=4, alpha=8)
     randomize_lora(model)
     ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     ours = model(input_ids=ids).logits
     assert sorted(lora_kernels.save_peft_adapter(model, tmp_path)) == sorted(names)
-    in_peft = peft.PeftModel.from_pretrained(tiny(kind), tmp_path)
+    in_peft = peft.PeftModel.from_pretrained(tiny_hf_model(kind), tmp_path)
     torch.testing.assert_close(in_peft(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
 
 
@@ -155,7 +138,7 @@ def test_adapter_trained_in_peft_loads_here(kind, tmp_path):
     trained.save_pretrained(tmp_path)
     ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     ref = trained(input_ids=ids).logits
-    model = tiny(kind)
+    model = tiny_hf_model(kind)
     names = lora_kernels.load_peft_adapter(model, tmp_path)
     assert len(names) == sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in trained.modules())
     assert all(isinstance(model.get_submodule(n), lora_kernels.LoRAMixin) for n in names)
@@ -166,7 +149,7 @@ def test_adapter_trained_in_peft_loads_here(kind, tmp_path):
 def test_inject_lora_wraps_conv1d(backend):
     from transformers.pytorch_utils import Conv1D
 
-    model = tiny("gpt2")
+    model = tiny_hf_model("gpt2")
     ids = torch.randint(0, 128, (2, 10), device=DEVICE)
     base = model(input_ids=ids).logits
     names = lora_kernels.inject_lora(model, ["c_attn"], r=4, alpha=8, backend=backend)
@@ -193,7 +176,7 @@ def test_named_adapters_round_trip_with_peft(tmp_path):
     ids = torch.randint(0, 128, (3, 8), device=DEVICE)
     names = ["other", "default", "__base__"]
     ref = trained(input_ids=ids, adapter_names=names).logits
-    model = tiny("llama")
+    model = tiny_hf_model("llama")
     lora_kernels.load_peft_adapter(model, tmp_path)
     lora_kernels.load_peft_adapter(model, tmp_path / "other", adapter_name="other")
     model.eval()
@@ -203,7 +186,7 @@ def test_named_adapters_round_trip_with_peft(tmp_path):
     assert_close(model(input_ids=ids).logits, ref.double(), torch.float32, "mixed batch after loading")
     out = tmp_path / "saved_other"
     lora_kernels.save_peft_adapter(model, out, adapter_name="other")
-    back = peft.PeftModel.from_pretrained(tiny("llama"), out)
+    back = peft.PeftModel.from_pretrained(tiny_hf_model("llama"), out)
     with torch.no_grad():
         trained.set_adapter("other")
         torch.testing.assert_close(back(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
