@@ -120,17 +120,23 @@ class ColwiseParallel(_TorchColwise):
 
     def _apply(self, module, device_mesh):
         _check_layer(module)
-        return distribute_module(
-            module,
-            device_mesh,
-            self._partition_lora,
-            lambda mod, inputs, mesh: self._prepare_input_fn(
-                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh
-            ),
-            lambda mod, outputs, mesh: self._prepare_output_fn(
-                self.output_layouts, self.use_local_output, mod, outputs, mesh
-            ),
-        )
+        return _distribute_layer(self, module, device_mesh)
+
+
+def _distribute_layer(style, module, device_mesh):
+    """distribute_module with the style's LoRA partition and torch's input and output preparation
+    for that style (its layouts read at call time, as torch's own styles do)."""
+    return distribute_module(
+        module,
+        device_mesh,
+        style._partition_lora,
+        lambda mod, inputs, mesh: style._prepare_input_fn(
+            style.input_layouts, style.desired_input_layouts, mod, inputs, mesh
+        ),
+        lambda mod, outputs, mesh: style._prepare_output_fn(
+            style.output_layouts, style.use_local_output, mod, outputs, mesh
+        ),
+    )
 
 
 class RowwiseParallel(_TorchRowwise):
@@ -146,17 +152,7 @@ class RowwiseParallel(_TorchRowwise):
     def _apply(self, module, device_mesh):
         _check_layer(module)
         self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(
-            module,
-            device_mesh,
-            self._partition_lora,
-            lambda mod, inputs, mesh: self._prepare_input_fn(
-                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh
-            ),
-            lambda mod, outputs, mesh: self._prepare_output_fn(
-                self.output_layouts, self.use_local_output, mod, outputs, mesh
-            ),
-        )
+        return _distribute_layer(self, module, device_mesh)
 
 
 # ---- the local computation --------------------------------------------------------------------
