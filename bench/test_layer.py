@@ -17,6 +17,7 @@ The training step is forward + gradients for x, A, B (base: for x only, W₀ fro
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from report import RESULTS, cell_text, progress
@@ -47,11 +48,22 @@ def implementations(device, dtype):
     return names
 
 
+def known_implementations() -> set:
+    """Every name --impls accepts, whatever the device, dtype or installed packages of the run (a
+    run lists those its device has: the others are not measured there)."""
+    kernels = [f"lora_kernels[{b}]" for b in lora_kernels.dispatch.BACKENDS]
+    names = {"base", "peft-style", "unsloth-style", "peft", "lora_kernels[triton]" + TMA, *kernels}
+    return names | {n + FP32_ADAPTERS for n in ["peft", *kernels]}
+
+
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         from conftest import run_info
 
         info = run_info(metafunc.config)
+        unknown = sorted(set(info.impls or ()) - known_implementations())
+        if unknown:  # a misspelt name would measure nothing, silently (on a GPU whose minutes are counted)
+            raise pytest.UsageError(f"--impls: unknown {unknown}; known: {sorted(known_implementations())}")
         impls = [i for i in implementations(info.device, info.dtype) if info.impls is None or i in info.impls]
         cases = [(K, N, M, r, impl) for (K, N) in info.shapes for r in info.ranks for M in info.ms for impl in impls]
         metafunc.parametrize("case", cases, ids=[f"{K}x{N}-M{M}-r{r}-{impl}" for K, N, M, r, impl in cases])
