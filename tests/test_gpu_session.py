@@ -46,6 +46,32 @@ def test_every_suite_file_and_switch_it_names_exists():
     assert switches <= {s.name for s in _env.SWITCHES}, sorted(switches - {s.name for s in _env.SWITCHES})
 
 
+def script_selections():
+    """(test files, -k expression) of each pytest command in the script that selects with -k."""
+    commands = script_text().replace("\\\n", " ").splitlines()
+    found = []
+    for command in commands:
+        files = re.search(r"python3 -m pytest ((?:tests/\S+\s+)+)", command)
+        keyword = re.search(r'-k "([^"]+)"', command)
+        if files and keyword:
+            found.append((files.group(1).split(), keyword.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("files, keyword", script_selections(), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_test_selection_selects_tests(files, keyword):
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files, "-k", keyword],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    counts = re.search(r"(\d+)(?:/\d+)? tests? collected", run.stdout)
+    assert run.returncode == 0 and counts and int(counts.group(1)) > 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_the_script_has_test_selections():
+    assert len(script_selections()) >= 4  # cuda, wgmma, launch, tma: has the script's form changed?
+
+
 def test_a_misspelt_implementation_stops_the_benchmark(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--suite", "layer",
