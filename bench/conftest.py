@@ -32,9 +32,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"  # in the checkout, wh
 
 def pytest_addoption(parser):
     g = parser.getgroup("lora_kernels bench")
-    g.addoption(
-        "--suite", default="all", choices=["all", "layer", "table1", "features", "host"], help="which suites to run"
-    )
+    g.addoption("--suite", default="all", choices=["all", *RESULTS], help="which suites to run")
     g.addoption("--shapes", default=None, help="layer shapes IN x OUT, comma-separated (e.g. 4096x4096,4096x11008)")
     g.addoption("--m", default=None, help="rows of x for the layer suite, comma-separated")
     g.addoption("--ranks", default=None, help="LoRA ranks for the layer suite, comma-separated")
