@@ -10,7 +10,7 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.14.1
 TRITON_SPEC ?= triton==3.8.*
 # PEFT and transformers pinned: tests/peft_suite/baseline-*.json records PEFT's own suite for these
-PEFT_SPEC   ?= peft==0.21.2 transformers==5.24.0
+PEFT_SPEC   ?= peft==0.21.2 transformers==5.25.0
 # what PEFT's own test files import beyond the package
 PEFT_SUITE_DEPS ?= datasets==5.2.0 pyyaml==6.0.4 parameterized==0.9.0 scipy==1.17.1 diffusers==0.42.1 attrs==26.1.0
 PYTEST_ARGS ?=

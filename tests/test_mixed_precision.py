@@ -418,9 +418,28 @@ def test_a_call_that_falls_back_is_logged_once_per_layer_and_explained(caplog):
 # ---- gradient checkpointing with dropout --------------------------------------------------------
 
 
+# every_n_layers: some layers checkpointed, some not; offload: the checkpoints' saved inputs kept in
+# pinned host memory (torch's save_on_cpu) until the backward
+CHECKPOINTING_OPTIONS = [
+    pytest.param({}, id="every-layer"),
+    pytest.param({"offload": True, "every_n_layers": 2}, id="offload-every-2nd"),
+]
+
+
+def enable_checkpointing(model, reentrant, options):
+    """transformers' activation checkpointing, by its current name where it has one (renamed after 5.17,
+    the old name kept as a deprecated alias), with the options that both names take."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant}, **options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **options)
+    model.enable_input_require_grads()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_redraws_the_same_dropout_mask(backend, reentrant):
+@pytest.mark.parametrize("options", CHECKPOINTING_OPTIONS)
+def test_gradient_checkpointing_redraws_the_same_dropout_mask(backend, reentrant, options):
     """HF gradient checkpointing over a patched PEFT model with lora_dropout > 0: the recomputed
     forward draws the forward's mask, so the gradients equal those of the run without it."""
 
@@ -429,8 +448,7 @@ def test_gradient_checkpointing_redraws_the_same_dropout_mask(backend, reentrant
         lora_kernels.patch_peft(model, backend=backend)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            model.enable_input_require_grads()
+            enable_checkpointing(model, reentrant, options)
         torch.manual_seed(123)
         ids = torch.randint(0, 128, (2, 10), device=DEVICE)
         return logits_and_grads(model, ids)[1]
