@@ -294,7 +294,8 @@ def _dropout_mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOC
 def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float, dtype=torch.float32) -> torch.Tensor:
     """The scaled keep-mask (0 or 1/(1-p)) the fused kernels apply for ``seed``: for tests and
     debugging; the kernels themselves never materialise it."""
+    from ._launch import launch  # not at the top: _launch imports this module
+
     out = torch.empty((M, K), device=seed.device, dtype=torch.float32)
-    grid = (cdiv(M, 32), cdiv(K, 32))
-    _dropout_mask_kernel[grid](seed, out, M, K, p, BLOCK_M=32, BLOCK_K=32)
+    launch(_dropout_mask_kernel, (cdiv(M, 32), cdiv(K, 32)), seed, out, M, K, p, BLOCK_M=32, BLOCK_K=32)
     return out.to(dtype)

@@ -29,6 +29,10 @@ from .. import _env
 from ._common import INTERPRETING
 
 DIRECT_LAUNCH = _env.enabled("LORA_KERNELS_DIRECT_LAUNCH") and not INTERPRETING
+# Compile options every launch passes. FMA contraction on: the kernels were measured and their error
+# bounds set with it, Triton's default up to 3.9 (which warns that 3.10 turns it off);
+# TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 MAX_CLASSES = 4096  # argument classes kept (distinct M values, mostly); past it the cache starts over
 # Keyed by id(kernel): a JITFunction hashes in Python (its cache key), ~1 µs per look-up here;
 # the kernels are module globals that live as long as the process, and each entry keeps its own.
@@ -72,9 +76,9 @@ def argument_class(args, layout: Layout) -> tuple:
 
 def launch(kernel, grid, *args, **constexprs):
     """``kernel[grid](*args, **constexprs)``: the kernel's parameters in order, positional first,
-    the constexprs and launch options (num_warps, num_stages) by name."""
+    the constexprs and launch options (num_warps, num_stages) by name; COMPILE_OPTIONS added."""
     if not DIRECT_LAUNCH:
-        kernel[grid](*args, **constexprs)
+        kernel[grid](*args, **constexprs, **COMPILE_OPTIONS)
         return
     kernel_id = id(kernel)
     kept = _LAYOUTS.get(kernel_id)
@@ -89,7 +93,7 @@ def launch(kernel, grid, *args, **constexprs):
             # the compiled kernel's runner reads grid[0..2]; the JIT pads a shorter grid with 1s itself
             compiled[(*grid, 1, 1)[:3]](*args, *trailing)
             return
-    compiled = kernel[grid](*args, **constexprs)  # the JIT: compiles or finds the kernel, and launches
+    compiled = kernel[grid](*args, **constexprs, **COMPILE_OPTIONS)  # the JIT: compiles or finds it, launches
     if compiled is None:
         return
     if layout is None:

@@ -119,7 +119,8 @@ def _lora_dx_kernel(
         acc_g = adapter_rows(acc_g, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
     g = cast_to(acc_g, g_ptr.dtype.element_ty, UPCAST)
     g_mask = mask_m[:, None] & mask_r[None, :]
-    tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g, mask=g_mask & (pid_k == 0))
+    g_mask = tl.where(pid_k == 0, g_mask, False)  # the first split only (where(), as in the forward's xa store)
+    tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr, g, mask=g_mask)
     if FUSE_LORA_DX:
         sg = cast_to(acc_g * scale, g_ptr.dtype.element_ty, UPCAST)
         a = tl.load(

@@ -135,7 +135,8 @@ def _lora_forward_kernel(
         if MULTI:  # row m keeps only the columns of its own adapter, scaled by that adapter's scale
             acc_xa = adapter_rows(acc_xa, ids_ptr, scales_ptr, offs_m, mask_m, offs_r, n_adapters, adapter_rank)
         xa = cast_to(acc_xa * scale, xa_ptr.dtype.element_ty, UPCAST)
-        tl.store(xa_ptrs, xa, mask=xa_mask & (pid_n == 0))
+        # by the first column tile only; where(), not `&`: triton 3.9's interpreter rejects a block & scalar mask
+        tl.store(xa_ptrs, xa, mask=tl.where(pid_n == 0, xa_mask, False))
     b = tl.load(
         b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
         mask=mask_r[:, None] & mask_n[None, :],

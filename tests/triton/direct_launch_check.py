@@ -92,14 +92,21 @@ def specialisation(src) -> tuple:
 
 
 def gpu_compile_differs(fn, args, kwargs, compiled) -> str:
-    """'' if gpu_compile.py's specialisation of this launch is the JIT's, else how they differ."""
-    sig, consts, attrs, _ = gpu_compile.signature_of(fn, args, dict(kwargs))
+    """'' if gpu_compile.py's specialisation of this launch, and its compile options, are the JIT's,
+    else how they differ."""
+    sig, consts, attrs, options = gpu_compile.signature_of(fn, args, dict(kwargs))
     ours = specialisation(gpu_compile.ASTSource(fn, sig, consts, attrs))
     jit = specialisation(compiled.src)
-    if ours == jit:
-        return ""
     parts = ("signature", "constants", "divisibility")
-    return "; ".join(f"{p}: JIT {j} vs gpu_compile {o}" for p, j, o in zip(parts, jit, ours) if j != o)[:2000]
+    differs = [f"{p}: JIT {j} vs gpu_compile {o}" for p, j, o in zip(parts, jit, ours) if j != o]
+    # num_warps not: a warp-specialized kernel's metadata counts its added warp groups too
+    compared = {k for k in options if k != "num_warps"} | set(_launch.COMPILE_OPTIONS)
+    differs += [
+        f"{k}: JIT {getattr(compiled.metadata, k)} vs gpu_compile {options.get(k)}"
+        for k in sorted(compared)
+        if getattr(compiled.metadata, k) != options.get(k)
+    ]
+    return "; ".join(differs)[:2000]
 
 
 def check(name, call, kernels) -> bool:

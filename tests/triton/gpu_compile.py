@@ -58,7 +58,7 @@ def signature_of(fn, args, kwargs):
     ints equal to 1 become constexprs; pointers (torch allocations) and ints divisible by 16 get the
     16-divisibility hint that lets the compiler vectorise loads. direct_launch_check.py checks this
     against the JIT's own specialisation (triton 3.8 in make test, 3.6 in make test-triton36)."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     sig, consts, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(fn.arg_names, args)):
         if isinstance(value, torch.Tensor) or (

@@ -172,7 +172,8 @@ def test_the_wrappers_pass_every_kernel_parameter_positional_then_constexprs(mon
     for fn, args, kwargs in seen:
         by_name = fn.arg_names[len(args) :]
         assert set(by_name) <= set(kwargs), (fn.__name__, set(by_name) - set(kwargs))
-        assert set(kwargs) - set(by_name) <= {"num_warps", "num_stages"}, fn.__name__
+        assert set(kwargs) - set(by_name) <= {"num_warps", "num_stages", "enable_fp_fusion"}, fn.__name__
+        assert kwargs["enable_fp_fusion"] is True, fn.__name__  # as measured, whatever Triton's default
         constexprs = constexpr_parameters(fn)
         assert set(by_name) <= constexprs, (fn.__name__, set(by_name) - constexprs)
         assert not constexprs & set(fn.arg_names[: len(args)]), fn.__name__
