@@ -27,7 +27,7 @@ else
 DEPS   :=
 endif
 
-.PHONY: test test-triton36 test-peft test-package test-oldest bench install lint format clean
+.PHONY: test test-triton36 test-triton39 test-peft test-package test-oldest bench install lint format clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
@@ -53,19 +53,27 @@ install: $(INSTALLED)
 test: install
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
-# The GPU machines run triton 3.6: check the kernels against it too, beside the installed 3.8 (its
-# interpreter needs numpy < 2.3). Interpreter tests of the Triton paths + sm_90 compile of all launches
-# + the direct launch path against triton 3.6's own launch path (driver faked).
-T36 := .triton36
-test-triton36: install
-	$(PYTHON) -m pip install -q --no-deps --target $(T36) "triton==3.6.0" "numpy==2.2.*"
-	PYTHONPATH=$(CURDIR)/$(T36) TRITON_INTERPRET=1 TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) -m pytest -q \
+# Other Triton versions beside the installed 3.8, each in its own directory put first on PYTHONPATH:
+# 3.6, which the GPU machines run (its interpreter needs numpy < 2.3), and 3.9, the newest (torch
+# 2.15's). Interpreter tests of the Triton paths + sm_90 compile of all launches + the direct launch
+# path against that version's own launch path (driver faked).
+# $(1): the version, $(2): its directory, $(3): packages it needs beside triton
+define test_triton_version
+	$(PYTHON) -m pip install -q --no-deps --target $(2) "triton==$(1)" $(3)
+	PYTHONPATH=$(CURDIR)/$(2) TRITON_INTERPRET=1 TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) -m pytest -q \
 		-p no:cacheprovider -W ignore::DeprecationWarning tests/triton/test_triton_kernels.py tests/test_function.py \
 		tests/test_multi.py tests/test_memory_determinism.py
-	PYTHONPATH=$(CURDIR)/$(T36) TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
-		--arch 90 > $(T36)/compile.log || (tail -40 $(T36)/compile.log; exit 1)
-	PYTHONPATH=$(CURDIR)/$(T36) TRITON_CACHE_DIR=$(CURDIR)/$(T36)/cache $(PYTHON) tests/triton/direct_launch_check.py
-	@echo "triton 3.6.0: $$(grep -c '^ok' $(T36)/compile.log) launch variants compiled for sm_90 (log: $(T36)/compile.log)"
+	PYTHONPATH=$(CURDIR)/$(2) TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
+		--arch 90 > $(2)/compile.log || (tail -40 $(2)/compile.log; exit 1)
+	PYTHONPATH=$(CURDIR)/$(2) TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) tests/triton/direct_launch_check.py
+	@echo "triton $(1): $$(grep -c '^ok' $(2)/compile.log) launch variants compiled for sm_90 (log: $(2)/compile.log)"
+endef
+T36 := .triton36
+T39 := .triton39
+test-triton36: install
+	$(call test_triton_version,3.6.0,$(T36),"numpy==2.2.*")
+test-triton39: install
+	$(call test_triton_version,3.9.0,$(T39),)
 
 # PEFT's own LoRA tests, unpatched (from tests/peft_suite/baseline-*.json where it matches the
 # installed versions) and with every PEFT model patched: what passes unpatched must pass patched.
@@ -131,4 +139,4 @@ bench: install
 	$(PYTHON) -m pytest bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info lora_kernels/_C*.so .pytest_cache $(T36) .peft-suite $(PKG_VENV) $(OLDEST_VENV)
+	rm -rf build dist *.egg-info lora_kernels/_C*.so .pytest_cache $(T36) $(T39) .peft-suite $(PKG_VENV) $(OLDEST_VENV)
