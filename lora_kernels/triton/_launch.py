@@ -15,7 +15,7 @@ multiple of 16; equal values of other types, 2 and 2.0, share a class and comput
 tensor by dtype and 16-byte alignment of its address (the JIT's pointer specialisation), the
 device, and every constexpr and launch option by value. Triton's global knobs (debug,
 instrumentation) are read when a class is first seen. tests/triton/direct_launch_check.py checks
-it against Triton's own launch path (3.6 and 3.8, driver faked); opt-in until it has run on a GPU.
+it against Triton's own launch path (3.6, 3.8 and 3.9, driver faked); opt-in until it has run on a GPU.
 """
 
 from __future__ import annotations

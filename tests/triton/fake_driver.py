@@ -8,7 +8,7 @@ compiled kernel's signature (as the C launcher's argument parsing would) and rec
 
 Used by tests/triton/direct_launch_check.py (the direct launch path against the JIT's) and by the
 host benchmark (bench/test_host.py: what Triton's launch path costs on the host). Works with
-triton 3.6 and 3.8; must run without TRITON_INTERPRET (the interpreter replaces the kernels).
+triton 3.6, 3.8 and 3.9; must run without TRITON_INTERPRET (the interpreter replaces the kernels).
 """
 
 from __future__ import annotations

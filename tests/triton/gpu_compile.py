@@ -33,6 +33,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 import lora_kernels.triton.lora_backward as bwd  # noqa: E402
 import lora_kernels.triton.lora_forward as fwd  # noqa: E402
 import lora_kernels.triton.tma_gemm as tma  # noqa: E402
+from lora_kernels.triton import _launch  # noqa: E402
 
 TRITON_TYPE = {
     torch.float16: "fp16",
@@ -57,8 +58,9 @@ def signature_of(fn, args, kwargs):
     """Triton's signature, constexprs and attributes for a call, specialised as the JIT does:
     ints equal to 1 become constexprs; pointers (torch allocations) and ints divisible by 16 get the
     16-divisibility hint that lets the compiler vectorise loads. direct_launch_check.py checks this
-    against the JIT's own specialisation (triton 3.8 in make test, 3.6 in make test-triton36)."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+    against the JIT's own specialisation (triton 3.8 in make test, 3.6 and 3.9 in make test-triton36/39).
+    Launch and compile options (_launch.COMPILE_OPTIONS) are options, not constexprs."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", *_launch.COMPILE_OPTIONS) if k in kwargs}
     sig, consts, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(fn.arg_names, args)):
         if isinstance(value, torch.Tensor) or (
