@@ -10,6 +10,9 @@ a launch fails if ptxas serializes its wgmmas (sm_90 warnings C7515, C7511, C751
 waits for the previous one, which costs the Hopper tensor cores most of their speed).
 
     python tests/triton/gpu_compile.py --arch 90 --arch 80      (must run WITHOUT TRITON_INTERPRET)
+
+With ``--sass-dir DIR`` it also writes each launch's SASS, so that two versions of the code can be
+compared instruction by instruction (scripts/sass_diff.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -60,7 +64,9 @@ def signature_of(fn, args, kwargs):
     16-divisibility hint that lets the compiler vectorise loads. direct_launch_check.py checks this
     against the JIT's own specialisation (triton 3.8 in make test, 3.6 and 3.9 in make test-triton36/39).
     Launch and compile options (_launch.COMPILE_OPTIONS) are options, not constexprs."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", *_launch.COMPILE_OPTIONS) if k in kwargs}
+    # getattr: trees before cd8724e have no COMPILE_OPTIONS (scripts/sass_diff.py compiles them too)
+    compile_options = getattr(_launch, "COMPILE_OPTIONS", {})
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", *compile_options) if k in kwargs}
     sig, consts, attrs = {}, dict(kwargs), {}
     for index, (name, value) in enumerate(zip(fn.arg_names, args)):
         if isinstance(value, torch.Tensor) or (
@@ -89,17 +95,40 @@ MAX_SHARED = {90: 232448, 80: 166912}
 MAX_STACK_16BIT = 256
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local bytes per thread of a cubin, as cuobjdump reads them."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """What Triton's own cuobjdump prints for a cubin with ``option`` (-res-usage, -sass)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local bytes per thread of a cubin, as cuobjdump reads them."""
+    out = cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cuobjdump gave no resource usage: {out.strip()[:80]}")
     return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
+
+
+def sass_instructions(cubin: bytes) -> list:
+    """The cubin's instructions in order, as text (no addresses, no encodings): what
+    scripts/sass_diff.py compares between two versions of the code."""
+    lines = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", cuobjdump(cubin, "-sass"))
+    if not lines:
+        raise RuntimeError("cuobjdump gave no SASS")
+    return lines
+
+
+def launch_key(arch, fn, sig, consts, options) -> str:
+    """A launch's name across versions of the code: kernel, argument types, constexprs, warps,
+    stages (not the other compile options, so that adding one does not rename every launch)."""
+    return (
+        f"sm_{arch} {fn.__name__} {sorted(sig.items())} {sorted(consts.items())} "
+        f"w{options.get('num_warps')} s{options.get('num_stages')}"
+    )
 
 
 # ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
@@ -197,8 +226,13 @@ def main():
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90; repeatable")
     parser.add_argument("--quick", action="store_true", help="fewer problem sizes (what CI compiles)")
     parser.add_argument("--kernel", action="append", help="only launches of this kernel; repeatable")
+    parser.add_argument(
+        "--sass-dir", help="write each launch's SASS there (index.json names the files), for scripts/sass_diff.py"
+    )
     args = parser.parse_args()
-    failures = 0
+    if args.sass_dir:
+        os.makedirs(args.sass_dir, exist_ok=True)
+    failures, sass_index = 0, {}
     launches = [
         launch for launch in recorded_launches(args.quick) if not args.kernel or launch[0].__name__ in args.kernel
     ]
@@ -243,6 +277,11 @@ def main():
                 if fn.__name__ == "_gemm_low_rank_tma_kernel":
                     check_tma_and_warp_specialization(kernel.asm["ptx"], consts["WARP_SPECIALIZE"])
                 use = resource_usage(kernel.asm["cubin"])
+                if args.sass_dir:
+                    key = launch_key(arch, fn, sig, consts, options)
+                    sass_index[key] = f"{len(sass_index):04d}.sass"
+                    with open(os.path.join(args.sass_dir, sass_index[key]), "w") as f:
+                        f.write("\n".join(sass_instructions(kernel.asm["cubin"])) + "\n")
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
                 if not dtype.startswith("fp32") and use["stack"] > MAX_STACK_16BIT:
                     raise RuntimeError(f"spills: {usage}")
@@ -250,6 +289,9 @@ def main():
             except Exception as exc:  # report every failing launch, then fail
                 failures += 1
                 print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+    if args.sass_dir:
+        with open(os.path.join(args.sass_dir, "index.json"), "w") as f:
+            json.dump({"triton": triton.__version__, "launches": sass_index}, f, indent=1)
     sys.exit(1 if failures else 0)
 
 

@@ -1,0 +1,141 @@
+"""Whether a change alters the GPU code: the sm_90 SASS of every Triton launch, before and after.
+
+    python scripts/sass_diff.py REV                    # REV's kernels against the working tree's
+    PYTHONPATH=.triton36 python scripts/sass_diff.py REV --twice   # under triton 3.6, the GPU machines'
+
+Without a GPU, a kernel change has run only under the interpreter; if the compiled instructions are
+the same as before, the GPU runs what it ran before. This checks REV out into a temporary worktree,
+runs tests/triton/gpu_compile.py (this tree's copy, --quick, sm_90) once on REV's lora_kernels and
+once on this tree's, side by side, and compares each launch's instructions (SASS, without addresses
+and encodings), matched by kernel, argument types, constexprs, warps and stages:
+
+    identical          the same instructions in the same order
+    reordered          the same instructions once register and predicate numbers (and operand-reuse
+                       hints) are set aside, in another order: most likely scheduling and register
+                       allocation, but not proof (reading another register looks the same): read
+                       the two listings (--keep DIR keeps them)
+    changed            other instructions (count and opcodes that differ are printed)
+    only before/after  a launch that one side does not make
+
+``--twice`` compiles this tree a second time and reports launches that differ from themselves:
+some compiles are not deterministic (triton 3.6's warp-specialized TMA kernel swaps mbarrier
+slots between runs), so a difference there says nothing about the change. Exit status 0 only if
+every launch is identical or differs only where it differs from itself. About 4 minutes on 2 cores
+(5 with --twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_COMPILE = ROOT / "tests" / "triton" / "gpu_compile.py"
+REGISTER = re.compile(r"\b(U?R|U?P)\d+\b|\.reuse\b")  # R12, UR4, P3, UP0 (RZ, PT stay); operand-reuse hints
+
+
+def compile_launches(code_root: Path, sass_dir: Path, cache_dir: Path) -> subprocess.Popen:
+    """gpu_compile.py on ``code_root``'s lora_kernels (first on the path), writing SASS to ``sass_dir``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # absolute: the compile runs in code_root, and a caller's PYTHONPATH=.triton36 names this tree's
+    given = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(code_root), *given])
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    cmd = [sys.executable, str(GPU_COMPILE), "--quick", "--arch", "90", "--sass-dir", str(sass_dir)]
+    return subprocess.Popen(cmd, env=env, cwd=code_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def load(sass_dir: Path) -> tuple:
+    """(the Triton version that compiled it, {launch key: its instructions})."""
+    index = json.loads((sass_dir / "index.json").read_text())
+    return index["triton"], {key: (sass_dir / name).read_text().splitlines() for key, name in index["launches"].items()}
+
+
+def compare(before: list, after: list) -> str:
+    if before == after:
+        return "identical"
+    unnumbered = [collections.Counter(REGISTER.sub(r"\1", line) for line in side) for side in (before, after)]
+    if unnumbered[0] == unnumbered[1]:
+        return "reordered"
+    opcodes = [
+        collections.Counter(REGISTER.sub("", line).lstrip("@!").split()[0] for line in side) for side in (before, after)
+    ]
+    delta = {op: opcodes[1][op] - opcodes[0][op] for op in opcodes[0] | opcodes[1] if opcodes[1][op] != opcodes[0][op]}
+    return f"changed: {len(before)} -> {len(after)} instructions, opcodes {delta or 'same counts'}"
+
+
+def short(key: str) -> str:
+    """The launch key, shorter: kernel, element types, constexprs, warps, stages."""
+    arch, name, rest = key.split(" ", 2)
+    sig, consts = rest.split("] [", 1)
+    types = sorted({t for t in re.findall(r"'\*(\w+)'", sig) if t not in ("i32", "i64")})
+    consts = re.findall(r"\('(\w+)', ([^)]*)\)", consts)
+    return (
+        f"{name} {'+'.join(types)} "
+        + " ".join(f"{k}={v.strip(chr(39))}" for k, v in consts)
+        + " "
+        + rest.rsplit("] ", 1)[1]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev", help="the git revision to compare the working tree with")
+    parser.add_argument("--twice", action="store_true", help="also compile the working tree twice")
+    parser.add_argument("--keep", metavar="DIR", help="keep the listings in DIR/{before,after,again}")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        worktree = tmp / "worktree"
+        listings = Path(args.keep) if args.keep else tmp
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree), args.rev], check=True
+        )
+        try:
+            trees = {"before": worktree, "after": ROOT, **({"again": ROOT} if args.twice else {})}
+            jobs = {
+                side: compile_launches(tree, listings / side, tmp / f"cache-{side}") for side, tree in trees.items()
+            }
+            for name, job in jobs.items():
+                out = job.communicate()[0]
+                if job.returncode != 0:
+                    print(f"gpu_compile.py failed on {name}:\n{out[-3000:]}")
+                    return 1
+            loaded = {side: load(listings / side) for side in jobs}
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=True)
+    versions = {version for version, _ in loaded.values()}
+    if len(versions) != 1:  # a side that imported another Triton would compare compilers, not code
+        print(f"the sides were compiled by different Triton versions: {versions}")
+        return 1
+    sides = {name: launches for name, (_, launches) in loaded.items()}
+    before, after = sides["before"], sides["after"]
+    unstable = {key for key in after if key in sides.get("again", {}) and sides["again"][key] != after[key]}
+    verdicts = collections.Counter()
+    failed = False
+    for key in sorted(before.keys() | after.keys()):
+        if key not in after or key not in before:
+            verdict = "only before" if key not in after else "only after"
+        else:
+            verdict = compare(before[key], after[key])
+        note = " (differs from itself between two compiles of this tree)" if key in unstable else ""
+        verdicts[verdict.split(":")[0] + (" (unstable)" if note else "")] += 1
+        if verdict != "identical":
+            print(f"{verdict:<12} {short(key)}{note}")
+            failed |= not note
+    print(
+        f"{args.rev} -> working tree, triton {versions.pop()}, {len(after)} launches, sm_90: "
+        + ", ".join(f"{n} {v}" for v, n in verdicts.items())
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
