@@ -1,7 +1,7 @@
 """Whether a change alters the GPU code: the sm_90 SASS of every Triton launch, before and after.
 
-    python scripts/sass_diff.py REV                    # REV's kernels against the working tree's
-    PYTHONPATH=.triton36 python scripts/sass_diff.py REV --twice   # under triton 3.6, the GPU machines'
+    .venv/bin/python scripts/sass_diff.py REV        # REV's kernels against the working tree's
+    PYTHONPATH=.triton36 .venv/bin/python scripts/sass_diff.py REV --twice   # under triton 3.6 (the GPU machines')
 
 Without a GPU, a kernel change has run only under the interpreter; if the compiled instructions are
 the same as before, the GPU runs what it ran before. This checks REV out into a temporary worktree,
