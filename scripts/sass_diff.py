@@ -18,11 +18,12 @@ and encodings), matched by kernel, argument types, constexprs, warps and stages:
     only before/after  a launch that one side does not make
 
 Some compiles are not deterministic (the warp-specialized TMA kernel's, under triton 3.6 to 3.9:
-bench/results/sm90-sass-diffs.md), so where launches differ, the kernels they belong to are
-compiled from this tree ``--again`` more times (3 by default): a launch whose compiles of this tree
-differ from one another, or give REV's listing, is marked unstable, and its difference says nothing
-about the change. Exit status 0 only if every launch is identical or unstable. About 4 minutes on
-2 cores, and 2 more where launches differ.
+bench/results/sm90-sass-diffs.md). So where launches differ, the kernels they belong to are
+compiled from this tree ``--again`` more times (3 by default): a launch for which one of those
+compiles gives REV's listing is "identical (to another compile of this tree)", and a launch whose
+compiles of this tree differ from one another is marked unstable. Exit status 0 only if every
+launch of REV is reproduced by some compile of this tree. About 4 minutes on 2 cores, and 2 more
+where launches differ.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def load(sass_dir: Path) -> tuple:
 
 
 def compare(before: list, after: list) -> str:
+    """The verdict on two listings of one launch (see the module's docstring)."""
     if before == after:
         return "identical"
     unnumbered = [collections.Counter(REGISTER.sub(r"\1", line) for line in side) for side in (before, after)]
@@ -86,6 +88,26 @@ def short(key: str) -> str:
         + " "
         + rest.rsplit("] ", 1)[1]
     )
+
+
+def judge(before: dict, ours: dict) -> list:
+    """[(launch key, verdict, unstable)] for REV's listings ``before`` and this tree's, ``ours``:
+    {key: [the first compile's listing, then those of the compiles again (None: not compiled)]}.
+    A launch is unstable if this tree's compiles of it differ from one another."""
+    judged = []
+    for key in sorted(before.keys() | ours.keys()):
+        listings = [listing for listing in ours.get(key, []) if listing is not None]
+        unstable = any(listing != listings[0] for listing in listings)
+        if key not in ours or key not in before:
+            verdict = "only before" if key not in ours else "only after"
+        elif before[key] == listings[0]:
+            verdict = "identical"
+        elif before[key] in listings:  # this tree can compile to REV's listing
+            verdict = "identical (to another compile of this tree)"
+        else:
+            verdict = compare(before[key], listings[0])
+        judged.append((key, verdict, unstable))
+    return judged
 
 
 def run(jobs: dict, listings: Path) -> dict:
@@ -129,25 +151,16 @@ def main() -> int:
     if len(versions) != 1:  # a side that imported another Triton would compare compilers, not code
         print(f"the sides were compiled by different Triton versions: {versions}")
         return 1
-    # a compile of this tree that differs from another, or gives REV's listing: not the change's doing
-    unstable = {
-        key
-        for side in sides
-        for key, listing in loaded[side][1].items()
-        if listing != after.get(key) or listing == before.get(key) != after.get(key)
-    }
+    ours = {key: [listing, *(loaded[side][1].get(key) for side in sides)] for key, listing in after.items()}
     verdicts = collections.Counter()
     failed = False
-    for key in sorted(before.keys() | after.keys()):
-        if key not in after or key not in before:
-            verdict = "only before" if key not in after else "only after"
-        else:
-            verdict = compare(before[key], after[key])
-        note = " (this tree's compiles differ from one another too)" if key in unstable else ""
-        verdicts[verdict.split(":")[0] + (" (unstable)" if note else "")] += 1
+    for key, verdict, unstable in judge(before, ours):
+        verdicts[verdict.split(":")[0] + (" (unstable)" if unstable else "")] += 1
         if verdict != "identical":
-            print(f"{verdict:<12} {short(key)}{note}")
-            failed |= not note
+            print(
+                f"{verdict:<12} {short(key)}" + (" (this tree's compiles differ from one another)" if unstable else "")
+            )
+            failed |= not verdict.startswith("identical")
     print(
         f"{args.rev} -> working tree, triton {versions.pop()}, {len(after)} launches, sm_90"
         + (f", {len(sides)} more compiles of {', '.join(sorted(differing))}" if sides else "")

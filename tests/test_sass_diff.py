@@ -55,3 +55,28 @@ def test_short_key():
         "[('BLOCK_M', 64), ('HAS_BIAS', True)] w4 s3"
     )
     assert sass_diff.short(key) == "_lora_forward_kernel bf16+fp32 BLOCK_M=64 HAS_BIAS=True w4 s3"
+
+
+REORDERED = [BEFORE[1], BEFORE[0], *BEFORE[2:]]
+CHANGED = BEFORE[:2] + ["@!P1 STG.E desc[UR10][R2.64], R10", "EXIT"]
+
+
+@pytest.mark.parametrize(
+    "ours, verdict, unstable",
+    [
+        ([BEFORE], "identical", False),
+        ([BEFORE, BEFORE, None], "identical", False),  # None: not compiled again
+        ([BEFORE, REORDERED], "identical", True),  # this tree's compiles differ; the first is REV's
+        ([REORDERED, REORDERED, BEFORE], "identical (to another compile of this tree)", True),
+        ([REORDERED, REORDERED, REORDERED], "reordered", False),
+        ([CHANGED, REORDERED], "changed", True),  # unstable, and no compile gave REV's listing: not excused
+    ],
+)
+def test_judge(ours, verdict, unstable):
+    [(key, got, got_unstable)] = sass_diff.judge({"k": BEFORE}, {"k": ours})
+    assert (key, got.split(":")[0], got_unstable) == ("k", verdict, unstable)
+
+
+def test_judge_launches_on_one_side():
+    judged = sass_diff.judge({"gone": BEFORE}, {"new": [BEFORE]})
+    assert judged == [("gone", "only before", False), ("new", "only after", False)]
