@@ -21,9 +21,12 @@ Some compiles are not deterministic (the warp-specialized TMA kernel's, under tr
 bench/results/sm90-sass-diffs.md). So where launches differ, the kernels they belong to are
 compiled from this tree ``--again`` more times (3 by default): a launch for which one of those
 compiles gives REV's listing is "identical (to another compile of this tree)", and a launch whose
-compiles of this tree differ from one another is marked unstable. Exit status 0 only if every
-launch of REV is reproduced by some compile of this tree. About 4 minutes on 2 cores, and 2 more
-where launches differ.
+compiles of this tree differ from one another is marked unstable. A launch whose listings differ
+but whose compiler input is REV's (Triton IR without source locations, and the resolved compile
+options: gpu_compile.py's compiler_input) is "same compiler input": the change did not reach the
+compiler, whatever the compiler then made of it. Exit status 0 only if every launch of REV is
+reproduced by some compile of this tree or given the same compiler input. About 4 minutes on 2
+cores, and 2 more where launches differ.
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ def compile_launches(code_root: Path, sass_dir: Path, cache_dir: Path, kernels=(
 
 
 def load(sass_dir: Path) -> tuple:
-    """(the Triton version that compiled it, {launch key: its instructions})."""
+    """(the Triton version that compiled it, {launch key: its instructions}, {launch key: its
+    compiler input} (none from listings written before gpu_compile.py wrote inputs))."""
     index = json.loads((sass_dir / "index.json").read_text())
-    return index["triton"], {key: (sass_dir / name).read_text().splitlines() for key, name in index["launches"].items()}
+    listings = {key: (sass_dir / name).read_text().splitlines() for key, name in index["launches"].items()}
+    inputs = {key: (sass_dir / name).read_text() for key, name in index.get("inputs", {}).items()}
+    return index["triton"], listings, inputs
 
 
 def compare(before: list, after: list) -> str:
@@ -90,11 +96,12 @@ def short(key: str) -> str:
     )
 
 
-def judge(before: dict, ours: dict) -> list:
+def judge(before: dict, ours: dict, before_inputs: dict | None = None, our_inputs: dict | None = None) -> list:
     """[(launch key, verdict, unstable)] for REV's listings ``before`` and this tree's, ``ours``:
-    {key: [the first compile's listing, then those of the compiles again (None: not compiled)]}.
+    {key: [the first compile's listing, then those of the compiles again (None: not compiled)]};
+    ``before_inputs`` and ``our_inputs``: each side's compiler inputs, {key: text}, where known.
     A launch is unstable if this tree's compiles of it differ from one another."""
-    judged = []
+    before_inputs, our_inputs, judged = before_inputs or {}, our_inputs or {}, []
     for key in sorted(before.keys() | ours.keys()):
         listings = [listing for listing in ours.get(key, []) if listing is not None]
         unstable = any(listing != listings[0] for listing in listings)
@@ -104,6 +111,8 @@ def judge(before: dict, ours: dict) -> list:
             verdict = "identical"
         elif before[key] in listings:  # this tree can compile to REV's listing
             verdict = "identical (to another compile of this tree)"
+        elif key in before_inputs and before_inputs[key] == our_inputs.get(key):
+            verdict = "same compiler input"  # what differs was made by the compiler, not the change
         else:
             verdict = compare(before[key], listings[0])
         judged.append((key, verdict, unstable))
@@ -147,20 +156,20 @@ def main() -> int:
             side: compile_launches(ROOT, listings / side, tmp / f"cache-{side}", sorted(differing)) for side in sides
         }
         loaded.update(run(jobs, listings))
-    versions = {version for version, _ in loaded.values()}
+    versions = {version for version, *_ in loaded.values()}
     if len(versions) != 1:  # a side that imported another Triton would compare compilers, not code
         print(f"the sides were compiled by different Triton versions: {versions}")
         return 1
     ours = {key: [listing, *(loaded[side][1].get(key) for side in sides)] for key, listing in after.items()}
     verdicts = collections.Counter()
     failed = False
-    for key, verdict, unstable in judge(before, ours):
+    for key, verdict, unstable in judge(before, ours, loaded["before"][2], loaded["after"][2]):
         verdicts[verdict.split(":")[0] + (" (unstable)" if unstable else "")] += 1
         if verdict != "identical":
             print(
                 f"{verdict:<12} {short(key)}" + (" (this tree's compiles differ from one another)" if unstable else "")
             )
-            failed |= not verdict.startswith("identical")
+            failed |= not verdict.startswith(("identical", "same compiler input"))
     print(
         f"{args.rev} -> working tree, triton {versions.pop()}, {len(after)} launches, sm_90"
         + (f", {len(sides)} more compiles of {', '.join(sorted(differing))}" if sides else "")

@@ -80,3 +80,31 @@ def test_judge(ours, verdict, unstable):
 def test_judge_launches_on_one_side():
     judged = sass_diff.judge({"gone": BEFORE}, {"new": [BEFORE]})
     assert judged == [("gone", "only before", False), ("new", "only after", False)]
+
+
+@pytest.mark.parametrize(
+    "before_input, our_input, verdict",
+    [
+        ("ir", "ir", "same compiler input"),  # the listings differ, the compiler was given the same
+        ("ir", "other ir", "changed"),
+        (None, "ir", "changed"),  # REV's listings written without inputs: the listings decide
+    ],
+)
+def test_judge_by_compiler_input(before_input, our_input, verdict):
+    before_inputs = {} if before_input is None else {"k": before_input}
+    [(_, got, _)] = sass_diff.judge({"k": BEFORE}, {"k": [CHANGED]}, before_inputs, {"k": our_input})
+    assert got.split(":")[0] == verdict
+    # identical listings stay identical whatever the inputs say
+    [(_, got, _)] = sass_diff.judge({"k": BEFORE}, {"k": [BEFORE]}, before_inputs, {"k": "x"})
+    assert got == "identical"
+
+
+def test_load_reads_inputs_where_written(tmp_path):
+    (tmp_path / "0000.sass").write_text("\n".join(BEFORE) + "\n")
+    (tmp_path / "index.json").write_text('{"triton": "3.6.0", "launches": {"k": "0000.sass"}}')
+    assert sass_diff.load(tmp_path) == ("3.6.0", {"k": BEFORE}, {})
+    (tmp_path / "0000.input").write_text("ir\n")
+    (tmp_path / "index.json").write_text(
+        '{"triton": "3.6.0", "launches": {"k": "0000.sass"}, "inputs": {"k": "0000.input"}}'
+    )
+    assert sass_diff.load(tmp_path) == ("3.6.0", {"k": BEFORE}, {"k": "ir\n"})

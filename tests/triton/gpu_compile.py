@@ -12,7 +12,9 @@ waits for the previous one, which costs the Hopper tensor cores most of their sp
     python tests/triton/gpu_compile.py --arch 90 --arch 80      (must run WITHOUT TRITON_INTERPRET)
 
 With ``--sass-dir DIR`` it also writes each launch's SASS, so that two versions of the code can be
-compared instruction by instruction (scripts/sass_diff.py).
+compared instruction by instruction (scripts/sass_diff.py), and what the launch gives the compiler
+(its Triton IR without source locations, and the compile options), which tells two versions apart
+where the SASS cannot: some compiles are not deterministic.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
 
@@ -120,6 +123,26 @@ def sass_instructions(cubin: bytes) -> list:
     if not lines:
         raise RuntimeError("cuobjdump gave no SASS")
     return lines
+
+
+# An MLIR source location, inline (`loc(#loc3)`, `loc("x_ptr"(#loc))`): one level of nesting
+LOCATION = re.compile(r" loc\((?:[^()]|\([^()]*\))*\)")
+
+
+def compiler_input(ttir: str, arch: int, options: dict) -> str:
+    """What a launch gives Triton's GPU compiler: its Triton IR (the first, target-independent
+    stage, deterministic) without source locations, so that moving code is no change, and every
+    compile option as the backend resolves it (defaults included). Two launches with the same
+    input are compiled alike, up to the compiler's own non-determinism (the warp-specialized TMA
+    kernel's: bench/results/sm90-sass-diffs.md)."""
+    ir = [LOCATION.sub("", line) for line in ttir.splitlines() if not line.startswith("#loc")]
+    left = [line for line in ir if "loc(" in line]
+    if left:
+        raise RuntimeError(f"a source location was left in the Triton IR: {left[0][:200]}")
+    resolved = vars(make_backend(GPUTarget("cuda", arch, 32)).parse_options(dict(options)))
+    # library paths differ between installs of one Triton version; their names do not
+    resolved["extern_libs"] = [(name, os.path.basename(path)) for name, path in resolved.get("extern_libs") or ()]
+    return "\n".join(ir) + "\n" + json.dumps(resolved, sort_keys=True, default=str, indent=1) + "\n"
 
 
 def launch_key(arch, fn, sig, consts, options) -> str:
@@ -232,7 +255,7 @@ def main():
     args = parser.parse_args()
     if args.sass_dir:
         os.makedirs(args.sass_dir, exist_ok=True)
-    failures, sass_index = 0, {}
+    failures, sass_index, input_index = 0, {}, {}
     launches = [
         launch for launch in recorded_launches(args.quick) if not args.kernel or launch[0].__name__ in args.kernel
     ]
@@ -282,6 +305,9 @@ def main():
                     sass_index[key] = f"{len(sass_index):04d}.sass"
                     with open(os.path.join(args.sass_dir, sass_index[key]), "w") as f:
                         f.write("\n".join(sass_instructions(kernel.asm["cubin"])) + "\n")
+                    input_index[key] = sass_index[key].replace(".sass", ".input")
+                    with open(os.path.join(args.sass_dir, input_index[key]), "w") as f:
+                        f.write(compiler_input(kernel.asm["ttir"], arch, options))
                 usage = f"regs {use['regs']:>3} stack {use['stack']:>4} local {use['local']:>4}"
                 if not dtype.startswith("fp32") and use["stack"] > MAX_STACK_16BIT:
                     raise RuntimeError(f"spills: {usage}")
@@ -291,7 +317,7 @@ def main():
                 print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
     if args.sass_dir:
         with open(os.path.join(args.sass_dir, "index.json"), "w") as f:
-            json.dump({"triton": triton.__version__, "launches": sass_index}, f, indent=1)
+            json.dump({"triton": triton.__version__, "launches": sass_index, "inputs": input_index}, f, indent=1)
     sys.exit(1 if failures else 0)
 
 

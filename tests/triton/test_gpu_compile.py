@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 def test_all_launches_compile_for_sm90_and_sm80(tmp_path):
     """One process per arch, side by side (the compiles are single-threaded): ptxas's log is
     checked for serialized wgmma on sm_90, shared memory and spills on both. sm_90 also writes
-    every launch's SASS (--sass-dir, what scripts/sass_diff.py compares)."""
+    every launch's SASS and compiler input (--sass-dir, what scripts/sass_diff.py compares)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "gpu_compile.py")
     jobs = {
@@ -45,8 +45,12 @@ def test_all_launches_compile_for_sm90_and_sm80(tmp_path):
         assert job.returncode == 0, f"sm_{arch}:\n" + out[-5000:] + err[-5000:]
         compiled[arch] = out.count("\nok ") + out.startswith("ok ")
         assert compiled[arch] >= 60, f"sm_{arch}:\n" + out[-5000:]
-    launches = json.loads((tmp_path / "index.json").read_text())["launches"]
-    assert len(launches) == compiled["90"]
+    index = json.loads((tmp_path / "index.json").read_text())
+    launches = index["launches"]
+    assert len(launches) == compiled["90"] and index["inputs"].keys() == launches.keys()
+    for name in index["inputs"].values():  # Triton IR without source locations, then the options
+        text = (tmp_path / name).read_text()
+        assert "tt.func public" in text and "loc(" not in text and '"num_warps"' in text, text[:300]
     for name in launches.values():  # instructions, one a line, without addresses or encodings
         sass = (tmp_path / name).read_text().splitlines()
         assert len(sass) > 100 and "EXIT" in sass and not any("/*" in line for line in sass), sass[:5]
