@@ -208,3 +208,14 @@ def poison(monkeypatch):
         for size in (1 << 16, 1 << 20, 1 << 24):
             real_empty(size, device="cuda").fill_(float("nan"))  # freed at once: cached blocks now hold NaN
     yield
+
+
+def pytest_collection_finish(session):
+    """The sm_90/sm_80 compiles of tests/triton/test_gpu_compile.py (minutes of both cores, in
+    subprocesses) start once that test is selected, so that they run beside the tests before it
+    rather than after them. Not in pytest-xdist workers: each would start its own."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in session.items:
+        if item.name == "test_all_launches_compile_for_sm90_and_sm80":
+            item.module.start_compiles()
