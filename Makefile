@@ -27,7 +27,7 @@ else
 DEPS   :=
 endif
 
-.PHONY: test test-triton36 test-triton39 test-peft test-package test-oldest bench install lint format clean
+.PHONY: test test-triton36 test-triton39 test-peft test-package test-oldest oldest-env bench install lint format clean
 
 $(VENV)/.deps-installed: Makefile
 	python3 -m venv $(VENV)
@@ -56,15 +56,17 @@ test: install
 # Other Triton versions beside the installed 3.8, each in its own directory put first on PYTHONPATH:
 # 3.6, which the GPU machines run (its interpreter needs numpy < 2.3), and 3.9, the newest (torch
 # 2.15's). Interpreter tests of the Triton paths + sm_90 compile of all launches + the direct launch
-# path against that version's own launch path (driver faked).
+# path against that version's own launch path (driver faked). The compile runs beside the
+# interpreter tests: each keeps about one core busy, and the CI machine has two.
 # $(1): the version, $(2): its directory, $(3): packages it needs beside triton
 define test_triton_version
 	$(PYTHON) -m pip install -q --no-deps --target $(2) "triton==$(1)" $(3)
+	PYTHONPATH=$(CURDIR)/$(2) TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
+		--arch 90 > $(2)/compile.log 2>&1 & compile=$$!; \
 	PYTHONPATH=$(CURDIR)/$(2) TRITON_INTERPRET=1 TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) -m pytest -q \
 		-p no:cacheprovider -W ignore::DeprecationWarning tests/triton/test_triton_kernels.py tests/test_function.py \
-		tests/test_multi.py tests/test_memory_determinism.py
-	PYTHONPATH=$(CURDIR)/$(2) TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) tests/triton/gpu_compile.py --quick \
-		--arch 90 > $(2)/compile.log || (tail -40 $(2)/compile.log; exit 1)
+		tests/test_multi.py tests/test_memory_determinism.py; tests=$$?; \
+	wait $$compile || { tail -40 $(2)/compile.log; exit 1; }; exit $$tests
 	PYTHONPATH=$(CURDIR)/$(2) TRITON_CACHE_DIR=$(CURDIR)/$(2)/cache $(PYTHON) tests/triton/direct_launch_check.py
 	@echo "triton $(1): $$(grep -c '^ok' $(2)/compile.log) launch variants compiled for sm_90 (log: $(2)/compile.log)"
 endef
@@ -107,10 +109,15 @@ OLDEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python
 OLDEST_VENV   ?= .venv-oldest
 OLDEST_SPEC   ?= torch==2.11.0 triton==3.6.0 "numpy<2.3" "setuptools<82" wheel peft==0.21.2 transformers==5.17.0 \
 	accelerate safetensors pytest hypothesis "pytest-xdist==3.8.*"
-# These tests keep one core busy each (the reference path on small tensors): a worker per core.
-test-oldest:
+# Its environment is a target of its own (torch 2.11 is downloaded: minutes of network, little CPU),
+# which .ci/run makes in the background while make test runs.
+$(OLDEST_VENV)/.deps-installed: Makefile
 	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_SPEC)
+	touch $@
+oldest-env: $(OLDEST_VENV)/.deps-installed
+# These tests keep one core busy each (the reference path on small tensors): a worker per core.
+test-oldest: oldest-env
 	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(OLDEST_VENV)/bin/pip install -q --no-build-isolation --no-deps --force-reinstall .
 	cd tests && LORA_KERNELS_SKIP_CUDA_BUILD=1 $(CURDIR)/$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		-n auto --dist loadfile \
